@@ -1,0 +1,7 @@
+"""``python -m gmlp_vision`` runs the command-line interface."""
+
+import sys
+
+from gmlp_vision.cli import main
+
+sys.exit(main())

@@ -1,0 +1,64 @@
+"""Batched image augmentation on the training device, with an explicit `torch.Generator`.
+
+Every op takes a whole batch (B, C, H, W) of float pixels and draws its per-image randomness as tensors, so there is no
+per-image Python loop and no worker process. The tutorial's pipeline (SPEC.md) is resize -> random horizontal flip ->
+random zoom; zoom follows Keras' ``RandomZoom`` exactly: per image ``zx, zy ~ U(1 - f, 1 + f)``, the output pixel
+``(x, y)`` samples the input at ``(zx (x - c_x) + c_x, zy (y - c_y) + c_y)`` around the image centre, bilinear, with
+TF's "reflect" fill (``d c b a | a b c d``), which is ``grid_sample``'s reflection padding with ``align_corners=False``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def resize(images: Tensor, size: int) -> Tensor:
+    """Bilinear resize to ``size`` x ``size`` (half-pixel centres, no antialiasing: Keras ``Resizing``); no-op if equal."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False)
+
+
+def flip_lr(images: Tensor, generator: torch.Generator | None = None, p: float = 0.5) -> Tensor:
+    """Mirror each image left-right with probability ``p``."""
+    mask = torch.rand(images.shape[0], device=images.device, generator=generator) < p
+    return torch.where(mask[:, None, None, None], images.flip(-1), images)
+
+
+def zoom(images: Tensor, factors: Tensor) -> Tensor:
+    """Zoom each image about its centre by its own ``(zx, zy)`` row of ``factors`` (B, 2); > 1 shows less content.
+
+    Args:
+        images: (B, C, H, W) float pixels.
+        factors: (B, 2) zoom factors, x (width) first, as Keras orders them.
+
+    Returns:
+        (B, C, H, W) zoomed images, same dtype.
+    """
+    B = images.shape[0]
+    # In grid_sample's normalised coordinates (align_corners=False) the centre is 0, so the map is a pure scale.
+    theta = torch.zeros(B, 2, 3, device=images.device, dtype=torch.float32)
+    theta[:, 0, 0] = factors[:, 0]
+    theta[:, 1, 1] = factors[:, 1]
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return out.to(images.dtype)
+
+
+def random_zoom(images: Tensor, amount: float, generator: torch.Generator | None = None) -> Tensor:
+    """Zoom each image by factors drawn independently per axis from ``U(1 - amount, 1 + amount)``."""
+    u = torch.rand(images.shape[0], 2, device=images.device, generator=generator)
+    return zoom(images, 1.0 + amount * (2.0 * u - 1.0))
+
+
+def augment_batch(
+    images: Tensor, *, flip: bool, zoom_amount: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """The tutorial's training augmentation on a float batch: horizontal flip, then random zoom."""
+    if flip:
+        images = flip_lr(images, generator)
+    if zoom_amount > 0:
+        images = random_zoom(images, zoom_amount, generator)
+    return images

@@ -1,0 +1,142 @@
+"""Checkpoints: atomic, versioned, self-describing, and loaded without unpickling arbitrary objects.
+
+A checkpoint is one ``torch.save`` file holding only tensors and plain containers: the model's ``state_dict`` (always
+of the unwrapped module), the resolved config as a JSON string, class names, progress counters, metrics, and for
+``last.pt`` the optimiser, schedule and RNG states needed to resume. It is read with ``torch.load(weights_only=True)``,
+so a file crafted to run code on load is refused, and the model is rebuilt from the embedded config alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gmlp_vision.config import Config
+from gmlp_vision.errors import CheckpointError, ConfigError
+from gmlp_vision.model import GMLP
+
+FORMAT = "gmlp-vision-checkpoint"
+VERSION = 1
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds, decoded."""
+
+    config: Config
+    model_state: dict[str, torch.Tensor]
+    classes: tuple[str, ...]
+    epoch: int = 0
+    step: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    train_state: dict[str, Any] = field(default_factory=dict)  # optimiser, schedule, RNG, history: resume only
+
+    def build_model(self, device: str | torch.device = "cpu") -> GMLP:
+        """The model with these weights, in eval mode."""
+        model = GMLP(self.config.model)
+        try:
+            model.load_state_dict(self.model_state)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise CheckpointError(f"checkpoint weights do not fit the model its config describes: {first}") from None
+        return model.to(device).eval()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip wrapper prefixes (``module.``, ``_orig_mod.``) from state-dict keys."""
+    out = {}
+    for key, value in state.items():
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
+
+
+def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
+    """Write ``ckpt`` to ``path`` atomically: temp file in the same folder, flush, fsync, rename.
+
+    A failure (e.g. a full disk) leaves any previous file at ``path`` intact and no temp file behind.
+    """
+    path = Path(path)
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": json.dumps(ckpt.config.to_dict()),
+        "classes": list(ckpt.classes),
+        "model": {k: v.detach().cpu() for k, v in clean_state_dict(ckpt.model_state).items()},
+        "epoch": ckpt.epoch,
+        "step": ckpt.step,
+        "metrics": dict(ckpt.metrics),
+        "train_state": ckpt.train_state,
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint safely (``weights_only``) and validate what it holds.
+
+    Raises:
+        CheckpointError: missing, unreadable, unsafe, of another format or version, or with an invalid config.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; pass a checkpoint file such as {path / 'best.pt'}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        raw = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt or unsafe files; all mean "not a usable checkpoint"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load checkpoint {path}: {reason[:300]}") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a gmlp-vision checkpoint")
+    if raw.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {raw.get('version')}; this gmlp-vision reads {VERSION}")
+    try:
+        config = Config.from_dict(json.loads(raw["config"]))
+        state = clean_state_dict(raw["model"])
+        if not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise TypeError("model weights are not all tensors")
+        return Checkpoint(
+            config=config,
+            model_state=state,
+            classes=tuple(str(c) for c in raw["classes"]),
+            epoch=int(raw["epoch"]),
+            step=int(raw["step"]),
+            metrics={str(k): float(v) for k, v in raw["metrics"].items()},
+            train_state=raw.get("train_state") or {},
+        )
+    except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as e:
+        raise CheckpointError(f"{path} is damaged or incomplete: {e}") from None
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GMLP, Checkpoint]:
+    """Load a checkpoint and rebuild its model in eval mode on ``device``."""
+    ckpt = load_checkpoint(path)
+    return ckpt.build_model(device), ckpt

@@ -1,0 +1,169 @@
+"""The ``gmlp`` command: a thin shell over the library that prints for people and picks exit codes.
+
+Exit codes: 0 success, 1 failure (bad data, bad checkpoint, I/O), 2 usage error (unknown flag or preset, impossible
+config), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from gmlp_vision import __version__
+from gmlp_vision.config import DATASET_PRESET, PRESET_HELP, PRESETS, add_config_arguments, config_from_args
+from gmlp_vision.errors import ConfigError, GmlpError
+
+# Classes and channels of each dataset, so `gmlp info --preset seed` shows the model the tutorial trains.
+DATASET_SHAPES = {"cifar10": (10, 3), "cifar100": (100, 3), "digits": (10, 1)}
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from gmlp_vision.train import train
+
+    cfg = config_from_args(args)
+    result = train(cfg)
+    print(f"Test accuracy: {100 * result.test['acc']:.2f}%")
+    print(f"Test top 5 accuracy: {100 * result.test['top5']:.2f}%")
+    print(f"run directory: {result.run_dir} (final weights: {result.final_checkpoint})")
+    return 0
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A checkpoint file, or for a run directory the checkpoint its results.json names (else best.pt)."""
+    p = Path(path)
+    if p.is_dir():
+        results = p / "results.json"
+        name = json.loads(results.read_text()).get("final_checkpoint", "best.pt") if results.is_file() else "best.pt"
+        return p / name
+    return p
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from gmlp_vision.checkpoint import load_checkpoint
+    from gmlp_vision.data import load_dataset
+    from gmlp_vision.train import evaluate, resolve_device
+
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
+    cfg = ckpt.config
+    dataset = args.dataset or cfg.dataset
+    data = args.data if args.data is not None else (cfg.data if dataset == cfg.dataset else None)
+    ds = load_dataset(dataset, data, download=args.download, progress=not args.quiet)
+    if ds.num_classes != cfg.model.num_classes or ds.in_chans != cfg.model.in_chans:
+        raise ConfigError(
+            f"the checkpoint's model has {cfg.model.num_classes} classes and {cfg.model.in_chans} channels; "
+            f"{dataset} has {ds.num_classes} and {ds.in_chans}"
+        )
+    model = ckpt.build_model(device)
+    metrics = evaluate(model, ds.test.images, ds.test.labels, batch_size=args.batch_size, precision=cfg.precision)
+    if args.json:
+        print(json.dumps({"checkpoint": str(args.checkpoint), "dataset": dataset, "images": len(ds.test.labels), **metrics}))
+    else:
+        print(f"{dataset} test split, {len(ds.test.labels)} images: loss {metrics['loss']:.4f}")
+        print(f"Test accuracy: {100 * metrics['acc']:.2f}%")
+        print(f"Test top 5 accuracy: {100 * metrics['top5']:.2f}%")
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    for name, values in PRESETS.items():
+        print(f"{name:8s} {PRESET_HELP[name]}")
+        if args.verbose:
+            print("         " + " ".join(f"{k}={v}" for k, v in values.items()))
+    default_for = ", ".join(f"{d} -> {p}" for d, p in DATASET_PRESET.items())
+    print(f"\ndefault preset per --dataset: {default_for}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from gmlp_vision.checkpoint import load_checkpoint
+    from gmlp_vision.model import GMLP, count_parameters, flops_per_image
+
+    if args.checkpoint:
+        ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
+        model, source = ckpt.build_model(), f"checkpoint {args.checkpoint} (epoch {ckpt.epoch}, step {ckpt.step})"
+    else:
+        cfg = config_from_args(args)
+        classes, chans = DATASET_SHAPES[cfg.dataset]
+        cfg = replace(cfg, model=replace(cfg.model, num_classes=classes, in_chans=chans))
+        model, source = GMLP(cfg.model), f"preset {cfg.preset} for {cfg.dataset}"
+    mc = model.cfg
+    print(f"gMLP from {source}")
+    print(f"  input {mc.in_chans}x{mc.image_size}x{mc.image_size}, patch {mc.patch_size} -> {mc.num_patches} tokens")
+    print(f"  width {mc.embed_dim}, hidden {mc.ffn_dim}, {mc.depth} blocks, {mc.num_classes} classes")
+    print(f"  shortcut {mc.shortcut}, gelu {mc.gelu}, spatial init {mc.spatial_init}, final norm {mc.final_norm}")
+    print(f"  dropout {mc.dropout}, head dropout {mc.head_dropout}, drop path {mc.drop_path}")
+    print(f"\n  {'parameter':34s} {'shape':>14s} {'count':>10s}")
+    for name, p in model.named_parameters():
+        if name.startswith("blocks.") and not name.startswith("blocks.0."):
+            continue
+        print(f"  {name:34s} {'x'.join(map(str, p.shape)):>14s} {p.numel():>10,d}")
+    if mc.depth > 1:
+        print(f"  (blocks 1..{mc.depth - 1} repeat block 0)")
+    print(f"\n  trainable parameters: {count_parameters(model):,d}")
+    print(f"  normalisation statistics (buffers): {2 * mc.in_chans}")
+    print(f"  forward cost: {flops_per_image(mc) / 1e6:.2f} MFLOP per image (matrix products)")
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    print(f"\ntorch {torch.__version__}, gmlp-vision {__version__}, CUDA device: {cuda}")
+    print(f"CPU threads: {torch.get_num_threads()} (of {os.cpu_count()} cores)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``gmlp`` parser with its subcommands."""
+    parser = argparse.ArgumentParser(prog="gmlp", description="Train, evaluate and inspect gMLP image classifiers.")
+    parser.add_argument("--version", action="version", version=f"gmlp-vision {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model (default: the tutorial, seed preset on CIFAR-100)")
+    add_config_arguments(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="test top-1 and top-5 accuracy of a checkpoint")
+    p.add_argument("checkpoint", help="checkpoint file (best.pt, last.pt) or run directory")
+    p.add_argument("--dataset", choices=tuple(DATASET_SHAPES), help="dataset (default: the one it was trained on)")
+    p.add_argument("--data", help="local archive or folder (default: the training run's, or the cache)")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True, help="download if missing")
+    p.add_argument("--batch-size", type=int, default=500, help="images per batch (default: 500)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.add_argument("--quiet", action="store_true", help="no download progress bar")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("presets", help="list the presets")
+    p.add_argument("-v", "--verbose", action="store_true", help="show every value each preset sets")
+    p.set_defaults(func=_cmd_presets)
+
+    p = sub.add_parser("info", help="model summary, parameter count, torch and device")
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint (default: the model the flags describe)")
+    add_config_arguments(p)
+    p.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: 0 for --help/--version, 2 for usage errors (it already printed why)
+        return int(e.code or 0)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"gmlp: error: {e}", file=sys.stderr)
+        return 2
+    except (GmlpError, OSError) as e:
+        print(f"gmlp: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("gmlp: interrupted", file=sys.stderr)
+        return 130

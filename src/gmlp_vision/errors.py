@@ -1,0 +1,17 @@
+"""Exceptions the library raises; the CLI turns each into a one-line message and an exit code."""
+
+
+class GmlpError(Exception):
+    """Base class of every error the library raises on purpose (bad input, not bugs)."""
+
+
+class ConfigError(GmlpError, ValueError):
+    """An impossible or contradictory configuration; the message names the flag."""
+
+
+class DataError(GmlpError):
+    """A dataset that is missing, corrupt, hostile, of the wrong kind, or cannot be downloaded."""
+
+
+class CheckpointError(GmlpError):
+    """A checkpoint that is missing, corrupt, unsafe, or made for another model."""

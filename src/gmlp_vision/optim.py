@@ -1,0 +1,128 @@
+"""The tutorial's optimiser and epoch-level rules with Keras 2 / TensorFlow-Addons semantics (SPEC.md).
+
+- `KerasAdamW`: TF-Addons ``AdamW`` (``DecoupledWeightDecayExtension`` over Keras ``Adam``). Every step first decays
+  every parameter by ``w *= 1 - weight_decay``, independent of the learning rate (it stays when the lr is halved),
+  then applies Adam in Keras' form ``w -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)`` with
+  ``eps = 1e-7``. ``torch.optim.AdamW`` scales the decay by the lr and adds eps to the bias-corrected sqrt(v), so it
+  does not match.
+- `Plateau`: Keras ``ReduceLROnPlateau(factor, patience)``: an epoch improves when ``loss < best - threshold``;
+  on the ``patience``-th non-improving epoch in a row the lr is multiplied by ``factor`` and the count restarts.
+- `EarlyStopping`: Keras 2 ``EarlyStopping(patience, restore_best_weights=True)``: an epoch improves when
+  ``loss < best`` (strictly); training stops on the ``patience``-th non-improving epoch in a row.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class KerasAdamW(torch.optim.Optimizer):
+    """AdamW exactly as TF-Addons 0.23 computes it (see the module docstring).
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate.
+        betas: Adam's ``(beta_1, beta_2)``.
+        eps: Keras' epsilon, added to ``sqrt(v)`` before the bias correction is applied through the step size.
+        weight_decay: per-step multiplicative decay, not scaled by the lr.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-7,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if lr <= 0 or eps <= 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"invalid KerasAdamW settings: lr={lr}, betas={betas}, eps={eps}, wd={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # noqa: D102
+        if closure is not None:
+            raise ValueError("KerasAdamW does not take a closure")
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            states = [self.state[p] for p in params]
+            for p, s in zip(params, states):
+                if not s:
+                    s["step"] = 0
+                    s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                s["step"] += 1
+            b1, b2 = group["betas"]
+            t = states[0]["step"]  # all parameters of a group advance together
+            m = [s["exp_avg"] for s in states]
+            v = [s["exp_avg_sq"] for s in states]
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1.0 - group["weight_decay"])
+            torch._foreach_lerp_(m, grads, 1.0 - b1)
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, grads, grads, value=1.0 - b2)
+            step_size = group["lr"] * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_add_(denom, group["eps"])
+            torch._foreach_addcdiv_(params, m, denom, value=-step_size)
+
+
+class Plateau:
+    """Keras ``ReduceLROnPlateau`` (no cooldown, no floor); call `step` once per epoch with the monitored loss."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, factor: float = 0.5, patience: int = 5, threshold: float = 1e-4):
+        self.optimizer, self.factor, self.patience, self.threshold = optimizer, factor, patience, threshold
+        self.best = math.inf
+        self.wait = 0
+
+    def step(self, loss: float) -> bool:
+        """Record one epoch's loss; returns whether the lr was reduced."""
+        if loss < self.best - self.threshold:
+            self.best, self.wait = loss, 0
+            return False
+        self.wait += 1
+        if self.patience and self.wait >= self.patience:
+            for group in self.optimizer.param_groups:
+                group["lr"] *= self.factor
+            self.wait = 0
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {"best": self.best, "wait": self.wait}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
+        self.best, self.wait = float(state["best"]), int(state["wait"])
+
+
+class EarlyStopping:
+    """Keras 2 ``EarlyStopping`` on a loss; `step` returns True when training should stop after this epoch."""
+
+    def __init__(self, patience: int = 10) -> None:
+        self.patience = patience
+        self.best = math.inf
+        self.best_epoch = -1
+        self.wait = 0
+
+    def step(self, loss: float, epoch: int) -> bool:
+        """Record epoch ``epoch``'s (0-based) loss; True on the ``patience``-th epoch in a row without improvement."""
+        self.wait += 1
+        if loss < self.best:
+            self.best, self.best_epoch, self.wait = loss, epoch, 0
+            return False
+        # Keras also requires epoch > 0; with patience >= 1 that only matters for patience 1.
+        return bool(self.patience) and self.wait >= self.patience and epoch > 0
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
+        self.best, self.best_epoch, self.wait = float(state["best"]), int(state["best_epoch"]), int(state["wait"])
