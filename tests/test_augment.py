@@ -32,8 +32,9 @@ def naive_zoom(img: np.ndarray, zx: float, zy: float) -> np.ndarray:
             x0, y0 = int(np.floor(sx)), int(np.floor(sy))
             x1, y1 = min(x0 + 1, W - 1), min(y0 + 1, H - 1)
             fx, fy = sx - x0, sy - y0
-            out[:, y, x] = ((1 - fy) * ((1 - fx) * img[:, y0, x0] + fx * img[:, y0, x1])
-                            + fy * ((1 - fx) * img[:, y1, x0] + fx * img[:, y1, x1]))
+            out[:, y, x] = (1 - fy) * ((1 - fx) * img[:, y0, x0] + fx * img[:, y0, x1]) + fy * (
+                (1 - fx) * img[:, y1, x0] + fx * img[:, y1, x1]
+            )
     return out
 
 

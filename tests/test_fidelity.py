@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from gmlp_vision.augment import zoom
 from gmlp_vision.config import from_preset
 from gmlp_vision.model import GMLP, count_parameters
 from gmlp_vision.optim import EarlyStopping, KerasAdamW, Plateau
-from gmlp_vision.augment import zoom
 
 FIXTURES = Path(__file__).parent / "fixtures" / "keras"
 

@@ -40,7 +40,10 @@ def test_paper_defaults():
     assert (cfg.shortcut, cfg.spatial_init, cfg.gelu, cfg.final_norm) == ("input", "near-zero", "exact", True)
     tutorial = model_cfg("seed")
     assert (tutorial.shortcut, tutorial.spatial_init, tutorial.gelu, tutorial.final_norm) == (
-        "normed", "glorot", "tanh", False
+        "normed",
+        "glorot",
+        "tanh",
+        False,
     )
 
 
@@ -71,8 +74,9 @@ def naive_block(block: GMLPBlock, x: torch.Tensor, normed_shortcut: bool) -> tor
 @pytest.mark.parametrize("shortcut", ["input", "normed"])
 def test_block_matches_einsum_reference(shortcut):
     torch.manual_seed(1)
-    cfg = ModelConfig(image_size=16, patch_size=4, embed_dim=24, ffn_dim=40, depth=1, shortcut=shortcut,
-                      spatial_init="glorot")
+    cfg = ModelConfig(
+        image_size=16, patch_size=4, embed_dim=24, ffn_dim=40, depth=1, shortcut=shortcut, spatial_init="glorot"
+    )
     block = GMLPBlock(cfg).eval()
     for p in block.parameters():
         nn.init.normal_(p, std=0.3)

@@ -13,7 +13,7 @@ def naive_keras_adamw(w, grads, lrs, wd=1e-4, b1=0.9, b2=0.999, eps=1e-7):
     m = np.zeros_like(w)
     v = np.zeros_like(w)
     out = []
-    for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+    for t, (g, lr) in enumerate(zip(grads, lrs, strict=True), start=1):
         w *= 1 - wd
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
@@ -30,7 +30,7 @@ def test_keras_adamw_matches_formula_and_decay_ignores_lr():
     p = torch.nn.Parameter(torch.from_numpy(w0.copy()))
     opt = KerasAdamW([p], lr=3e-3, weight_decay=1e-4)
     expected = naive_keras_adamw(w0, grads.astype(np.float64), lrs)
-    for g, lr, exp in zip(grads, lrs, expected):
+    for g, lr, exp in zip(grads, lrs, expected, strict=True):
         opt.param_groups[0]["lr"] = lr
         p.grad = torch.from_numpy(g.copy())
         opt.step()

@@ -15,7 +15,7 @@ from torch import Tensor
 
 
 def resize(images: Tensor, size: int) -> Tensor:
-    """Bilinear resize to ``size`` x ``size`` (half-pixel centres, no antialiasing: Keras ``Resizing``); no-op if equal."""
+    """Bilinear resize to ``size`` x ``size``, half-pixel centres, no antialiasing (Keras ``Resizing``)."""
     if images.shape[-2:] == (size, size):
         return images
     return F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False)

@@ -64,7 +64,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     model = ckpt.build_model(device)
     metrics = evaluate(model, ds.test.images, ds.test.labels, batch_size=args.batch_size, precision=cfg.precision)
     if args.json:
-        print(json.dumps({"checkpoint": str(args.checkpoint), "dataset": dataset, "images": len(ds.test.labels), **metrics}))
+        print(
+            json.dumps(
+                {"checkpoint": str(args.checkpoint), "dataset": dataset, "images": len(ds.test.labels), **metrics}
+            )
+        )
     else:
         print(f"{dataset} test split, {len(ds.test.labels)} images: loss {metrics['loss']:.4f}")
         print(f"Test accuracy: {100 * metrics['acc']:.2f}%")

@@ -94,7 +94,9 @@ class Config:
     preset: str | None = _f(None, "preset the values started from (recorded; set with --preset)")
     # Data.
     dataset: str = _f("cifar100", "dataset", ("cifar10", "cifar100", "digits"))
-    data: str | None = _f(None, "local archive (.tar.gz) or extracted folder; default: the cache, downloading if needed")
+    data: str | None = _f(
+        None, "local archive (.tar.gz) or extracted folder; default: the cache, downloading if needed"
+    )
     download: bool = _f(True, "download the official archive into the cache when it is missing")
     verify_md5: bool = _f(False, "check a local archive against the official md5 sum")
     train_limit: int = _f(0, "use only the first N training images, before the validation split (0: all)")
@@ -167,22 +169,64 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The Keras tutorial exactly (SPEC.md): 32 px, patch 4, width 128, 4 blocks, its three departures from the paper,
     # no final norm, dropout 0.2, batch 128, lr 3e-3 with the add-on AdamW, plateau halving, early stopping.
     "seed": dict(
-        image_size=32, patch_size=4, embed_dim=128, ffn_dim=256, depth=4, dropout=0.2, head_dropout=0.2,
-        gelu="tanh", shortcut="normed", spatial_init="glorot", final_norm=False,
-        epochs=100, batch_size=128, lr=3e-3, weight_decay=1e-4, optimizer="keras-adamw", val_split=0.1,
-        flip=True, zoom=0.2, plateau_patience=5, early_stop_patience=10, restore_best="on-stop", precision="fp32",
+        image_size=32,
+        patch_size=4,
+        embed_dim=128,
+        ffn_dim=256,
+        depth=4,
+        dropout=0.2,
+        head_dropout=0.2,
+        gelu="tanh",
+        shortcut="normed",
+        spatial_init="glorot",
+        final_norm=False,
+        epochs=100,
+        batch_size=128,
+        lr=3e-3,
+        weight_decay=1e-4,
+        optimizer="keras-adamw",
+        val_split=0.1,
+        flip=True,
+        zoom=0.2,
+        plateau_patience=5,
+        early_stop_patience=10,
+        restore_best="on-stop",
+        precision="fp32",
     ),  # fmt: skip
     # The embedded 8x8 digits: patch 2 gives 16 tokens; no flip (a mirrored digit is another symbol), mild zoom;
     # the paper's block otherwise. Reaches >= 90 % test top-1 in well under a minute on 2 CPU cores.
     "digits": dict(
-        image_size=8, patch_size=2, embed_dim=64, ffn_dim=256, depth=4, dropout=0.1, head_dropout=0.1,
-        epochs=40, batch_size=64, lr=3e-3, weight_decay=1e-4, val_split=0.1,
-        flip=False, zoom=0.1, plateau_patience=5, early_stop_patience=10, restore_best="always",
+        image_size=8,
+        patch_size=2,
+        embed_dim=64,
+        ffn_dim=256,
+        depth=4,
+        dropout=0.1,
+        head_dropout=0.1,
+        epochs=40,
+        batch_size=64,
+        lr=3e-3,
+        weight_decay=1e-4,
+        val_split=0.1,
+        flip=False,
+        zoom=0.1,
+        plateau_patience=5,
+        early_stop_patience=10,
+        restore_best="always",
     ),  # fmt: skip
     # For tests: a very small model that still exercises every part (both block forms come from the flags).
     "tiny": dict(
-        image_size=32, patch_size=8, embed_dim=32, ffn_dim=64, depth=2, dropout=0.1, head_dropout=0.1,
-        drop_path=0.1, epochs=2, batch_size=32, lr=3e-3,
+        image_size=32,
+        patch_size=8,
+        embed_dim=32,
+        ffn_dim=64,
+        depth=2,
+        dropout=0.1,
+        head_dropout=0.1,
+        drop_path=0.1,
+        epochs=2,
+        batch_size=32,
+        lr=3e-3,
     ),  # fmt: skip
 }
 

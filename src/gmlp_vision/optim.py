@@ -45,7 +45,7 @@ class KerasAdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> None:  # noqa: D102
+    def step(self, closure: Any = None) -> None:
         if closure is not None:
             raise ValueError("KerasAdamW does not take a closure")
         for group in self.param_groups:
@@ -54,7 +54,7 @@ class KerasAdamW(torch.optim.Optimizer):
                 continue
             grads = [p.grad for p in params]
             states = [self.state[p] for p in params]
-            for p, s in zip(params, states):
+            for p, s in zip(params, states, strict=True):
                 if not s:
                     s["step"] = 0
                     s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -78,7 +78,9 @@ class KerasAdamW(torch.optim.Optimizer):
 class Plateau:
     """Keras ``ReduceLROnPlateau`` (no cooldown, no floor); call `step` once per epoch with the monitored loss."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, factor: float = 0.5, patience: int = 5, threshold: float = 1e-4):
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, factor: float = 0.5, patience: int = 5, threshold: float = 1e-4
+    ):
         self.optimizer, self.factor, self.patience, self.threshold = optimizer, factor, patience, threshold
         self.best = math.inf
         self.wait = 0
@@ -96,10 +98,10 @@ class Plateau:
             return True
         return False
 
-    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+    def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "wait": self.wait}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.wait = float(state["best"]), int(state["wait"])
 
 
@@ -121,8 +123,8 @@ class EarlyStopping:
         # Keras also requires epoch > 0; with patience >= 1 that only matters for patience 1.
         return bool(self.patience) and self.wait >= self.patience and epoch > 0
 
-    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+    def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.best_epoch, self.wait = float(state["best"]), int(state["best_epoch"]), int(state["wait"])

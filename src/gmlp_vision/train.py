@@ -105,7 +105,7 @@ def evaluate(
     loss = torch.zeros((), dtype=torch.float64, device=device)
     top1 = torch.zeros((), dtype=torch.int64, device=device)
     top5 = torch.zeros_like(top1)
-    for x, y in zip(images.split(batch_size), labels.split(batch_size)):
+    for x, y in zip(images.split(batch_size), labels.split(batch_size), strict=True):
         x, y = resize(x.to(device).float(), size), y.to(device)
         with autocast(device, precision):
             logits = model(x).float()
@@ -205,8 +205,12 @@ def train(cfg: Config, dataset: Dataset | None = None) -> Result:
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    ds = dataset if dataset is not None else load_dataset(
-        cfg.dataset, cfg.data, download=cfg.download, verify_md5=cfg.verify_md5, progress=cfg.progress
+    ds = (
+        dataset
+        if dataset is not None
+        else load_dataset(
+            cfg.dataset, cfg.data, download=cfg.download, verify_md5=cfg.verify_md5, progress=cfg.progress
+        )
     )
     # Class count and channels are facts of the data, not choices.
     cfg = replace(cfg, model=replace(cfg.model, num_classes=ds.num_classes, in_chans=ds.in_chans))
@@ -236,7 +240,13 @@ def train(cfg: Config, dataset: Dataset | None = None) -> Result:
     steps = math.ceil(n_train / cfg.batch_size)
     log.info(
         "training %s on %s: %d train / %d validation images, %d steps per epoch, device %s, run dir %s",
-        cfg.preset or "custom config", cfg.dataset, n_train, len(val_y), steps, device, run_dir,
+        cfg.preset or "custom config",
+        cfg.dataset,
+        n_train,
+        len(val_y),
+        steps,
+        device,
+        run_dir,
     )
     history: list[dict[str, float]] = []
     best_state: dict[str, Tensor] | None = None
@@ -245,7 +255,10 @@ def train(cfg: Config, dataset: Dataset | None = None) -> Result:
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         with tqdm(total=steps, desc=f"epoch {epoch + 1}", leave=False, disable=not cfg.progress) as bar:
-            row: dict[str, float] = {"epoch": epoch + 1, **train_one_epoch(model, optimizer, train_x, train_y, cfg, generator, bar)}
+            row: dict[str, float] = {
+                "epoch": epoch + 1,
+                **train_one_epoch(model, optimizer, train_x, train_y, cfg, generator, bar),
+            }
         if len(val_y):
             val = evaluate(model, val_x, val_y, batch_size=cfg.eval_batch_size, precision=cfg.precision)
             row.update({f"val_{k}": v for k, v in val.items()})
@@ -259,9 +272,13 @@ def train(cfg: Config, dataset: Dataset | None = None) -> Result:
         stopped = stopper.step(monitored, epoch)  # Keras callback order: EarlyStopping, then ReduceLROnPlateau
         plateau.step(monitored)
         train_state = {
-            "optimizer": optimizer.state_dict(), "plateau": plateau.state_dict(), "early_stopping": stopper.state_dict(),
-            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
-        }  # fmt: skip
+            "optimizer": optimizer.state_dict(),
+            "plateau": plateau.state_dict(),
+            "early_stopping": stopper.state_dict(),
+            "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": history,
+        }
         _save(run_dir / "last.pt", cfg, model, ds, epoch + 1, steps * (epoch + 1), row, train_state)
         log.info(format_epoch(row, cfg.epochs, steps))
         if stopped:

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up with the test extras, then lint and run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh dev
+.venv/bin/ruff check src tests tools
+.venv/bin/ruff format --check src tests tools
+.venv/bin/python -m pytest "$@"

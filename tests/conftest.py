@@ -1,0 +1,33 @@
+"""Fixtures: small fake CIFAR archives in the official format (see archives.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from archives import FakeCifar, make_cifar, write_tar
+
+
+@pytest.fixture
+def fake_cifar10() -> FakeCifar:
+    """Fake CIFAR-10: 5 batches of 20 training images, 10 test images."""
+    return make_cifar("cifar10")
+
+
+@pytest.fixture
+def fake_cifar100() -> FakeCifar:
+    """Fake CIFAR-100: 100 training images (one per class), 10 test images."""
+    return make_cifar("cifar100")
+
+
+@pytest.fixture
+def cifar10_archive(tmp_path: Path, fake_cifar10: FakeCifar) -> Path:
+    """``fake_cifar10`` written as ``cifar-10-python.tar.gz`` under ``tmp_path``."""
+    return write_tar(tmp_path / fake_cifar10.archive, fake_cifar10.files())
+
+
+@pytest.fixture
+def cifar100_archive(tmp_path: Path, fake_cifar100: FakeCifar) -> Path:
+    """``fake_cifar100`` written as ``cifar-100-python.tar.gz`` under ``tmp_path``."""
+    return write_tar(tmp_path / fake_cifar100.archive, fake_cifar100.files())
