@@ -86,6 +86,11 @@ def topk_correct(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return hits[:, 0].sum(), hits.any(dim=1).sum()
 
 
+def maybe_compile(model: nn.Module, cfg: Config) -> nn.Module:
+    """``torch.compile(model)`` when ``cfg.compile`` is set (checkpoints always save the unwrapped module)."""
+    return torch.compile(model) if cfg.compile else model
+
+
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     """The configured optimiser over every parameter (the tutorial decays biases and norms too)."""
     if cfg.optimizer == "keras-adamw":
@@ -93,22 +98,27 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def infer(model: nn.Module, images: Tensor, precision: str = "fp32") -> Tensor:
+    """Float32 logits of ``model`` (as it is: train or eval mode) for raw pixels on its device, resized to fit."""
+    x = resize(images.float(), unwrap(model).cfg.image_size)
+    with autocast(x.device, precision):
+        return model(x).float()
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, images: Tensor, labels: Tensor, *, batch_size: int = 500, precision: str = "fp32"
 ) -> dict[str, float]:
-    """Mean cross-entropy, top-1 and top-5 accuracy of ``model`` on uint8 ``images`` (on the model's device)."""
+    """Mean cross-entropy, top-1 and top-5 accuracy of ``model`` on uint8 ``images`` (moved to the model's device)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    size = unwrap(model).cfg.image_size
     loss = torch.zeros((), dtype=torch.float64, device=device)
     top1 = torch.zeros((), dtype=torch.int64, device=device)
     top5 = torch.zeros_like(top1)
     for x, y in zip(images.split(batch_size), labels.split(batch_size), strict=True):
-        x, y = resize(x.to(device).float(), size), y.to(device)
-        with autocast(device, precision):
-            logits = model(x).float()
+        y = y.to(device)
+        logits = infer(model, x.to(device), precision)
         loss += F.cross_entropy(logits, y, reduction="sum")
         c1, c5 = topk_correct(logits, y)
         top1 += c1
@@ -116,6 +126,30 @@ def evaluate(
     model.train(was_training)
     n = max(len(labels), 1)
     return {"loss": loss.item() / n, "acc": top1.item() / n, "top5": top5.item() / n}
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: Tensor,
+    labels: Tensor,
+    cfg: Config,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor]:
+    """One optimiser step on a uint8 batch: resize, augment, forward, loss, backward, update.
+
+    Returns:
+        The loss (scalar) and the float32 logits, both detached.
+    """
+    x = resize(images.float(), cfg.model.image_size)
+    x = augment_batch(x, flip=cfg.flip, zoom_amount=cfg.zoom, generator=generator)
+    with autocast(x.device, cfg.precision):
+        logits = model(x).float()
+    loss = F.cross_entropy(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logits.detach()
 
 
 def train_one_epoch(
@@ -130,24 +164,17 @@ def train_one_epoch(
     """One pass over ``images`` (uint8, on the device) in shuffled batches; returns mean loss, top-1 and top-5."""
     model.train()
     device = images.device
-    n, size = len(labels), cfg.model.image_size
+    n = len(labels)
     perm = torch.randperm(n, device=device, generator=generator)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     top1 = torch.zeros((), dtype=torch.int64, device=device)
     top5 = torch.zeros_like(top1)
     for idx in perm.split(cfg.batch_size):
-        x = resize(images[idx].float(), size)
-        x = augment_batch(x, flip=cfg.flip, zoom_amount=cfg.zoom, generator=generator)
         y = labels[idx]
-        with autocast(device, cfg.precision):
-            logits = model(x).float()
-        loss = F.cross_entropy(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss, logits = train_step(model, optimizer, images[idx], y, cfg, generator)
         with torch.no_grad():
-            loss_sum += loss.detach() * len(y)
-            c1, c5 = topk_correct(logits.detach(), y)
+            loss_sum += loss * len(y)
+            c1, c5 = topk_correct(logits, y)
             top1 += c1
             top5 += c5
         if progress is not None:
@@ -231,6 +258,7 @@ def train(cfg: Config, dataset: Dataset | None = None) -> Result:
     model.set_normalization(mean, var)
     model.to(device)
     optimizer = build_optimizer(cfg, model)
+    model = maybe_compile(model, cfg)
     plateau = Plateau(optimizer, cfg.plateau_factor, cfg.plateau_patience, cfg.plateau_threshold)
     stopper = EarlyStopping(cfg.early_stop_patience)
     generator = torch.Generator(device).manual_seed(cfg.seed)
@@ -267,7 +295,7 @@ def train(cfg: Config, dataset: Dataset | None = None) -> Result:
         write_history(run_dir, history)
         monitored = row.get("val_loss", row["loss"])  # Keras monitors val_loss; without validation, the train loss
         if monitored < stopper.best:
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
             _save(run_dir / "best.pt", cfg, model, ds, epoch + 1, steps * (epoch + 1), row)
         stopped = stopper.step(monitored, epoch)  # Keras callback order: EarlyStopping, then ReduceLROnPlateau
         plateau.step(monitored)
@@ -287,7 +315,7 @@ def train(cfg: Config, dataset: Dataset | None = None) -> Result:
 
     restore = best_state is not None and (cfg.restore_best == "always" or (stopped and cfg.restore_best == "on-stop"))
     if restore:
-        model.load_state_dict(best_state)
+        unwrap(model).load_state_dict(best_state)
         log.info("restored the weights of the best epoch (%d)", stopper.best_epoch + 1)
     test = evaluate(model, ds.test.images.to(device), ds.test.labels.to(device), batch_size=cfg.eval_batch_size,
                     precision=cfg.precision)  # fmt: skip
