@@ -60,10 +60,10 @@ def test_forward_matches_keras_layer_by_layer(forward_ref):
     with torch.no_grad():
         normalized = model.normalize(images)
         close(normalized.permute(0, 2, 3, 1), forward_ref["normalized"])
-        tokens = model.patch_embed(normalized)
-        close(tokens, forward_ref["embedded"])
+        tokens = model.patch_embed(normalized)  # token-major (N, B, D)
+        close(tokens.transpose(0, 1), forward_ref["embedded"])
         block0 = model.blocks[0](tokens)
-        close(block0, forward_ref["block0"])
+        close(block0.transpose(0, 1), forward_ref["block0"])
         features = model.forward_features(images)
         close(features, forward_ref["features"])
         close(model(images), forward_ref["logits"])

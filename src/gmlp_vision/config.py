@@ -127,7 +127,9 @@ class Config:
     # Runtime.
     seed: int = _f(0, "random seed (weights, shuffling, augmentation, dropout)")
     device: str = _f("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
-    precision: str = _f("fp32", "fp32, or bf16 autocast", ("fp32", "bf16"))
+    precision: str = _f(
+        "fp32", "fp32, or bf16 activations and matrix products with fp32 master weights and loss", ("fp32", "bf16")
+    )
     compile: bool = _f(False, "torch.compile the model (slower start; faster steps where the backend pays off)")
     threads: int = _f(0, "CPU threads for torch (0: torch's default)")
     eval_batch_size: int = _f(500, "images per batch when evaluating")

@@ -14,16 +14,30 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gmlp_vision.config import ModelConfig
 
 
+def linear(x: Tensor, layer: nn.Linear) -> Tensor:
+    """``layer(x)`` computed in ``x``'s dtype: fp32 master weights are cast on use (bf16 runs without autocast)."""
+    return F.linear(x, layer.weight.to(x.dtype), layer.bias.to(x.dtype))
+
+
+def layer_norm(x: Tensor, norm: nn.LayerNorm | nn.Identity) -> Tensor:
+    """``norm(x)`` computed in ``x``'s dtype (statistics are accumulated in fp32 by PyTorch's kernels)."""
+    if isinstance(norm, nn.Identity):
+        return x
+    return F.layer_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps)
+
+
 class PatchEmbed(nn.Module):
-    """Cut (B, C, H, W) images into non-overlapping patches and project each to ``embed_dim``.
+    """Cut (B, C, H, W) images into non-overlapping patches and project each to ``embed_dim``, token-major.
 
     Patches are taken in row-major order and flattened as (row, column, channel), the layout of TF's
-    ``extract_patches`` in the tutorial, so its Dense weights load unchanged (transposed).
+    ``extract_patches`` in the tutorial, so its Dense weights load unchanged (transposed). The output is token-major
+    (N, B, D): see `GMLP` for why.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -34,12 +48,15 @@ class PatchEmbed(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
         p = self.patch_size
-        x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, gh, gw, p, p, C)
-        return self.proj(x.reshape(B, (H // p) * (W // p), p * p * C))  # (B, N, D)
+        x = x.reshape(B, C, H // p, p, W // p, p).permute(2, 4, 0, 3, 5, 1)  # (gh, gw, B, p, p, C)
+        return linear(x.reshape((H // p) * (W // p), B, p * p * C), self.proj)  # (N, B, D)
 
 
 class SpatialGatingUnit(nn.Module):
-    """Split channels into ``u, v``; normalise ``v``; mix ``v`` across tokens; gate: ``u * v``."""
+    """Normalise ``v``, mix it across tokens, and gate ``u`` with it: ``u * (W @ norm(v) + b)``.
+
+    ``u, v`` are the two halves of the block's hidden channels, passed separately (see `GMLPBlock`).
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -55,48 +72,80 @@ class SpatialGatingUnit(nn.Module):
             nn.init.normal_(self.proj.weight, std=1e-6)
         nn.init.ones_(self.proj.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        u, v = x.chunk(2, dim=-1)  # (B, N, F/2) each
-        v = self.norm(v)
-        # One (N, N) @ (B, N, F/2) batched product; the bias is per output token.
-        v = torch.matmul(self.proj.weight, v) + self.proj.bias[:, None]
+    def forward(self, u: Tensor, v: Tensor) -> Tensor:
+        N, B, C = v.shape  # token-major
+        v = layer_norm(v, self.norm)
+        # Token-major, the token mixing of the whole batch is ONE (N, N) @ (N, B*C) product, no transposes.
+        weight, bias = self.proj.weight.to(v.dtype), self.proj.bias.to(v.dtype)
+        v = torch.addmm(bias[:, None], weight, v.reshape(N, B * C)).view(N, B, C)
         return u * v
 
 
 class GMLPBlock(nn.Module):
-    """``shortcut + drop_path(fc2(sgu(dropout(gelu(fc1(norm(x)))))))``.
+    """``shortcut + drop_path(fc2(sgu(dropout(gelu(fc1(norm(x)))))))`` on token-major (N, B, D) tokens.
 
     The shortcut is the block input (paper) or, with ``shortcut="normed"``, the normalised input (the tutorial).
+    ``fc1`` is one Linear (so weights match Keras and timm) applied as two products, one per half, so ``u`` and
+    ``v`` come out contiguous: no split copies forward, no concatenation backward.
     """
 
     def __init__(self, cfg: ModelConfig, drop_path: float = 0.0) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.fc1 = nn.Linear(cfg.embed_dim, cfg.ffn_dim)
-        self.act = nn.GELU(approximate="tanh" if cfg.gelu == "tanh" else "none")
-        self.drop = nn.Dropout(cfg.dropout)
+        self.approximate = "tanh" if cfg.gelu == "tanh" else "none"
+        self.dropout = cfg.dropout
         self.sgu = SpatialGatingUnit(cfg)
         self.fc2 = nn.Linear(cfg.ffn_dim // 2, cfg.embed_dim)
         self.drop_path = drop_path
         self.normed_shortcut = cfg.shortcut == "normed"
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.norm(x)
+        y = layer_norm(x, self.norm)
         shortcut = y if self.normed_shortcut else x
-        y = self.fc2(self.sgu(self.drop(self.act(self.fc1(y)))))
+        half = self.fc1.out_features // 2
+        w, b = self.fc1.weight.to(y.dtype), self.fc1.bias.to(y.dtype)
+        u = dropout(F.gelu(F.linear(y, w[:half], b[:half]), approximate=self.approximate), self.dropout, self.training)
+        v = dropout(F.gelu(F.linear(y, w[half:], b[half:]), approximate=self.approximate), self.dropout, self.training)
+        y = linear(self.sgu(u, v), self.fc2)
         return shortcut + drop_path(y, self.drop_path, self.training)
 
 
-def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
-    """Stochastic depth per sample: zero a sample's whole branch with probability ``rate``, rescale the rest."""
+# Values one random int16 lane takes (see `dropout`).
+_INT16_SPAN = 1 << 16
+
+
+def dropout(x: Tensor, rate: float, training: bool) -> Tensor:
+    """Inverted dropout whose CPU mask costs one 64-bit random number per 4 elements.
+
+    ``torch.bernoulli_`` draws one random number per element and took ~30 % of a CPU training step; here each random
+    int64 is split into four int16 lanes compared with ``round((1 - rate) * 2^16) - 2^15``, so an element is kept with
+    probability within 2^-17 of ``1 - rate``. On GPUs, where RNG is cheap, it is ``F.dropout``.
+    """
     if rate == 0.0 or not training:
         return x
-    keep = torch.empty(x.shape[0], *(1,) * (x.dim() - 1), dtype=x.dtype, device=x.device).bernoulli_(1 - rate)
+    if x.device.type != "cpu":
+        return F.dropout(x, rate, True)
+    keep = round((1.0 - rate) * _INT16_SPAN)
+    lanes = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64).view(torch.int16)
+    mask = lanes[: x.numel()].view(x.shape) < keep - _INT16_SPAN // 2
+    return x * (mask * (_INT16_SPAN / keep)).to(x.dtype)
+
+
+def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
+    """Stochastic depth per sample (dim 1 of token-major tokens): zero a sample's branch with probability ``rate``."""
+    if rate == 0.0 or not training:
+        return x
+    keep = torch.empty(1, x.shape[1], 1, dtype=x.dtype, device=x.device).bernoulli_(1 - rate)
     return x * keep / (1 - rate)
 
 
 class GMLP(nn.Module):
     """gMLP classifier built from a `ModelConfig` alone.
+
+    Inside, tokens are token-major (N, B, D) rather than (B, N, D): every channel projection is then a plain
+    (N*B, D) matrix product as before, and the spatial projection becomes one large (N, N) @ (N, B*D/2) product
+    instead of B small ones behind transposes. `forward_features` still returns the usual (B, N, D).
 
     Args:
         cfg: the architecture.
@@ -112,7 +161,7 @@ class GMLP(nn.Module):
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.Sequential(*(GMLPBlock(cfg, r) for r in rates))
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
-        self.head_drop = nn.Dropout(cfg.head_dropout)
+        self.head_dropout = cfg.head_dropout
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
         self.reset_parameters()
 
@@ -136,24 +185,36 @@ class GMLP(nn.Module):
         self.pixel_std.copy_(var.sqrt().clamp_min(1e-7))
 
     def normalize(self, x: Tensor) -> Tensor:
-        """Raw pixels (B, C, H, W) in 0..255 to normalised floats."""
-        x = x.float() if not x.is_floating_point() else x
-        return (x - self.pixel_mean[:, None, None]) / self.pixel_std[:, None, None]
+        """Raw pixels (B, C, H, W) in 0..255 to normalised values, computed in fp32, returned in ``x``'s float dtype.
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Raw pixels (B, C, H, W) to tokens (B, N, D) after the blocks and the final norm."""
+        The input's dtype picks the compute dtype of the whole forward pass: uint8 and fp32 run in fp32, bf16 in bf16
+        (fp32 master weights cast on use; no autocast, so no per-op casts of activations).
+        """
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        x = (x.float() - self.pixel_mean[:, None, None]) / self.pixel_std[:, None, None]
+        return x.to(dtype)
+
+    def forward_tokens(self, x: Tensor) -> Tensor:
+        """Raw pixels (B, C, H, W) to token-major tokens (N, B, D) after the blocks and the final norm."""
         if x.shape[-2:] != (self.cfg.image_size, self.cfg.image_size):
             raise ValueError(f"expected {self.cfg.image_size}x{self.cfg.image_size} images, got {tuple(x.shape)}")
         x = self.patch_embed(self.normalize(x))
-        return self.norm(self.blocks(x))
+        return layer_norm(self.blocks(x), self.norm)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Raw pixels (B, C, H, W) to tokens (B, N, D) after the blocks and the final norm."""
+        return self.forward_tokens(x).transpose(0, 1)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Tokens (B, N, D) to logits (B, num_classes), or to pooled features (B, D) with ``pre_logits``."""
-        x = self.head_drop(x.mean(dim=1))
-        return x if pre_logits else self.head(x)
+        return self._head(x.mean(dim=1), pre_logits)
+
+    def _head(self, pooled: Tensor, pre_logits: bool = False) -> Tensor:
+        pooled = dropout(pooled, self.head_dropout, self.training)
+        return pooled if pre_logits else linear(pooled, self.head)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+        return self._head(self.forward_tokens(x).mean(dim=0))
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head by a freshly initialised one with ``num_classes`` outputs (fine-tuning)."""
@@ -176,4 +237,13 @@ def flops_per_image(cfg: ModelConfig) -> int:
     return 2 * (n * cfg.patch_dim * d + cfg.depth * per_block + d * cfg.num_classes)
 
 
-__all__ = ["GMLP", "GMLPBlock", "PatchEmbed", "SpatialGatingUnit", "count_parameters", "drop_path", "flops_per_image"]
+__all__ = [
+    "GMLP",
+    "GMLPBlock",
+    "PatchEmbed",
+    "SpatialGatingUnit",
+    "count_parameters",
+    "drop_path",
+    "dropout",
+    "flops_per_image",
+]

@@ -9,7 +9,6 @@ when the monitored loss improved, ``last.pt`` always, then the early-stopping an
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
@@ -58,11 +57,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast for ``precision="bf16"``, else nothing."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def compute_input(images: Tensor, precision: str) -> Tensor:
+    """Float pixels in the dtype the model should compute in (`GMLP.normalize`): bf16 for ``precision="bf16"``."""
+    return images.to(torch.bfloat16) if precision == "bf16" else images.float()
 
 
 def channel_stats(images: Tensor) -> tuple[Tensor, Tensor]:
@@ -101,8 +98,7 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
 def infer(model: nn.Module, images: Tensor, precision: str = "fp32") -> Tensor:
     """Float32 logits of ``model`` (as it is: train or eval mode) for raw pixels on its device, resized to fit."""
     x = resize(images.float(), unwrap(model).cfg.image_size)
-    with autocast(x.device, precision):
-        return model(x).float()
+    return model(compute_input(x, precision)).float()
 
 
 @torch.no_grad()
@@ -143,8 +139,7 @@ def train_step(
     """
     x = resize(images.float(), cfg.model.image_size)
     x = augment_batch(x, flip=cfg.flip, zoom_amount=cfg.zoom, generator=generator)
-    with autocast(x.device, cfg.precision):
-        logits = model(x).float()
+    logits = model(compute_input(x, cfg.precision)).float()
     loss = F.cross_entropy(logits, labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
