@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev
-.venv/bin/ruff check src tests tools
-.venv/bin/ruff format --check src tests tools
+.venv/bin/ruff check src tests tools benchmarks
+.venv/bin/ruff format --check src tests tools benchmarks
 .venv/bin/python -m pytest "$@"

@@ -62,16 +62,18 @@ def compute_input(images: Tensor, precision: str) -> Tensor:
     return images.to(torch.bfloat16) if precision == "bf16" else images.float()
 
 
-def channel_stats(images: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and population variance of (N, C, H, W) uint8 pixels, computed in float64."""
-    x = images.transpose(0, 1).reshape(images.shape[1], -1)
-    total = torch.zeros(x.shape[0], dtype=torch.float64)
+def channel_stats(images: Tensor, chunk: int = 1024) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and population variance of (N, C, H, W) uint8 pixels, accumulated in float64.
+
+    Works through ``chunk`` images at a time, so the temporaries stay small (a few MB) whatever the dataset size.
+    """
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
     total_sq = torch.zeros_like(total)
-    for chunk in x.split(1 << 24, dim=1):  # bounded float64 temporaries
-        c = chunk.double()
-        total += c.sum(1)
-        total_sq += (c * c).sum(1)
-    n = x.shape[1]
+    for part in images.split(chunk):
+        x = part.float()  # exact for 0..255; squares are exact in fp32 too
+        total += x.sum(dim=(0, 2, 3), dtype=torch.float64)
+        total_sq += (x * x).sum(dim=(0, 2, 3), dtype=torch.float64)
+    n = images.numel() // images.shape[1]
     mean = total / n
     return mean.float(), (total_sq / n - mean * mean).clamp_min(0).float()
 
