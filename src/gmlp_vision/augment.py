@@ -15,10 +15,14 @@ from torch import Tensor
 
 
 def resize(images: Tensor, size: int) -> Tensor:
-    """Bilinear resize to ``size`` x ``size``, half-pixel centres, no antialiasing (Keras ``Resizing``)."""
+    """Bilinear resize to ``size`` x ``size`` with half-pixel centres; a no-op at the same size (the tutorial's case).
+
+    Shrinking is antialiased (a plain bilinear shrink of a photo to 32 px aliases badly); enlarging is plain bilinear.
+    Training, evaluation and prediction all resize through this one function, so they agree exactly.
+    """
     if images.shape[-2:] == (size, size):
         return images
-    return F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False)
+    return F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 def flip_lr(images: Tensor, generator: torch.Generator | None = None, p: float = 0.5) -> Tensor:
