@@ -75,3 +75,28 @@ def test_cheap_dropout_gradient_uses_the_same_mask():
     y = dropout(x, 0.2, training=True)
     y.sum().backward()
     torch.testing.assert_close(x.grad, (y.detach() != 0).float() / 0.8)
+
+
+def test_folded_dropout_equals_explicit_inverted_dropout():
+    """In training, the block masks u and v and folds 1/keep into the norm's eps and the product's alpha/beta."""
+    from gmlp_vision.model import GMLPBlock, keep_masks
+
+    cfg = from_preset("seed", num_classes=10, spatial_init="glorot").model
+    block = GMLPBlock(cfg).train()
+    for p in block.parameters():
+        p.data.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(cfg.num_patches, 5, cfg.embed_dim)  # token-major
+    torch.manual_seed(3)
+    ours = block(x)
+    # The same computation written plainly, with the same random masks.
+    y = block.norm(x)
+    h = F.gelu(block.fc1(y), approximate=block.approximate)
+    u, v = h.chunk(2, dim=-1)
+    torch.manual_seed(3)
+    (mask_u, mask_v), scale = keep_masks(u, cfg.dropout, 2)
+    assert abs(scale - 1 / (1 - cfg.dropout)) < 1e-4
+    u, v = u * mask_u * scale, v * mask_v * scale
+    v = block.sgu.norm(v)
+    v = block.sgu.proj(v.permute(1, 2, 0)).permute(2, 0, 1)
+    ref = y + block.fc2(u * v)
+    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=2e-5)

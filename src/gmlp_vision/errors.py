@@ -15,3 +15,15 @@ class DataError(GmlpError):
 
 class CheckpointError(GmlpError):
     """A checkpoint that is missing, corrupt, unsafe, or made for another model."""
+
+
+class ImageError(GmlpError):
+    """An image file that is missing, not an image, truncated, too large, or an array of an unusable shape."""
+
+
+class ExportError(GmlpError):
+    """An export that cannot be made or checked (missing optional extra, failed parity check)."""
+
+
+class ReportError(GmlpError):
+    """A run directory that lacks what a report needs, or a missing optional plotting/logging extra."""

@@ -72,12 +72,18 @@ class SpatialGatingUnit(nn.Module):
             nn.init.normal_(self.proj.weight, std=1e-6)
         nn.init.ones_(self.proj.bias)
 
-    def forward(self, u: Tensor, v: Tensor) -> Tensor:
+    def forward(self, u: Tensor, v: Tensor, scale: float = 1.0) -> Tensor:
+        """Gate ``scale * u`` with ``W @ norm(scale * v) + b``, computed without ever multiplying by ``scale``.
+
+        ``scale`` is inverted dropout's ``1 / keep`` when the block passes masked-but-unscaled halves: on ``v`` it is
+        absorbed exactly by the norm (``LN(s v; eps) = LN(v; eps / s^2)``), on ``u`` by the product's alpha and beta.
+        """
         N, B, C = v.shape  # token-major
-        v = layer_norm(v, self.norm)
+        norm = self.norm
+        v = F.layer_norm(v, norm.normalized_shape, norm.weight.to(v.dtype), norm.bias.to(v.dtype), norm.eps / scale**2)
         # Token-major, the token mixing of the whole batch is ONE (N, N) @ (N, B*C) product, no transposes.
         weight, bias = self.proj.weight.to(v.dtype), self.proj.bias.to(v.dtype)
-        v = torch.addmm(bias[:, None], weight, v.reshape(N, B * C)).view(N, B, C)
+        v = torch.addmm(bias[:, None], weight, v.reshape(N, B * C), beta=scale, alpha=scale).view(N, B, C)
         return u * v
 
 
@@ -105,9 +111,14 @@ class GMLPBlock(nn.Module):
         shortcut = y if self.normed_shortcut else x
         half = self.fc1.out_features // 2
         w, b = self.fc1.weight.to(y.dtype), self.fc1.bias.to(y.dtype)
-        u = dropout(F.gelu(F.linear(y, w[:half], b[:half]), approximate=self.approximate), self.dropout, self.training)
-        v = dropout(F.gelu(F.linear(y, w[half:], b[half:]), approximate=self.approximate), self.dropout, self.training)
-        y = linear(self.sgu(u, v), self.fc2)
+        u = F.gelu(F.linear(y, w[:half], b[:half]), approximate=self.approximate)
+        v = F.gelu(F.linear(y, w[half:], b[half:]), approximate=self.approximate)
+        scale = 1.0
+        if self.training and self.dropout > 0:
+            # Mask only; the 1 / keep rescaling is folded into the gate (see SpatialGatingUnit.forward).
+            (mask_u, mask_v), scale = keep_masks(u, self.dropout, 2)
+            u, v = u * mask_u, v * mask_v
+        y = linear(self.sgu(u, v, scale), self.fc2)
         return shortcut + drop_path(y, self.drop_path, self.training)
 
 
@@ -115,21 +126,29 @@ class GMLPBlock(nn.Module):
 _INT16_SPAN = 1 << 16
 
 
-def dropout(x: Tensor, rate: float, training: bool) -> Tensor:
-    """Inverted dropout whose CPU mask costs one 64-bit random number per 4 elements.
+def keep_masks(like: Tensor, rate: float, count: int = 1) -> tuple[list[Tensor], float]:
+    """``count`` boolean dropout masks shaped like ``like``, and the inverted-dropout scale ``1 / P(keep)``.
 
-    ``torch.bernoulli_`` draws one random number per element and took ~30 % of a CPU training step; here each random
-    int64 is split into four int16 lanes compared with ``round((1 - rate) * 2^16) - 2^15``, so an element is kept with
-    probability within 2^-17 of ``1 - rate``. On GPUs, where RNG is cheap, it is ``F.dropout``.
+    On CPU, ``torch.bernoulli_`` draws one random number per element and took ~30 % of a training step; here each
+    random int64 is split into four int16 lanes compared with a threshold, so an element is kept with probability
+    ``round((1 - rate) 2^16) / 2^16`` (within 2^-17 of ``1 - rate``), and the scale is that probability's inverse. On
+    GPUs, where random numbers are cheap, masks come from ``torch.rand``.
     """
+    n = like.numel()
+    if like.device.type != "cpu":
+        return [torch.rand(like.shape, device=like.device) >= rate for _ in range(count)], 1.0 / (1.0 - rate)
+    keep = round((1.0 - rate) * _INT16_SPAN)
+    lanes = torch.randint(-(2**63), 2**63 - 1, ((count * n + 3) // 4,), dtype=torch.int64).view(torch.int16)
+    masks = lanes[: count * n].view(count, *like.shape) < keep - _INT16_SPAN // 2
+    return list(masks.unbind(0)), _INT16_SPAN / keep
+
+
+def dropout(x: Tensor, rate: float, training: bool) -> Tensor:
+    """Inverted dropout with `keep_masks`' cheap masks."""
     if rate == 0.0 or not training:
         return x
-    if x.device.type != "cpu":
-        return F.dropout(x, rate, True)
-    keep = round((1.0 - rate) * _INT16_SPAN)
-    lanes = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64).view(torch.int16)
-    mask = lanes[: x.numel()].view(x.shape) < keep - _INT16_SPAN // 2
-    return x * (mask * (_INT16_SPAN / keep)).to(x.dtype)
+    (mask,), scale = keep_masks(x, rate)
+    return x * mask * scale
 
 
 def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
