@@ -17,18 +17,36 @@ from pathlib import Path
 import torch
 
 from gmlp_vision import __version__
-from gmlp_vision.config import DATASET_PRESET, PRESET_HELP, PRESETS, add_config_arguments, config_from_args
-from gmlp_vision.errors import ConfigError, GmlpError
+from gmlp_vision.cli_tools import add_commands
+from gmlp_vision.config import (
+    DATASET_PRESET,
+    PRESET_HELP,
+    PRESETS,
+    add_config_arguments,
+    config_from_args,
+    explicit_values,
+)
+from gmlp_vision.errors import ConfigError, GmlpError, TrainingInterrupted
 
 # Classes and channels of each dataset, so `gmlp info --preset seed` shows the model the tutorial trains.
 DATASET_SHAPES = {"cifar10": (10, 3), "cifar100": (100, 3), "digits": (10, 1)}
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from gmlp_vision.rundir import resume_config
     from gmlp_vision.train import train
 
-    cfg = config_from_args(args)
-    result = train(cfg)
+    if args.resume:
+        if getattr(args, "preset", None) or getattr(args, "config", None):
+            raise ConfigError("--resume takes the run's own config; --preset and --config cannot change it")
+        cfg = resume_config(args.resume, explicit_values(args))
+    else:
+        cfg = config_from_args(args)
+    try:
+        result = train(cfg, resume=bool(args.resume))
+    except TrainingInterrupted as e:
+        print(f"gmlp: {e}", file=sys.stderr)
+        return 128 + e.signum  # what shells expect: 130 for SIGINT, 143 for SIGTERM
     print(f"Test accuracy: {100 * result.test['acc']:.2f}%")
     print(f"Test top 5 accuracy: {100 * result.test['top5']:.2f}%")
     print(f"run directory: {result.run_dir} (final weights: {result.final_checkpoint})")
@@ -37,12 +55,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def resolve_checkpoint(path: str) -> Path:
     """A checkpoint file, or for a run directory the checkpoint its results.json names (else best.pt)."""
-    p = Path(path)
-    if p.is_dir():
-        results = p / "results.json"
-        name = json.loads(results.read_text()).get("final_checkpoint", "best.pt") if results.is_file() else "best.pt"
-        return p / name
-    return p
+    from gmlp_vision.predict import resolve_checkpoint as resolve
+
+    return resolve(path)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -127,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model (default: the tutorial, seed preset on CIFAR-100)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where its last.pt left it")
     add_config_arguments(p)
     p.set_defaults(func=_cmd_train)
 
@@ -149,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", help="a checkpoint (default: the model the flags describe)")
     add_config_arguments(p)
     p.set_defaults(func=_cmd_info)
+
+    add_commands(sub, tuple(DATASET_SHAPES))  # predict, export, report (cli_tools.py)
     return parser
 
 

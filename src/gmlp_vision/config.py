@@ -134,6 +134,7 @@ class Config:
     threads: int = _f(0, "CPU threads for torch (0: torch's default)")
     eval_batch_size: int = _f(500, "images per batch when evaluating")
     out: str | None = _f(None, "run directory (default: runs/<dataset>-<preset>-<time>)")
+    checkpoint_every: int = _f(0, "also save a resumable last.pt every N optimiser steps within an epoch (0: off)")
     progress: bool = _f(True, "show a progress bar during each epoch")
 
     def __post_init__(self) -> None:
@@ -143,7 +144,7 @@ class Config:
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_flag(name)} must be a positive integer, got {getattr(self, name)}")
-        for name in ("train_limit", "plateau_patience", "early_stop_patience", "threads"):
+        for name in ("train_limit", "plateau_patience", "early_stop_patience", "threads", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.zoom < 1.0:
@@ -307,6 +308,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(_flag(f.name), **kw)
 
 
+def explicit_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields given explicitly on the command line (flat)."""
+    return {k: v for k, v in vars(args).items() if k in _MODEL_FIELDS or k in _RUN_FIELDS}
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """Resolve defaults < preset < --config file < explicit flags into a validated `Config`.
 
@@ -315,7 +321,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     Raises:
         ConfigError: an unknown preset, an unreadable config file, or an impossible combination of values.
     """
-    given = {k: v for k, v in vars(args).items() if k in _MODEL_FIELDS or k in _RUN_FIELDS}
+    given = explicit_values(args)
     from_file: dict[str, Any] = {}
     if getattr(args, "config", None):
         from_file = load_config_file(args.config)

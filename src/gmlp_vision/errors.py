@@ -27,3 +27,15 @@ class ExportError(GmlpError):
 
 class ReportError(GmlpError):
     """A run directory that lacks what a report needs, or a missing optional plotting/logging extra."""
+
+
+class NonFiniteLossError(GmlpError):
+    """The training loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+class TrainingInterrupted(GmlpError):
+    """SIGINT or SIGTERM stopped training after a step; a resumable checkpoint was saved first."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum

@@ -9,13 +9,14 @@ when the monitored loss improved, ``last.pt`` always, then the early-stopping an
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
+import signal
+import threading
 import time
-from dataclasses import dataclass, replace
-from datetime import datetime
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +26,22 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from gmlp_vision.augment import augment_batch, resize
-from gmlp_vision.checkpoint import Checkpoint, save_checkpoint, unwrap
+from gmlp_vision.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, unwrap
 from gmlp_vision.config import Config
 from gmlp_vision.data import Dataset, load_dataset
-from gmlp_vision.errors import ConfigError
+from gmlp_vision.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted
 from gmlp_vision.model import GMLP
 from gmlp_vision.optim import EarlyStopping, KerasAdamW, Plateau
+from gmlp_vision.rundir import (
+    default_run_dir,
+    format_epoch,
+    prepare_run_dir,
+    remove_stale_temps,
+    write_history,
+    write_json,
+)
 
 log = logging.getLogger("gmlp_vision")
-HISTORY_FIELDS = ("epoch", "loss", "acc", "top5", "val_loss", "val_acc", "val_top5", "lr", "seconds")
 
 
 @dataclass
@@ -149,6 +157,20 @@ def train_step(
     return loss.detach(), logits.detach()
 
 
+@dataclass
+class EpochProgress:
+    """Where an epoch stands after some of its steps: enough to continue it exactly after a restart."""
+
+    perm: Tensor  # this epoch's order of the training images
+    batch: int = 0  # batches done in this epoch
+    step: int = 0  # optimiser steps done in the whole run
+    sums: dict[str, Tensor] = field(default_factory=dict)  # running loss / top-1 / top-5 sums of this epoch
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {"perm": self.perm.cpu(), "batch": self.batch, "step": self.step,
+                "sums": {k: v.cpu() for k, v in self.sums.items()}}  # fmt: skip
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -157,67 +179,82 @@ def train_one_epoch(
     cfg: Config,
     generator: torch.Generator,
     progress: tqdm | None = None,
+    *,
+    state: EpochProgress | None = None,
+    after_step: Callable[[EpochProgress], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over ``images`` (uint8, on the device) in shuffled batches; returns mean loss, top-1 and top-5."""
+    """One pass over ``images`` (uint8, on the device) in shuffled batches; returns mean loss, top-1 and top-5.
+
+    Args:
+        state: continue a partly done epoch (its permutation, position and running sums) instead of starting one.
+        after_step: called after every step with the epoch's progress (checkpoints, interruption).
+
+    Raises:
+        NonFiniteLossError: the loss became NaN or infinite (checked every step on CPU, every 50 on GPUs).
+    """
     model.train()
-    device = images.device
-    n = len(labels)
-    perm = torch.randperm(n, device=device, generator=generator)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    top1 = torch.zeros((), dtype=torch.int64, device=device)
-    top5 = torch.zeros_like(top1)
-    for idx in perm.split(cfg.batch_size):
+    device, n = images.device, len(labels)
+    if state is None:
+        state = EpochProgress(torch.randperm(n, device=device, generator=generator))
+    if not state.sums:
+        state.sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in ("loss", "acc", "top5")}
+    sums, batches = state.sums, state.perm.split(cfg.batch_size)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    check_every = 1 if device.type == "cpu" else 50  # .item() is a device sync: not every step on GPUs
+    for i in range(state.batch, len(batches)):
+        idx = batches[i]
         y = labels[idx]
         loss, logits = train_step(model, optimizer, images[idx], y, cfg, generator)
+        state.batch, state.step = i + 1, state.step + 1
         with torch.no_grad():
-            loss_sum += loss * len(y)
+            nonfinite |= ~torch.isfinite(loss)
             c1, c5 = topk_correct(logits, y)
-            top1 += c1
-            top5 += c5
+            sums["loss"] += loss * len(y)
+            sums["acc"] += c1
+            sums["top5"] += c5
+        if (state.step % check_every == 0 or i + 1 == len(batches)) and nonfinite.item():
+            where = f"step {state.step}" if check_every == 1 else f"one of the steps up to {state.step}"
+            raise NonFiniteLossError(f"the training loss became {loss.item()} at {where} (epoch batch {i + 1})")
         if progress is not None:
             progress.update(1)
-    return {"loss": loss_sum.item() / n, "acc": top1.item() / n, "top5": top5.item() / n}
+        if after_step is not None:
+            after_step(state)
+    return {k: v.item() / n for k, v in sums.items()}
 
 
-def default_run_dir(cfg: Config) -> Path:
-    """``runs/<dataset>-<preset>-<YYYYmmdd-HHMMSS>``."""
-    return Path("runs") / f"{cfg.dataset}-{cfg.preset or 'custom'}-{datetime.now():%Y%m%d-%H%M%S}"
+class StopRequests:
+    """Turns the first SIGINT/SIGTERM into a request to stop after the current step; a second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        self.signum = signum
+
+    @contextmanager
+    def installed(self) -> Iterator[StopRequests]:
+        """Install the handlers for the duration of the block (only possible in the main thread)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
-def prepare_run_dir(path: Path) -> Path:
-    """Create the run directory; refuse one that already holds a run."""
-    if (path / "config.json").exists() or (path / "last.pt").exists():
-        raise ConfigError(f"--out {path} already holds a run; choose another directory")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
-    """Rewrite ``history.csv`` and ``history.jsonl`` with every epoch so far."""
-    with open(run_dir / "history.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(history)
-    with open(run_dir / "history.jsonl", "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in history)
-
-
-def format_epoch(row: dict[str, float], epochs: int, steps: int) -> str:
-    """A Keras-like epoch line: ``Epoch 3/100 - 352/352 - 15s - loss: ... - val_top5-acc: ... - lr: 0.003``."""
-    names = (("loss", "loss"), ("acc", "acc"), ("top5", "top5-acc"))
-    parts = [f"Epoch {int(row['epoch'])}/{epochs}", f"{steps}/{steps}", f"{row['seconds']:.0f}s"]
-    parts += [f"{prefix}{name}: {row[prefix + key]:.4f}" for prefix in ("", "val_") for key, name in names
-              if prefix + key in row]  # fmt: skip
-    parts.append(f"lr: {row['lr']:.4g}")
-    return " - ".join(parts)
-
-
-def train(cfg: Config, dataset: Dataset | None = None) -> Result:
+def train(cfg: Config, dataset: Dataset | None = None, *, resume: bool = False) -> Result:
     """Train a gMLP as ``cfg`` says, evaluate it on the test split, and leave everything in the run directory.
 
     Args:
         cfg: the resolved run configuration.
         dataset: an already loaded dataset (default: load ``cfg.dataset`` from ``cfg.data`` or the cache).
+        resume: continue the run in ``cfg.out`` from its ``last.pt`` (exactly: weights, optimiser, schedules,
+            position in the epoch, every RNG), or start it there if it never saved one.
 
     Returns:
         The run's `Result`.
@@ -225,17 +262,16 @@ def train(cfg: Config, dataset: Dataset | None = None) -> Result:
     Raises:
         ConfigError: options that cannot work with this data or machine.
         DataError: the dataset cannot be loaded.
+        NonFiniteLossError: the loss became NaN or infinite (the last good ``last.pt`` is kept).
+        TrainingInterrupted: SIGINT or SIGTERM; ``last.pt`` was saved at the step where training stopped.
+        CheckpointError: a checkpoint could not be written (the previous one is intact) or resumed.
     """
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    ds = (
-        dataset
-        if dataset is not None
-        else load_dataset(
-            cfg.dataset, cfg.data, download=cfg.download, verify_md5=cfg.verify_md5, progress=cfg.progress
-        )
-    )
+    ds = dataset if dataset is not None else load_dataset(
+        cfg.dataset, cfg.data, download=cfg.download, verify_md5=cfg.verify_md5, progress=cfg.progress
+    )  # fmt: skip
     # Class count and channels are facts of the data, not choices.
     cfg = replace(cfg, model=replace(cfg.model, num_classes=ds.num_classes, in_chans=ds.in_chans))
     images, labels = ds.train.images, ds.train.labels
@@ -244,83 +280,142 @@ def train(cfg: Config, dataset: Dataset | None = None) -> Result:
     n_train = int(math.floor(len(labels) * (1.0 - cfg.val_split)))  # Keras validation_split
     if n_train < 1:
         raise ConfigError(f"no training images left: {len(labels)} images with --val-split {cfg.val_split}")
-    mean, var = channel_stats(images)  # from all training images, validation included (Keras adapt)
 
-    run_dir = prepare_run_dir(Path(cfg.out) if cfg.out else default_run_dir(cfg))
+    if resume:
+        run_dir = Path(cfg.out or "")
+        remove_stale_temps(run_dir)
+        saved = load_checkpoint(run_dir / "last.pt") if (run_dir / "last.pt").exists() else None
+    else:
+        run_dir, saved = prepare_run_dir(Path(cfg.out) if cfg.out else default_run_dir(cfg)), None
     cfg = replace(cfg, out=str(run_dir))
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    write_json(run_dir / "config.json", cfg.to_dict())
 
     torch.manual_seed(cfg.seed)
     model = GMLP(cfg.model)
-    model.set_normalization(mean, var)
+    model.set_normalization(*channel_stats(images))  # all training images, validation included (Keras adapt)
     model.to(device)
     optimizer = build_optimizer(cfg, model)
-    model = maybe_compile(model, cfg)
     plateau = Plateau(optimizer, cfg.plateau_factor, cfg.plateau_patience, cfg.plateau_threshold)
     stopper = EarlyStopping(cfg.early_stop_patience)
     generator = torch.Generator(device).manual_seed(cfg.seed)
+    history: list[dict[str, float]] = []
+    epoch_state: EpochProgress | None = None
+    best_state: dict[str, Tensor] | None = None
+    start_epoch, step = 0, 0
+    if saved is not None:
+        start_epoch, step, history, epoch_state = _restore(saved, model, optimizer, plateau, stopper, generator, device)
+        if (run_dir / "best.pt").exists():
+            best_state = load_checkpoint(run_dir / "best.pt").model_state
+        write_history(run_dir, history)  # a kill between last.pt and history.csv left the CSV one epoch behind
+        log.info("resuming %s at epoch %d, step %d", run_dir, start_epoch + 1, step)
+    model = maybe_compile(model, cfg)
 
     train_x, train_y = images[:n_train].to(device), labels[:n_train].to(device)
     val_x, val_y = images[n_train:].to(device), labels[n_train:].to(device)
     steps = math.ceil(n_train / cfg.batch_size)
     log.info(
         "training %s on %s: %d train / %d validation images, %d steps per epoch, device %s, run dir %s",
-        cfg.preset or "custom config",
-        cfg.dataset,
-        n_train,
-        len(val_y),
-        steps,
-        device,
-        run_dir,
-    )
-    history: list[dict[str, float]] = []
-    best_state: dict[str, Tensor] | None = None
-    stopped = False
-    for epoch in range(cfg.epochs):
-        t0 = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        with tqdm(total=steps, desc=f"epoch {epoch + 1}", leave=False, disable=not cfg.progress) as bar:
-            row: dict[str, float] = {
-                "epoch": epoch + 1,
-                **train_one_epoch(model, optimizer, train_x, train_y, cfg, generator, bar),
-            }
-        if len(val_y):
-            val = evaluate(model, val_x, val_y, batch_size=cfg.eval_batch_size, precision=cfg.precision)
-            row.update({f"val_{k}": v for k, v in val.items()})
-        row.update(lr=lr, seconds=time.perf_counter() - t0)
-        history.append(row)
-        write_history(run_dir, history)
-        monitored = row.get("val_loss", row["loss"])  # Keras monitors val_loss; without validation, the train loss
-        if monitored < stopper.best:
-            best_state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
-            _save(run_dir / "best.pt", cfg, model, ds, epoch + 1, steps * (epoch + 1), row)
-        stopped = stopper.step(monitored, epoch)  # Keras callback order: EarlyStopping, then ReduceLROnPlateau
-        plateau.step(monitored)
+        cfg.preset or "custom config", cfg.dataset, n_train, len(val_y), steps, device, run_dir,
+    )  # fmt: skip
+
+    def save_last(epoch: int, row: dict[str, float] | None, progress: EpochProgress | None) -> None:
         train_state = {
             "optimizer": optimizer.state_dict(),
             "plateau": plateau.state_dict(),
             "early_stopping": stopper.state_dict(),
             "generator": generator.get_state(),
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
             "history": history,
+            "epoch_progress": progress.state_dict() if progress is not None else None,
         }
-        _save(run_dir / "last.pt", cfg, model, ds, epoch + 1, steps * (epoch + 1), row, train_state)
-        log.info(format_epoch(row, cfg.epochs, steps))
-        if stopped:
-            log.info("early stopping: no val_loss improvement for %d epochs", cfg.early_stop_patience)
-            break
+        step_now = progress.step if progress is not None else step
+        _save(run_dir / "last.pt", cfg, model, ds, epoch, step_now, row or {}, train_state)
+
+    stops = StopRequests()
+    stopped = False
+
+    def after_step(progress: EpochProgress) -> None:
+        if stops.signum is not None:
+            save_last(epoch, None, progress)
+            name = signal.Signals(stops.signum).name
+            raise TrainingInterrupted(
+                f"{name}: stopped after step {progress.step}; resume with: gmlp train --resume {run_dir}", stops.signum
+            )
+        if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0 and progress.batch < steps:
+            save_last(epoch, None, progress)
+
+    with stops.installed():
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            if epoch_state is None:
+                epoch_state = EpochProgress(torch.randperm(n_train, device=device, generator=generator), step=step)
+            with tqdm(total=steps, initial=epoch_state.batch, desc=f"epoch {epoch + 1}", leave=False,
+                      disable=not cfg.progress) as bar:  # fmt: skip
+                metrics = train_one_epoch(
+                    model, optimizer, train_x, train_y, cfg, generator, bar, state=epoch_state, after_step=after_step
+                )
+            step, epoch_state = epoch_state.step, None
+            row: dict[str, float] = {"epoch": epoch + 1, **metrics}
+            if len(val_y):
+                val = evaluate(model, val_x, val_y, batch_size=cfg.eval_batch_size, precision=cfg.precision)
+                row.update({f"val_{k}": v for k, v in val.items()})
+            row.update(lr=lr, seconds=time.perf_counter() - t0)
+            history.append(row)
+            monitored = row.get("val_loss", row["loss"])  # Keras monitors val_loss; without validation, the train loss
+            if monitored < stopper.best:
+                best_state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
+                _save(run_dir / "best.pt", cfg, model, ds, epoch + 1, step, row)
+            stopped = stopper.step(monitored, epoch)  # Keras callback order: EarlyStopping, then ReduceLROnPlateau
+            plateau.step(monitored)
+            save_last(epoch + 1, row, None)
+            write_history(run_dir, history)
+            log.info(format_epoch(row, cfg.epochs, steps))
+            if stopped:
+                log.info("early stopping: no val_loss improvement for %d epochs", cfg.early_stop_patience)
+                break
 
     restore = best_state is not None and (cfg.restore_best == "always" or (stopped and cfg.restore_best == "on-stop"))
     if restore:
         unwrap(model).load_state_dict(best_state)
         log.info("restored the weights of the best epoch (%d)", stopper.best_epoch + 1)
-    test = evaluate(model, ds.test.images.to(device), ds.test.labels.to(device), batch_size=cfg.eval_batch_size,
-                    precision=cfg.precision)  # fmt: skip
+    test = evaluate(model, ds.test.images, ds.test.labels, batch_size=cfg.eval_batch_size, precision=cfg.precision)
     final = "best.pt" if restore else "last.pt"
     summary = {"test": test, "final_checkpoint": final, "best_epoch": stopper.best_epoch + 1,
                "stopped_early": stopped, "epochs_run": len(history)}  # fmt: skip
-    (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(run_dir / "results.json", summary)
     return Result(run_dir, history, test, final, stopper.best_epoch + 1, stopped)
+
+
+def _restore(
+    saved: Checkpoint,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    plateau: Plateau,
+    stopper: EarlyStopping,
+    generator: torch.Generator,
+    device: torch.device,
+) -> tuple[int, int, list[dict[str, float]], EpochProgress | None]:
+    """Load a ``last.pt`` into the fresh training objects; returns epoch, step, history and a partial epoch."""
+    ts = saved.train_state
+    try:
+        model.load_state_dict(saved.model_state)
+        optimizer.load_state_dict(ts["optimizer"])
+        plateau.load_state_dict(ts["plateau"])
+        stopper.load_state_dict(ts["early_stopping"])
+        generator.set_state(ts["generator"])
+        torch.set_rng_state(ts["torch_rng"])
+        if ts.get("cuda_rng") and device.type == "cuda":
+            torch.cuda.set_rng_state_all(ts["cuda_rng"])
+        partial = ts.get("epoch_progress")
+        progress = None
+        if partial is not None:
+            sums = {k: v.to(device) for k, v in partial["sums"].items()}
+            progress = EpochProgress(partial["perm"].to(device), int(partial["batch"]), int(partial["step"]), sums)
+        return saved.epoch, saved.step, list(ts["history"]), progress
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"cannot resume from last.pt: {str(e).splitlines()[0]}") from None
 
 
 def _save(
@@ -328,4 +423,8 @@ def _save(
     train_state: dict[str, Any] | None = None,
 ) -> None:  # fmt: skip
     ckpt = Checkpoint(cfg, unwrap(model).state_dict(), ds.classes, epoch, step, metrics, train_state or {})
-    save_checkpoint(path, ckpt)
+    try:
+        save_checkpoint(path, ckpt)
+    except OSError as e:
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+        raise CheckpointError(f"could not write {path}: {e.strerror or e}; {kept}") from None
