@@ -1,16 +1,19 @@
 """Checkpoints: atomic, versioned, self-describing, and loaded without unpickling arbitrary objects.
 
 A checkpoint is one ``torch.save`` file holding only tensors and plain containers: the model's ``state_dict`` (always
-of the unwrapped module), the resolved config as a JSON string, class names, progress counters, metrics, and for
-``last.pt`` the optimiser, schedule and RNG states needed to resume. It is read with ``torch.load(weights_only=True)``,
-so a file crafted to run code on load is refused, and the model is rebuilt from the embedded config alone.
+of the unwrapped module), the resolved config as a JSON string, class names, progress counters, metrics, for
+``last.pt`` the optimiser, schedule and RNG states needed to resume, and a SHA-256 digest of all of it. It is read
+with ``torch.load(weights_only=True)``, so a file crafted to run code on load is refused; a file whose content does not
+match its digest is refused as corrupt; and the model is rebuilt from the embedded config alone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +72,31 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def content_digest(obj: Any, h: Any = None) -> str:
+    """SHA-256 over a checkpoint payload's content: tensors by dtype, shape and bytes; plain values by repr.
+
+    ``torch.load`` checks no checksum (a flipped bit in a weight loads silently), so every checkpoint carries this
+    digest and `load_checkpoint` refuses a file whose content does not match it.
+    """
+    h = h or hashlib.sha256()
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for key in sorted(obj, key=repr):
+            h.update(repr(key).encode())
+            content_digest(obj[key], h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}".encode())
+        for item in obj:
+            content_digest(item, h)
+    else:
+        h.update(repr(obj).encode())
+    return h.hexdigest()
+
+
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
     """Write ``ckpt`` to ``path`` atomically: temp file in the same folder, flush, fsync, rename.
 
@@ -86,6 +114,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
         "metrics": dict(ckpt.metrics),
         "train_state": ckpt.train_state,
     }
+    payload["sha256"] = content_digest(payload)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -110,7 +139,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        raw = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols in damaged files; our error says it
+            warnings.simplefilter("ignore")
+            raw = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe files; all mean "not a usable checkpoint"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot load checkpoint {path}: {reason[:300]}") from None
@@ -118,6 +149,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path} is not a gmlp-vision checkpoint")
     if raw.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {raw.get('version')}; this gmlp-vision reads {VERSION}")
+    digest = raw.pop("sha256", None)
+    if digest != content_digest(raw):
+        raise CheckpointError(f"{path} is corrupt: its content does not match its SHA-256 digest")
     try:
         config = Config.from_dict(json.loads(raw["config"]))
         state = clean_state_dict(raw["model"])
