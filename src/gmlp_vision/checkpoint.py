@@ -82,7 +82,7 @@ def content_digest(obj: Any, h: Any = None) -> str:
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too
     elif isinstance(obj, dict):
         h.update(f"D{len(obj)}".encode())
         for key in sorted(obj, key=repr):
@@ -117,6 +117,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
     payload["sha256"] = content_digest(payload)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; a checkpoint gets the usual file permissions
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
@@ -125,6 +126,12 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
@@ -150,6 +157,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if raw.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {raw.get('version')}; this gmlp-vision reads {VERSION}")
     digest = raw.pop("sha256", None)
+    if digest is None:
+        raise CheckpointError(f"{path} carries no content digest (written by an older gmlp-vision?); cannot trust it")
     if digest != content_digest(raw):
         raise CheckpointError(f"{path} is corrupt: its content does not match its SHA-256 digest")
     try:

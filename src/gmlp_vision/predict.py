@@ -1,45 +1,39 @@
 """Classify image files, PIL images, numpy arrays and tensors with a trained checkpoint.
 
-Every input becomes (C, H, W) uint8-valued pixels with the model's channels, is resized with `augment.resize` (the one
-resize training and evaluation use), batched, and run through the model in eval mode; the model normalises with the
-statistics stored in it, so prediction sees exactly what `evaluate` sees.
-
-Channels: image files and numpy arrays go through Pillow's ``convert``: to ``RGB`` for 3-channel models and ``L`` for
-1-channel models (ITU-R 601-2 luma). An alpha channel is simply dropped, not composited (the colour values stored under
-transparent pixels are kept), as ``PIL.Image.convert`` and torchvision do; palette images with transparency go
-through ``RGBA`` first. Animated GIF/WebP: the first frame. Tensors get the same rules: alpha dropped, gray repeated
-to RGB, RGB to luma with Pillow's weights.
-
-Image files are opened defensively: at most `MAX_IMAGE_PIXELS` pixels (checked from the header, before decoding),
-Pillow's ``DecompressionBombWarning`` turned into an error, truncated files refused; every failure is an `ImageError`
-naming the file.
+Every input becomes (C, H, W) pixels with the model's channels (`gmlp_vision.images`: Pillow conversion, alpha
+dropped, decompression-bomb and truncation checks), is resized with `augment.resize` (the one resize training and
+evaluation use), batched, and run through the model in eval mode; the model normalises with the statistics stored in
+it, so prediction sees exactly what `evaluate` sees.
 """
 
 from __future__ import annotations
 
-import glob
 import json
-import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
 from gmlp_vision.augment import resize
 from gmlp_vision.checkpoint import load_checkpoint
 from gmlp_vision.errors import CheckpointError, ConfigError, ImageError
+from gmlp_vision.images import (
+    IMAGE_EXTENSIONS,
+    MAX_IMAGE_PIXELS,
+    ImageInput,
+    array_to_tensor,
+    expand_inputs,
+    load_image,
+    pil_to_tensor,
+    tensor_images,
+)
 from gmlp_vision.model import GMLP
 from gmlp_vision.train import infer
-
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # 64 Mpx (8192 x 8192): far above any photo we classify at 32 px, far below a bomb
-LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, the weights of Pillow's "L" conversion
-ImageInput = str | Path | Image.Image | np.ndarray | Tensor
 
 
 @dataclass(frozen=True)
@@ -93,124 +87,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
     except (OSError, ValueError, AttributeError) as e:
         raise CheckpointError(f"cannot read {results}: {e}") from None
     return p / str(name)
-
-
-def expand_inputs(args: Iterable[str | Path]) -> list[Path]:
-    """Image files named by ``args``: files as given, folders searched recursively, glob patterns expanded.
-
-    Folders and patterns yield only files with an image extension (`IMAGE_EXTENSIONS`), sorted; a file named
-    explicitly is kept whatever its extension (its content decides). Duplicates are dropped, order kept.
-
-    Raises:
-        ImageError: an argument that is missing or matches no image file.
-    """
-    out: dict[Path, None] = {}
-    for arg in args:
-        text = str(arg)
-        path = Path(text)
-        if path.is_dir():
-            found = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-            if not found:
-                raise ImageError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {path}")
-        elif path.exists():
-            found = [path]
-        elif any(c in text for c in "*?["):
-            matches = (Path(m) for m in sorted(glob.glob(text, recursive=True)))
-            found = [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_EXTENSIONS]
-            if not found:
-                raise ImageError(f"no image files match {text}")
-        else:
-            raise ImageError(f"image not found: {text}")
-        out.update(dict.fromkeys(found))
-    return list(out)
-
-
-def _target_mode(channels: int) -> str:
-    if channels not in (1, 3):
-        raise ImageError(f"a model with {channels} input channels cannot read images (1: grayscale, 3: RGB)")
-    return "L" if channels == 1 else "RGB"
-
-
-def pil_to_tensor(image: Image.Image, channels: int) -> Tensor:
-    """A Pillow image (current frame) as (C, H, W) uint8 with ``channels`` channels (alpha dropped, see module doc)."""
-    mode = _target_mode(channels)
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")  # Pillow wants transparent palettes expanded before dropping alpha
-    if image.mode != mode:
-        image = image.convert(mode)
-    array = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).reshape(image.height, image.width, channels).permute(2, 0, 1)
-
-
-def load_image(path: str | Path, channels: int = 3, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Tensor:
-    """Read an image file (first frame) as (C, H, W) uint8 with ``channels`` channels.
-
-    Args:
-        path: any format Pillow reads (PNG, JPEG, WebP, BMP, GIF, TIFF, ...), recognised by content.
-        channels: 3 for RGB, 1 for grayscale.
-        max_pixels: refuse images whose header declares more pixels than this, before decoding them.
-
-    Raises:
-        ImageError: missing, not an image, truncated or corrupt, or too large; the message names the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ImageError(f"image not found: {path}" if not path.exists() else f"{path} is not a file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                if image.width * image.height > max_pixels:
-                    raise ImageError(
-                        f"{path}: {image.width}x{image.height} is more than {max_pixels:,d} pixels "
-                        "(refused as a possible decompression bomb)"
-                    )
-                image.seek(0)
-                return pil_to_tensor(image, channels)
-    except ImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{path}: refused as a possible decompression bomb ({e})") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{path} is not an image file Pillow can read") from None
-    except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, ValueError, struct.error...: all "corrupt"
-        raise ImageError(f"cannot read image {path}: {e or type(e).__name__}") from None
-
-
-def array_to_tensor(array: np.ndarray, channels: int) -> Tensor:
-    """A uint8 numpy image, (H, W) grayscale or (H, W, C) with C in 1, 3, 4, as (C, H, W) uint8 via Pillow."""
-    ok_shape = array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4))
-    if array.dtype != np.uint8 or not ok_shape:
-        raise ImageError(
-            f"numpy images must be uint8 (H, W) or (H, W, C) with C in 1, 3, 4; got {array.dtype} {array.shape}"
-        )
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[:, :, 0]
-    return pil_to_tensor(Image.fromarray(np.ascontiguousarray(array)), channels)
-
-
-def tensor_images(images: Tensor, channels: int) -> list[Tensor]:
-    """A (C, H, W) or (B, C, H, W) tensor of 0..255 pixels (C in 1, 3, 4) as a list of (channels, H, W) tensors.
-
-    Raises:
-        ImageError: another shape or dtype, or float pixels that look scaled to 0..1.
-    """
-    x = images[None] if images.ndim == 3 else images
-    if x.ndim != 4 or x.shape[1] not in (1, 3, 4) or not (x.dtype == torch.uint8 or x.is_floating_point()):
-        raise ImageError(
-            f"tensor images must be (C, H, W) or (B, C, H, W), C in 1, 3, 4, uint8 or float 0..255; "
-            f"got {x.dtype} {tuple(images.shape)} (numpy arrays are (H, W, C))"
-        )
-    if x.is_floating_point() and x.numel() and x.max() <= 1.0 and bool((x != x.round()).any()):
-        raise ImageError("float tensor images must hold raw 0..255 pixels; these look scaled to 0..1 (multiply by 255)")
-    _target_mode(channels)
-    x = x[:, :3]  # alpha dropped, as for files
-    if x.shape[1] == 1 and channels == 3:
-        x = x.expand(-1, 3, -1, -1)
-    elif x.shape[1] == 3 and channels == 1:
-        weights = torch.tensor(LUMA, device=x.device)[:, None, None]
-        x = (x.float() * weights).sum(dim=1, keepdim=True)
-    return list(x)
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -324,3 +200,16 @@ class Classifier:
             )
             for (src, _), v, ix in zip(flat, values.tolist(), indices.tolist(), strict=True)
         ]
+
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
+    "ClassScore",
+    "Classifier",
+    "ImageInput",
+    "Prediction",
+    "expand_inputs",
+    "load_image",
+    "resolve_checkpoint",
+]

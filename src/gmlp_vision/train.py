@@ -385,6 +385,10 @@ def train(cfg: Config, dataset: Dataset | None = None, *, resume: bool = False) 
     summary = {"test": test, "final_checkpoint": final, "best_epoch": stopper.best_epoch + 1,
                "stopped_early": stopped, "epochs_run": len(history)}  # fmt: skip
     write_json(run_dir / "results.json", summary)
+    from gmlp_vision.report import write_report  # report uses infer() from here: imported at use, not at load
+
+    write_report(run_dir, unwrap(model), ds.test.images, ds.test.labels, ds.classes,
+                 batch_size=cfg.eval_batch_size, precision=cfg.precision)  # fmt: skip
     return Result(run_dir, history, test, final, stopper.best_epoch + 1, stopped)
 
 

@@ -1,0 +1,162 @@
+"""The ``gmlp predict``, ``gmlp export`` and ``gmlp report`` subcommands: part of the CLI shell in `cli.py`.
+
+Like `cli.py`, this module only parses, calls the library and prints; errors propagate to `cli.main`, which turns them
+into one-line messages and exit codes. Library imports are inside the commands, so ``gmlp --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gmlp_vision.errors import ConfigError
+
+CHECK_IMAGES = 64  # random images the export check compares on
+
+
+def positive_int(text: str) -> int:
+    """Argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _test_split(ckpt: Any, args: argparse.Namespace) -> Any:
+    """The dataset a checkpoint was trained on (``--dataset``/``--data`` override), checked against its model."""
+    from gmlp_vision.data import load_dataset
+
+    cfg = ckpt.config
+    dataset = args.dataset or cfg.dataset
+    data = args.data if args.data is not None else (cfg.data if dataset == cfg.dataset else None)
+    ds = load_dataset(dataset, data, download=args.download, progress=not args.quiet)
+    if ds.num_classes != cfg.model.num_classes or ds.in_chans != cfg.model.in_chans:
+        raise ConfigError(
+            f"the checkpoint's model has {cfg.model.num_classes} classes and {cfg.model.in_chans} channels; "
+            f"{dataset} has {ds.num_classes} and {ds.in_chans}"
+        )
+    return ds
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from gmlp_vision.predict import Classifier, expand_inputs
+    from gmlp_vision.train import resolve_device
+
+    classifier = Classifier.from_checkpoint(args.checkpoint, resolve_device(args.device), batch_size=args.batch_size)
+    files = expand_inputs(args.images)
+    # A batch at a time, so results appear while a large folder is still being read.
+    for start in range(0, len(files), args.batch_size):
+        for pred in classifier.predict(files[start : start + args.batch_size], top_k=args.top_k):
+            if args.json:
+                print(json.dumps(pred.to_dict()), flush=True)
+            else:
+                scores = ", ".join(f"{s.name} {100 * s.probability:.1f}%" for s in pred.top_k)
+                print(f"{pred.source}: {scores}", flush=True)
+    return 0
+
+
+def _mb(path: Path) -> str:
+    return f"{path.stat().st_size / 1e6:.2f} MB"
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from gmlp_vision import export
+    from gmlp_vision.checkpoint import load_checkpoint
+    from gmlp_vision.predict import resolve_checkpoint
+
+    if args.quantize and args.format != "onnx":
+        raise ConfigError("--quantize int8 applies to --format onnx only")
+    ckpt_path = resolve_checkpoint(args.checkpoint)
+    ckpt = load_checkpoint(ckpt_path)
+    model = ckpt.build_model("cpu")
+    mc = model.cfg
+    images = torch.randint(0, 256, (CHECK_IMAGES, mc.in_chans, mc.image_size, mc.image_size),
+                           generator=torch.Generator().manual_seed(0), dtype=torch.uint8)  # fmt: skip
+    if args.format == "safetensors":
+        out_dir = Path(args.out) if args.out else export.default_export_dir(ckpt_path)
+        weights = export.export_safetensors(ckpt_path, out_dir)
+        print(f"wrote {weights} ({_mb(weights)}) and {out_dir / 'config.json'}")
+        if args.check:
+            with torch.no_grad():
+                diff = (export.load_safetensors(out_dir)(images.float()) - model(images.float())).abs().max().item()
+            print(f"check: reloaded weights vs the checkpoint on {CHECK_IMAGES} random images: max abs logit "
+                  f"difference {diff:.3g}")  # fmt: skip
+            if diff != 0.0:
+                raise export.ExportError(f"{weights} does not reproduce the checkpoint's logits exactly")
+        return 0
+
+    out = Path(args.out) if args.out else export.default_export_dir(ckpt_path) / "model.onnx"
+    export.export_onnx(ckpt_path, out, opset=args.opset)
+    shape = f"(B, {mc.in_chans}, {mc.image_size}, {mc.image_size})"
+    print(f"wrote {out} ({_mb(out)}): input 'pixels' float32 {shape} raw 0..255, output 'logits' (B, {mc.num_classes})")
+    if args.check:
+        diff = export.check_onnx(out, model, images)
+        print(f"check: onnxruntime vs PyTorch on {CHECK_IMAGES} random images: max abs logit difference {diff:.3g} "
+              "(limit 1e-4)")  # fmt: skip
+    if args.quantize:
+        quantized = export.quantize_onnx(out, out.with_name(f"{out.stem}.int8.onnx"))
+        print(f"wrote {quantized} ({_mb(quantized)}): int8 weights, dynamic activation quantisation, for CPU")
+        if args.check:
+            diff = export.check_onnx(quantized, model, images, atol=None)
+            print(f"check: int8 vs PyTorch fp32: max abs logit difference {diff:.3g} (quantisation error, no limit; "
+                  "accuracy: benchmarks/bench_export.py)")  # fmt: skip
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from gmlp_vision.checkpoint import load_checkpoint
+    from gmlp_vision.predict import resolve_checkpoint
+    from gmlp_vision.report import evaluation_report, plot_history
+    from gmlp_vision.train import resolve_device
+
+    run_dir = Path(args.run_dir)
+    written = plot_history(run_dir)
+    for path in written:
+        print(f"wrote {path}")
+    if not args.evaluate:
+        return 0
+    ckpt = load_checkpoint(resolve_checkpoint(run_dir))
+    ds = _test_split(ckpt, args)
+    model = ckpt.build_model(resolve_device(args.device))
+    for path in evaluation_report(run_dir, model, ds.test.images, ds.test.labels, ckpt.classes,
+                                  batch_size=args.batch_size, precision=ckpt.config.precision):  # fmt: skip
+        print(f"wrote {path}")
+    return 0
+
+
+def add_commands(sub: Any, dataset_names: Sequence[str]) -> None:
+    """Add ``predict``, ``export`` and ``report`` to the ``gmlp`` subparsers."""
+    p = sub.add_parser("predict", help="classify image files with a trained model")
+    p.add_argument("checkpoint", help="checkpoint file (best.pt, last.pt) or run directory")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (searched recursively), globs")
+    p.add_argument("--top-k", type=positive_int, default=5, help="classes shown per image (default: 5)")
+    p.add_argument("--json", action="store_true", help="one JSON object per image and line")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default: 64)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="export a trained model to ONNX (optionally int8) or safetensors")
+    p.add_argument("checkpoint", help="checkpoint file (best.pt, last.pt) or run directory")
+    p.add_argument("--format", choices=("onnx", "safetensors"), default="onnx", help="default: onnx")
+    p.add_argument("--out", help="ONNX file or safetensors folder (default: export/ beside the checkpoint)")
+    p.add_argument("--quantize", choices=("int8",), help="also write MODEL.int8.onnx, dynamically quantised for CPU")
+    p.add_argument("--check", action="store_true", help=f"compare with PyTorch on {CHECK_IMAGES} random images")
+    p.add_argument("--opset", type=positive_int, default=17, help="ONNX opset (default: 17)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("report", help="draw a run's plots: training curves and test-set evaluation, in RUN_DIR/plots")
+    p.add_argument("run_dir", help="the run directory")
+    p.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
+                   help="also classify the test split: confusion matrix, per-class accuracy, mistakes")  # fmt: skip
+    p.add_argument("--dataset", choices=tuple(dataset_names), help="dataset (default: the one it was trained on)")
+    p.add_argument("--data", help="local archive or folder (default: the training run's, or the cache)")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True, help="download if missing")
+    p.add_argument("--batch-size", type=positive_int, default=500, help="images per batch (default: 500)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--quiet", action="store_true", help="no download progress bar")
+    p.set_defaults(func=_cmd_report)
