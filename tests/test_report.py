@@ -95,6 +95,10 @@ def test_cli_report_end_to_end(tmp_path, cifar10_archive, capsys):
             "--val-split", "0.2", "--out", str(run), "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     capsys.readouterr()
+    # Training writes the whole report itself; `gmlp report` rebuilds it.
+    assert sorted(p.name for p in (run / "plots").iterdir()) == sorted(HISTORY_PLOTS + EVAL_FILES)
+    for p in (run / "plots").iterdir():
+        p.unlink()
     assert main(["report", str(run), "--no-evaluate"]) == 0
     assert capsys.readouterr().out.count("wrote ") == len(HISTORY_PLOTS)
     assert sorted(p.name for p in (run / "plots").iterdir()) == sorted(HISTORY_PLOTS)
@@ -121,3 +125,13 @@ def test_tensorboard_logger(tmp_path, monkeypatch):
     with TensorBoardLogger(tmp_path) as logger:
         logger.log_epoch({"epoch": 1, "loss": 2.0, "val_loss": 1.9, "acc": 0.3, "lr": 0.003, "seconds": 1.0})
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_train_logs_to_tensorboard_when_asked(tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    from gmlp_vision.train import train
+    from synthetic import make_dataset
+
+    cfg = from_preset("tiny", epochs=1, progress=False, out=str(tmp_path / "run"), tensorboard=True, threads=1)
+    train(cfg, make_dataset(n_train=64, n_test=16))
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))

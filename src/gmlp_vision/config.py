@@ -136,6 +136,7 @@ class Config:
     out: str | None = _f(None, "run directory (default: runs/<dataset>-<preset>-<time>)")
     checkpoint_every: int = _f(0, "also save a resumable last.pt every N optimiser steps within an epoch (0: off)")
     progress: bool = _f(True, "show a progress bar during each epoch")
+    tensorboard: bool = _f(False, "also log every epoch's metrics to RUN_DIR/tensorboard (needs the tensorboard extra)")
 
     def __post_init__(self) -> None:
         _check_choices(self)

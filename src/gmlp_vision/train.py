@@ -334,6 +334,11 @@ def train(cfg: Config, dataset: Dataset | None = None, *, resume: bool = False) 
 
     stops = StopRequests()
     stopped = False
+    board = None
+    if cfg.tensorboard:
+        from gmlp_vision.report import TensorBoardLogger  # optional extra, imported only when asked for
+
+        board = TensorBoardLogger(run_dir)
 
     def after_step(progress: EpochProgress) -> None:
         if stops.signum is not None:
@@ -371,11 +376,15 @@ def train(cfg: Config, dataset: Dataset | None = None, *, resume: bool = False) 
             plateau.step(monitored)
             save_last(epoch + 1, row, None)
             write_history(run_dir, history)
+            if board is not None:
+                board.log_epoch(row)
             log.info(format_epoch(row, cfg.epochs, steps))
             if stopped:
                 log.info("early stopping: no val_loss improvement for %d epochs", cfg.early_stop_patience)
                 break
 
+    if board is not None:
+        board.close()
     restore = best_state is not None and (cfg.restore_best == "always" or (stopped and cfg.restore_best == "on-stop"))
     if restore:
         unwrap(model).load_state_dict(best_state)
