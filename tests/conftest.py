@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from archives import FakeCifar, make_cifar, write_tar
 
@@ -31,3 +32,12 @@ def cifar10_archive(tmp_path: Path, fake_cifar10: FakeCifar) -> Path:
 def cifar100_archive(tmp_path: Path, fake_cifar100: FakeCifar) -> Path:
     """``fake_cifar100`` written as ``cifar-100-python.tar.gz`` under ``tmp_path``."""
     return write_tar(tmp_path / fake_cifar100.archive, fake_cifar100.files())
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One CPU thread: on a busy 2-core machine, 2 OpenMP threads can stall a tiny model's steps 10-100x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

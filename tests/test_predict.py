@@ -23,13 +23,7 @@ from synthetic import make_dataset
 REAL_CIFAR10 = Path(__file__).parents[1].parent / "shared" / "data" / "cifar-10-python.tar.gz"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One CPU thread: on a busy 2-core machine, 2 OpenMP threads can stall a tiny model's steps 10-100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,7 @@ HISTORY_PLOTS = ("loss.png", "accuracy.png", "lr.png")
 EVAL_FILES = ("confusion.png", "confused_pairs.csv", "per_class_accuracy.png", "per_class.csv", "misclassified.png")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One CPU thread: on a busy 2-core machine, 2 OpenMP threads can stall a tiny model's steps 10-100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def check_png(path: Path, min_width: int = 400, min_height: int = 250) -> tuple[int, int]:

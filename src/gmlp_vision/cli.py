@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from gmlp_vision import __version__
-from gmlp_vision.cli_tools import add_commands
+from gmlp_vision.cli_tools import add_commands, checkpoint_dataset
 from gmlp_vision.config import (
     DATASET_PRESET,
     PRESET_HELP,
@@ -62,20 +62,13 @@ def resolve_checkpoint(path: str) -> Path:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from gmlp_vision.checkpoint import load_checkpoint
-    from gmlp_vision.data import load_dataset
     from gmlp_vision.train import evaluate, resolve_device
 
     device = resolve_device(args.device)
     ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
     cfg = ckpt.config
-    dataset = args.dataset or cfg.dataset
-    data = args.data if args.data is not None else (cfg.data if dataset == cfg.dataset else None)
-    ds = load_dataset(dataset, data, download=args.download, progress=not args.quiet)
-    if ds.num_classes != cfg.model.num_classes or ds.in_chans != cfg.model.in_chans:
-        raise ConfigError(
-            f"the checkpoint's model has {cfg.model.num_classes} classes and {cfg.model.in_chans} channels; "
-            f"{dataset} has {ds.num_classes} and {ds.in_chans}"
-        )
+    ds = checkpoint_dataset(ckpt, args)
+    dataset = ds.name
     model = ckpt.build_model(device)
     metrics = evaluate(model, ds.test.images, ds.test.labels, batch_size=args.batch_size, precision=cfg.precision)
     if args.json:

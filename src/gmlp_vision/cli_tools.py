@@ -27,7 +27,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _test_split(ckpt: Any, args: argparse.Namespace) -> Any:
+def checkpoint_dataset(ckpt: Any, args: argparse.Namespace) -> Any:
     """The dataset a checkpoint was trained on (``--dataset``/``--data`` override), checked against its model."""
     from gmlp_vision.data import load_dataset
 
@@ -121,7 +121,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if not args.evaluate:
         return 0
     ckpt = load_checkpoint(resolve_checkpoint(run_dir))
-    ds = _test_split(ckpt, args)
+    ds = checkpoint_dataset(ckpt, args)
     model = ckpt.build_model(resolve_device(args.device))
     for path in evaluation_report(run_dir, model, ds.test.images, ds.test.labels, ckpt.classes,
                                   batch_size=args.batch_size, precision=ckpt.config.precision):  # fmt: skip
