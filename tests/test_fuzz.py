@@ -18,7 +18,8 @@ from archives import make_cifar, py2_pickle, write_folder, write_tar
 from gmlp_vision.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from gmlp_vision.config import from_preset
 from gmlp_vision.data import load_dataset
-from gmlp_vision.errors import CheckpointError, DataError, GmlpError
+from gmlp_vision.errors import CheckpointError, DataError, GmlpError, ImageError
+from gmlp_vision.images import load_image
 from gmlp_vision.model import GMLP
 
 EXAMPLES = int(os.environ.get("GMLP_FUZZ_EXAMPLES", "60"))
@@ -105,6 +106,48 @@ def check_pickle(blob: bytes) -> None:
         assert int(ds.train.labels.min()) >= 0 and int(ds.train.labels.max()) < 10
 
 
+def _image_bytes(fmt: str) -> tuple[bytes, torch.Tensor]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (12, 9, 3), dtype=np.uint8))
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / f"x.{fmt}"
+        image.save(path)
+        return path.read_bytes(), load_image(path)
+
+
+IMAGES = {fmt: _image_bytes(fmt) for fmt in ("png", "jpg")}
+
+
+def check_image(blob: bytes, fmt: str) -> None:
+    """A damaged image decodes (JPEG has no checksum: then to a well-formed tensor) or raises ImageError."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / f"x.{fmt}"
+        path.write_bytes(blob)
+        try:
+            img = load_image(path)
+        except ImageError:
+            return
+        assert img.dtype == torch.uint8 and img.dim() == 3 and img.shape[0] == 3
+        if fmt == "png":  # PNG chunks carry CRCs: what decodes is the original
+            assert torch.equal(img, IMAGES[fmt][1])
+
+
+@common
+@given(st.sampled_from(sorted(IMAGES)).flatmap(lambda fmt: st.tuples(st.just(fmt), damaged(IMAGES[fmt][0]))))
+def test_damaged_images_decode_well_formed_or_raise_image_error(case):
+    fmt, blob = case
+    check_image(blob, fmt)
+
+
+@pytest.mark.fuzz_long
+@long
+@given(st.sampled_from(sorted(IMAGES)).flatmap(lambda fmt: st.tuples(st.just(fmt), damaged(IMAGES[fmt][0]))))
+def test_long_images(case):
+    check_image(case[1], case[0])
+
+
 @common
 @given(damaged(CKPT))
 def test_damaged_checkpoints_load_exactly_or_raise_checkpoint_error(blob):
@@ -134,6 +177,8 @@ def test_arbitrary_pickled_structures_are_refused_cleanly(obj):
 def test_the_fuzzers_start_from_valid_files():
     check_checkpoint(CKPT)
     check_archive(ARCHIVE)
+    for fmt, (blob, _) in IMAGES.items():
+        check_image(blob, fmt)
     assert issubclass(CheckpointError, GmlpError) and issubclass(DataError, GmlpError)
 
 
