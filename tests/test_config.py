@@ -96,6 +96,9 @@ def test_bad_config_file(tmp_path):
         parse(["--config", str(bad)])
     with pytest.raises(ConfigError, match="cannot read config file"):
         parse(["--config", str(tmp_path / "missing.json")])
+    bad.write_text(json.dumps({"model": 5}))
+    with pytest.raises(ConfigError, match="'model' must hold an object"):
+        parse(["--config", str(bad)])
 
 
 def test_derived_values_are_properties():

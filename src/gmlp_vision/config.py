@@ -164,9 +164,7 @@ class Config:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:
         """Build from a nested (config.json) or flat dict; unknown keys are an error."""
-        flat = dict(values)
-        flat.update(flat.pop("model", None) or {})
-        return _from_flat(flat)
+        return _from_flat(_flatten(values))
 
 
 # A preset is a short list of overrides; the comment says why.
@@ -259,6 +257,15 @@ def _check_choices(obj: Any) -> None:
             raise ConfigError(f"{_flag(f.name)} must be one of {', '.join(choices)}, got {getattr(obj, f.name)!r}")
 
 
+def _flatten(values: dict[str, Any]) -> dict[str, Any]:
+    """Nested config values (``{"model": {...}, ...}``) as one flat dict; flat input passes through."""
+    flat = dict(values)
+    model = flat.pop("model", None) or {}
+    if not isinstance(model, dict):
+        raise ConfigError(f"config key 'model' must hold an object, got {type(model).__name__}")
+    return {**flat, **model}
+
+
 def _from_flat(flat: dict[str, Any]) -> Config:
     unknown = set(flat) - set(_MODEL_FIELDS) - set(_RUN_FIELDS)
     if unknown:
@@ -341,9 +348,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {e}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a JSON object")
-    flat = dict(values)
-    flat.update(flat.pop("model", None) or {})
-    return flat
+    return _flatten(values)
 
 
 def to_flags(cfg: Config) -> list[str]:
