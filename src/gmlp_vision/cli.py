@@ -26,9 +26,11 @@ from gmlp_vision.config import (
     config_from_args,
     explicit_values,
 )
+from gmlp_vision.data import DATASETS
 from gmlp_vision.errors import ConfigError, GmlpError, TrainingInterrupted
 
-# Classes and channels of each dataset, so `gmlp info --preset seed` shows the model the tutorial trains.
+# Classes and channels of each built-in dataset, so `gmlp info --preset seed` shows the model the tutorial trains
+# (a folder dataset's classes are known only from its data: info then shows the config's own values).
 DATASET_SHAPES = {"cifar10": (10, 3), "cifar100": (100, 3), "digits": (10, 1)}
 
 
@@ -103,7 +105,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         model, source = ckpt.build_model(), f"checkpoint {args.checkpoint} (epoch {ckpt.epoch}, step {ckpt.step})"
     else:
         cfg = config_from_args(args)
-        classes, chans = DATASET_SHAPES[cfg.dataset]
+        classes, chans = DATASET_SHAPES.get(cfg.dataset, (cfg.model.num_classes, cfg.model.in_chans))
         cfg = replace(cfg, model=replace(cfg.model, num_classes=classes, in_chans=chans))
         model, source = GMLP(cfg.model), f"preset {cfg.preset} for {cfg.dataset}"
     mc = model.cfg
@@ -141,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="test top-1 and top-5 accuracy of a checkpoint")
     p.add_argument("checkpoint", help="checkpoint file (best.pt, last.pt) or run directory")
-    p.add_argument("--dataset", choices=tuple(DATASET_SHAPES), help="dataset (default: the one it was trained on)")
+    p.add_argument("--dataset", choices=DATASETS, help="dataset (default: the one it was trained on)")
     p.add_argument("--data", help="local archive or folder (default: the training run's, or the cache)")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True, help="download if missing")
     p.add_argument("--batch-size", type=int, default=500, help="images per batch (default: 500)")
@@ -159,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p)
     p.set_defaults(func=_cmd_info)
 
-    add_commands(sub, tuple(DATASET_SHAPES))  # predict, export, report (cli_tools.py)
+    add_commands(sub, DATASETS)  # predict, export, report (cli_tools.py)
     return parser
 
 

@@ -93,12 +93,17 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     preset: str | None = _f(None, "preset the values started from (recorded; set with --preset)")
     # Data.
-    dataset: str = _f("cifar100", "dataset", ("cifar10", "cifar100", "digits"))
+    dataset: str = _f(
+        "cifar100",
+        "dataset; folder: --data DIR with train/ and val/ (or test/) class folders",
+        ("cifar10", "cifar100", "digits", "folder"),
+    )
     data: str | None = _f(
         None, "local archive (.tar.gz) or extracted folder; default: the cache, downloading if needed"
     )
     download: bool = _f(True, "download the official archive into the cache when it is missing")
     verify_md5: bool = _f(False, "check a local archive against the official md5 sum")
+    skip_bad_images: bool = _f(False, "folder datasets: leave out unreadable image files (logged) instead of failing")
     train_limit: int = _f(0, "use only the first N training images, before the validation split (0: all)")
     val_split: float = _f(0.1, "fraction of the training images held out for validation: the LAST ones (Keras)")
     # Augmentation (training only, batched on the training device).
@@ -240,7 +245,7 @@ PRESET_HELP: dict[str, str] = {
 }
 
 # The preset a dataset gets when --dataset is given and --preset is not.
-DATASET_PRESET: dict[str, str] = {"cifar10": "seed", "cifar100": "seed", "digits": "digits"}
+DATASET_PRESET: dict[str, str] = {"cifar10": "seed", "cifar100": "seed", "digits": "digits", "folder": "seed"}
 
 _MODEL_FIELDS = tuple(f.name for f in fields(ModelConfig))
 _RUN_FIELDS = tuple(f.name for f in fields(Config) if f.name != "model")

@@ -40,7 +40,7 @@ from gmlp_vision.errors import DataError
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("cifar10", "cifar100", "digits")
+DATASETS = ("cifar10", "cifar100", "digits", "folder")
 _MAX_MEMBER = 1 << 30  # the largest official member is ~155 MB: anything over 1 GB is not CIFAR
 _CHUNK = 1 << 20
 _URL = "https://www.cs.toronto.edu/~kriz/"
@@ -128,6 +128,8 @@ def load_dataset(
     verify_md5: bool = False,
     cache_dir: Path | None = None,
     progress: bool = True,
+    image_size: int = 32,
+    skip_bad: bool = False,
 ) -> Dataset:
     """Load a dataset into memory.
 
@@ -135,10 +137,13 @@ def load_dataset(
         name: One of ``DATASETS``.
         path: CIFAR: the official ``.tar.gz``, its extracted folder, or a folder holding either. digits: optionally a
             ``digits.csv(.gz)`` in scikit-learn's format. None: the archive in the cache dir, or scikit-learn's file.
+            folder: the folder holding ``train/`` and ``val/`` or ``test/`` class folders (required).
         download: Download a CIFAR archive missing from the cache dir (used only when ``path`` is None).
         verify_md5: Check a CIFAR ``.tar.gz`` against the official md5 sum.
         cache_dir: Where archives are looked for and downloaded to; default ``default_cache_dir()``.
-        progress: Show a download progress bar on stderr.
+        progress: Show a download (or decoding) progress bar on stderr.
+        image_size: folder: the side images are resized to (CIFAR and digits keep their own size).
+        skip_bad: folder: leave out unreadable images instead of failing (`folders.load_image_folder`).
 
     Returns:
         The dataset, both splits as uint8 image and int64 label tensors.
@@ -147,6 +152,12 @@ def load_dataset(
         DataError: An unknown name; missing, corrupt, hostile or wrong-kind data; a failed download.
     """
     key = name.lower()
+    if key == "folder":
+        if path is None:
+            raise DataError("--dataset folder needs --data DIR (a folder with train/ and val/ or test/)")
+        from gmlp_vision.folders import load_image_folder  # folders.py builds on this module
+
+        return load_image_folder(path, image_size, cache_dir=cache_dir, skip_bad=skip_bad, progress=progress)
     if key == "digits":
         return _load_digits(_digits_file() if path is None else Path(path).expanduser())
     if key not in _LAYOUTS:

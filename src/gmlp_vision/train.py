@@ -270,7 +270,8 @@ def train(cfg: Config, dataset: Dataset | None = None, *, resume: bool = False) 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ds = dataset if dataset is not None else load_dataset(
-        cfg.dataset, cfg.data, download=cfg.download, verify_md5=cfg.verify_md5, progress=cfg.progress
+        cfg.dataset, cfg.data, download=cfg.download, verify_md5=cfg.verify_md5, progress=cfg.progress,
+        image_size=cfg.model.image_size, skip_bad=cfg.skip_bad_images,
     )  # fmt: skip
     # Class count and channels are facts of the data, not choices.
     cfg = replace(cfg, model=replace(cfg.model, num_classes=ds.num_classes, in_chans=ds.in_chans))
