@@ -200,7 +200,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         early_stop_patience=10,
         restore_best="on-stop",
         precision="fp32",
-    ),  # fmt: skip
+    ),
     # The embedded 8x8 digits: patch 2 gives 16 tokens; no flip (a mirrored digit is another symbol), mild zoom;
     # the paper's block otherwise. Reaches >= 90 % test top-1 in well under a minute on 2 CPU cores.
     "digits": dict(
@@ -221,7 +221,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         plateau_patience=5,
         early_stop_patience=10,
         restore_best="always",
-    ),  # fmt: skip
+    ),
     # For tests: a very small model that still exercises every part (both block forms come from the flags).
     "tiny": dict(
         image_size=32,
@@ -235,7 +235,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         epochs=2,
         batch_size=32,
         lr=3e-3,
-    ),  # fmt: skip
+    ),
 }
 
 PRESET_HELP: dict[str, str] = {
