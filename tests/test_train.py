@@ -75,7 +75,7 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
     ckpt = load_checkpoint(result.run_dir / "last.pt")
     model = ckpt.build_model()
     assert ckpt.classes == ds.classes and ckpt.epoch == 1 and ckpt.step == 8
-    assert {"optimizer", "plateau", "early_stopping", "generator"} <= set(ckpt.train_state)
+    assert {"optimizer", "plateau", "early_stopping", "order_generator", "ranks"} <= set(ckpt.train_state)
     again = load_checkpoint(result.run_dir / "last.pt").build_model()
     x = ds.test.images[:16]
     with torch.no_grad():

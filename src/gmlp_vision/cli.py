@@ -27,6 +27,7 @@ from gmlp_vision.config import (
     explicit_values,
 )
 from gmlp_vision.data import DATASETS
+from gmlp_vision.distributed import launched
 from gmlp_vision.errors import ConfigError, GmlpError, TrainingInterrupted
 
 # Classes and channels of each built-in dataset, so `gmlp info --preset seed` shows the model the tutorial trains
@@ -47,8 +48,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         result = train(cfg, resume=bool(args.resume))
     except TrainingInterrupted as e:
-        print(f"gmlp: {e}", file=sys.stderr)
+        if launched().main:
+            print(f"gmlp: {e}", file=sys.stderr)
         return 128 + e.signum  # what shells expect: 130 for SIGINT, 143 for SIGTERM
+    if not launched().main:
+        return 0
     print(f"Test accuracy: {100 * result.test['acc']:.2f}%")
     print(f"Test top 5 accuracy: {100 * result.test['top5']:.2f}%")
     print(f"run directory: {result.run_dir} (final weights: {result.final_checkpoint})")
@@ -64,7 +68,8 @@ def resolve_checkpoint(path: str) -> Path:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from gmlp_vision.checkpoint import load_checkpoint
-    from gmlp_vision.train import evaluate, resolve_device
+    from gmlp_vision.distributed import resolve_device
+    from gmlp_vision.train import evaluate
 
     device = resolve_device(args.device)
     ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
@@ -172,14 +177,17 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse: 0 for --help/--version, 2 for usage errors (it already printed why)
         return int(e.code or 0)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+    rank = launched().rank  # under torchrun only rank 0 logs; every rank reports its own errors
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s",
+                        stream=sys.stdout, force=True)  # fmt: skip
+    prog = "gmlp" if rank == 0 else f"gmlp [rank {rank}]"
     try:
         return args.func(args)
     except ConfigError as e:
-        print(f"gmlp: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except (GmlpError, OSError) as e:
-        print(f"gmlp: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("gmlp: interrupted", file=sys.stderr)

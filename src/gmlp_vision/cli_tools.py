@@ -44,8 +44,8 @@ def checkpoint_dataset(ckpt: Any, args: argparse.Namespace) -> Any:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from gmlp_vision.distributed import resolve_device
     from gmlp_vision.predict import Classifier, expand_inputs
-    from gmlp_vision.train import resolve_device
 
     classifier = Classifier.from_checkpoint(args.checkpoint, resolve_device(args.device), batch_size=args.batch_size)
     files = expand_inputs(args.images)
@@ -110,9 +110,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from gmlp_vision.checkpoint import load_checkpoint
+    from gmlp_vision.distributed import resolve_device
     from gmlp_vision.predict import resolve_checkpoint
     from gmlp_vision.report import evaluation_report, plot_history
-    from gmlp_vision.train import resolve_device
 
     run_dir = Path(args.run_dir)
     written = plot_history(run_dir)

@@ -111,7 +111,12 @@ class Config:
     zoom: float = _f(0.2, "random zoom: per image and axis a factor from U(1-zoom, 1+zoom); 0 turns it off")
     # Optimisation.
     epochs: int = _f(100, "maximum number of epochs")
-    batch_size: int = _f(128, "images per optimiser step (the last smaller batch is kept)")
+    batch_size: int = _f(
+        128, "images per optimiser step over all processes (the global batch; the last smaller batch is kept)"
+    )
+    accum_steps: int = _f(
+        1, "split each process's share of a batch into N micro-batches whose gradients add up (same step, less memory)"
+    )
     lr: float = _f(3e-3, "learning rate")
     weight_decay: float = _f(1e-4, "weight decay")
     optimizer: str = _f(
@@ -147,7 +152,7 @@ class Config:
         _check_choices(self)
         if not 0.0 <= self.val_split < 1.0:
             raise ConfigError(f"--val-split must be in [0, 1), got {self.val_split}")
-        for name in ("epochs", "batch_size", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "accum_steps", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_flag(name)} must be a positive integer, got {getattr(self, name)}")
         for name in ("train_limit", "plateau_patience", "early_stop_patience", "threads", "checkpoint_every"):

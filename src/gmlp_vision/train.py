@@ -9,26 +9,30 @@ when the monitored loss improved, ``last.pt`` always, then the early-stopping an
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from gmlp_vision.augment import augment_batch, resize
 from gmlp_vision.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, unwrap
 from gmlp_vision.config import Config
 from gmlp_vision.data import Dataset, load_dataset
+from gmlp_vision.distributed import SINGLE, Dist, distributed
 from gmlp_vision.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted
 from gmlp_vision.model import GMLP
 from gmlp_vision.optim import EarlyStopping, KerasAdamW, Plateau
@@ -54,15 +58,6 @@ class Result:
     final_checkpoint: str  # "best.pt" when the best weights were restored at the end, else "last.pt"
     best_epoch: int  # 1-based
     stopped_early: bool
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return torch.device(name)
 
 
 def compute_input(images: Tensor, precision: str) -> Tensor:
@@ -113,25 +108,34 @@ def infer(model: nn.Module, images: Tensor, precision: str = "fp32") -> Tensor:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, images: Tensor, labels: Tensor, *, batch_size: int = 500, precision: str = "fp32"
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    batch_size: int = 500,
+    precision: str = "fp32",
+    ctx: Dist = SINGLE,
 ) -> dict[str, float]:
-    """Mean cross-entropy, top-1 and top-5 accuracy of ``model`` on uint8 ``images`` (moved to the model's device)."""
+    """Mean cross-entropy, top-1 and top-5 accuracy of ``model`` on uint8 ``images`` (moved to the model's device).
+
+    Under torchrun each rank evaluates its contiguous share of the images and the sums are reduced over all ranks.
+    """
+    model = unwrap(model)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    loss = torch.zeros((), dtype=torch.float64, device=device)
-    top1 = torch.zeros((), dtype=torch.int64, device=device)
-    top5 = torch.zeros_like(top1)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, images
+    images, labels = ctx.share(images), ctx.share(labels)
     for x, y in zip(images.split(batch_size), labels.split(batch_size), strict=True):
         y = y.to(device)
         logits = infer(model, x.to(device), precision)
-        loss += F.cross_entropy(logits, y, reduction="sum")
         c1, c5 = topk_correct(logits, y)
-        top1 += c1
-        top5 += c5
+        loss = F.cross_entropy(logits, y, reduction="sum")
+        sums += torch.stack([loss.double(), c1.double(), c5.double(), torch.tensor(len(y), device=device).double()])
     model.train(was_training)
-    n = max(len(labels), 1)
-    return {"loss": loss.item() / n, "acc": top1.item() / n, "top5": top5.item() / n}
+    loss, top1, top5, n = ctx.sum(sums).tolist()
+    n = max(n, 1)
+    return {"loss": loss / n, "acc": top1 / n, "top5": top5 / n}
 
 
 def train_step(
@@ -141,34 +145,60 @@ def train_step(
     labels: Tensor,
     cfg: Config,
     generator: torch.Generator,
+    *,
+    weight: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One optimiser step on a uint8 batch: resize, augment, forward, loss, backward, update.
 
+    The batch goes through in ``cfg.accum_steps`` micro-batches whose gradients add up (under DDP they are
+    synchronised once, on the last). Each image's loss counts ``weight`` in the gradient (default ``1 / len(labels)``:
+    the batch mean; the distributed loop passes ``world / global batch``, see `distributed`).
+
     Returns:
-        The loss (scalar) and the float32 logits, both detached.
+        The loss summed over the batch's images and the float32 logits, both detached.
     """
-    x = resize(images.float(), cfg.model.image_size)
-    x = augment_batch(x, flip=cfg.flip, zoom_amount=cfg.zoom, generator=generator)
-    logits = model(compute_input(x, cfg.precision)).float()
-    loss = F.cross_entropy(logits, labels)
+    weight = 1.0 / len(labels) if weight is None else weight
+    parts = min(cfg.accum_steps, len(labels))
+    ddp = _ddp(model)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    total, outputs = torch.zeros((), device=images.device), []
+    for j, (xb, yb) in enumerate(zip(images.tensor_split(parts), labels.tensor_split(parts), strict=True)):
+        with ddp.no_sync() if ddp is not None and j + 1 < parts else nullcontext():
+            x = resize(xb.float(), cfg.model.image_size)
+            x = augment_batch(x, flip=cfg.flip, zoom_amount=cfg.zoom, generator=generator)
+            logits = model(compute_input(x, cfg.precision)).float()
+            loss = F.cross_entropy(logits, yb, reduction="sum")
+            (loss * weight).backward()
+        total += loss.detach()
+        outputs.append(logits.detach())
     optimizer.step()
-    return loss.detach(), logits.detach()
+    return total, outputs[0] if parts == 1 else torch.cat(outputs)
+
+
+def _ddp(model: nn.Module) -> DistributedDataParallel | None:
+    """The DDP wrapper of ``model`` (possibly inside a ``torch.compile`` wrapper), if any."""
+    while not isinstance(model, DistributedDataParallel):
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return None
+        model = inner
+    return model
 
 
 @dataclass
 class EpochProgress:
     """Where an epoch stands after some of its steps: enough to continue it exactly after a restart."""
 
-    perm: Tensor  # this epoch's order of the training images
+    perm: Tensor  # this epoch's order of the training images (the same on every rank)
     batch: int = 0  # batches done in this epoch
     step: int = 0  # optimiser steps done in the whole run
-    sums: dict[str, Tensor] = field(default_factory=dict)  # running loss / top-1 / top-5 sums of this epoch
+    sums: dict[str, Tensor] = field(default_factory=dict)  # this rank's running loss / top-1 / top-5 sums
 
-    def state_dict(self) -> dict[str, Any]:  # noqa: D102
-        return {"perm": self.perm.cpu(), "batch": self.batch, "step": self.step,
-                "sums": {k: v.cpu() for k, v in self.sums.items()}}  # fmt: skip
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102 (the sums are per rank: saved with each rank's RNG state)
+        return {"perm": self.perm.cpu(), "batch": self.batch, "step": self.step}
+
+
+METRICS = ("loss", "acc", "top5")
 
 
 def train_one_epoch(
@@ -181,13 +211,20 @@ def train_one_epoch(
     progress: tqdm | None = None,
     *,
     state: EpochProgress | None = None,
-    after_step: Callable[[EpochProgress], None] | None = None,
+    ctx: Dist = SINGLE,
+    stop_requested: Callable[[], bool] = lambda: False,
+    after_step: Callable[[EpochProgress, bool], None] | None = None,
 ) -> dict[str, float]:
     """One pass over ``images`` (uint8, on the device) in shuffled batches; returns mean loss, top-1 and top-5.
 
+    Under torchrun every rank passes the whole training set and the same permutation, trains on its share of each
+    global batch (`Dist.share`), and gets metrics summed over all ranks.
+
     Args:
-        state: continue a partly done epoch (its permutation, position and running sums) instead of starting one.
-        after_step: called after every step with the epoch's progress (checkpoints, interruption).
+        state: continue a partly done epoch (its permutation, position and running sums) instead of starting one
+            (default: a permutation drawn from ``generator``).
+        stop_requested: polled after every step; under torchrun the ranks agree on it (every 50 steps on GPUs).
+        after_step: called after every step with the epoch's progress and whether to stop there.
 
     Raises:
         NonFiniteLossError: the loss became NaN or infinite (checked every step on CPU, every 50 on GPUs).
@@ -195,31 +232,43 @@ def train_one_epoch(
     model.train()
     device, n = images.device, len(labels)
     if state is None:
-        state = EpochProgress(torch.randperm(n, device=device, generator=generator))
+        state = EpochProgress(torch.randperm(n, generator=generator, device=generator.device).to(device))
     if not state.sums:
-        state.sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in ("loss", "acc", "top5")}
+        state.sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in METRICS}
     sums, batches = state.sums, state.perm.split(cfg.batch_size)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    check_every = 1 if device.type == "cpu" else 50  # .item() is a device sync: not every step on GPUs
+    check_every = 1 if device.type == "cpu" else 50  # .item() and collectives sync the device: not every step on GPUs
     for i in range(state.batch, len(batches)):
         idx = batches[i]
-        y = labels[idx]
-        loss, logits = train_step(model, optimizer, images[idx], y, cfg, generator)
+        mine, weight = ctx.share(idx), ctx.world / len(idx)
+        if not len(mine):  # a last batch smaller than the world: this rank takes part with a zero-weight image
+            mine, weight = idx[:1], 0.0
+        y = labels[mine]
+        loss, logits = train_step(model, optimizer, images[mine], y, cfg, generator, weight=weight)
         state.batch, state.step = i + 1, state.step + 1
-        with torch.no_grad():
-            nonfinite |= ~torch.isfinite(loss)
-            c1, c5 = topk_correct(logits, y)
-            sums["loss"] += loss * len(y)
-            sums["acc"] += c1
-            sums["top5"] += c5
-        if (state.step % check_every == 0 or i + 1 == len(batches)) and nonfinite.item():
+        if weight:
+            with torch.no_grad():
+                nonfinite |= ~torch.isfinite(loss)
+                c1, c5 = topk_correct(logits, y)
+                sums["loss"] += loss
+                sums["acc"] += c1
+                sums["top5"] += c5
+        check = state.step % check_every == 0 or i + 1 == len(batches)
+        stop = stop_requested()
+        if ctx.enabled:
+            bad, stop = ctx.any(nonfinite, stop) if check else (False, False)
+        else:
+            bad = check and bool(nonfinite.item())
+        if bad:
+            value = loss.item() if nonfinite.item() else "non-finite on another rank"
             where = f"step {state.step}" if check_every == 1 else f"one of the steps up to {state.step}"
-            raise NonFiniteLossError(f"the training loss became {loss.item()} at {where} (epoch batch {i + 1})")
+            raise NonFiniteLossError(f"the training loss became {value} at {where} (epoch batch {i + 1})")
         if progress is not None:
             progress.update(1)
         if after_step is not None:
-            after_step(state)
-    return {k: v.item() / n for k, v in sums.items()}
+            after_step(state, stop)
+    totals = ctx.sum(torch.stack([sums[k] for k in METRICS]))
+    return {k: v / n for k, v in zip(METRICS, totals.tolist(), strict=True)}
 
 
 class StopRequests:
@@ -250,6 +299,9 @@ class StopRequests:
 def train(cfg: Config, dataset: Dataset | None = None, *, resume: bool = False) -> Result:
     """Train a gMLP as ``cfg`` says, evaluate it on the test split, and leave everything in the run directory.
 
+    Started by ``torchrun``, every process calls this with the same config: they train one model data-parallel
+    (see `gmlp_vision.distributed`), and rank 0 alone logs and writes the run directory.
+
     Args:
         cfg: the resolved run configuration.
         dataset: an already loaded dataset (default: load ``cfg.dataset`` from ``cfg.data`` or the cache).
@@ -266,13 +318,18 @@ def train(cfg: Config, dataset: Dataset | None = None, *, resume: bool = False) 
         TrainingInterrupted: SIGINT or SIGTERM; ``last.pt`` was saved at the step where training stopped.
         CheckpointError: a checkpoint could not be written (the previous one is intact) or resumed.
     """
-    device = resolve_device(cfg.device)
+    with distributed(cfg.device) as (ctx, device):
+        return _train(cfg, dataset, resume, ctx, device)
+
+
+def _train(cfg: Config, dataset: Dataset | None, resume: bool, ctx: Dist, device: torch.device) -> Result:
+    info = log.info if ctx.main else (lambda *args: None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    ds = dataset if dataset is not None else load_dataset(
-        cfg.dataset, cfg.data, download=cfg.download, verify_md5=cfg.verify_md5, progress=cfg.progress,
+    ds = dataset if dataset is not None else ctx.main_first(lambda: load_dataset(
+        cfg.dataset, cfg.data, download=cfg.download, verify_md5=cfg.verify_md5, progress=cfg.progress and ctx.main,
         image_size=cfg.model.image_size, skip_bad=cfg.skip_bad_images,
-    )  # fmt: skip
+    ))  # fmt: skip
     # Class count and channels are facts of the data, not choices.
     cfg = replace(cfg, model=replace(cfg.model, num_classes=ds.num_classes, in_chans=ds.in_chans))
     images, labels = ds.train.images, ds.train.labels
@@ -282,14 +339,8 @@ def train(cfg: Config, dataset: Dataset | None = None, *, resume: bool = False) 
     if n_train < 1:
         raise ConfigError(f"no training images left: {len(labels)} images with --val-split {cfg.val_split}")
 
-    if resume:
-        run_dir = Path(cfg.out or "")
-        remove_stale_temps(run_dir)
-        saved = load_checkpoint(run_dir / "last.pt") if (run_dir / "last.pt").exists() else None
-    else:
-        run_dir, saved = prepare_run_dir(Path(cfg.out) if cfg.out else default_run_dir(cfg)), None
+    run_dir, saved, best_state = ctx.on_main(lambda: _open_run_dir(cfg, resume))
     cfg = replace(cfg, out=str(run_dir))
-    write_json(run_dir / "config.json", cfg.to_dict())
 
     torch.manual_seed(cfg.seed)
     model = GMLP(cfg.model)
@@ -298,55 +349,72 @@ def train(cfg: Config, dataset: Dataset | None = None, *, resume: bool = False) 
     optimizer = build_optimizer(cfg, model)
     plateau = Plateau(optimizer, cfg.plateau_factor, cfg.plateau_patience, cfg.plateau_threshold)
     stopper = EarlyStopping(cfg.early_stop_patience)
-    generator = torch.Generator(device).manual_seed(cfg.seed)
+    # Augmentation and dropout draw from per-rank streams (rank 0's is the single-process one); the epoch order comes
+    # from one CPU generator that every rank seeds the same.
+    if ctx.rank:
+        torch.manual_seed(_rank_seed(cfg.seed, ctx.rank))
+    generator = torch.Generator(device).manual_seed(_rank_seed(cfg.seed, ctx.rank))
+    order = torch.Generator().manual_seed(cfg.seed)
     history: list[dict[str, float]] = []
     epoch_state: EpochProgress | None = None
-    best_state: dict[str, Tensor] | None = None
     start_epoch, step = 0, 0
     if saved is not None:
-        start_epoch, step, history, epoch_state = _restore(saved, model, optimizer, plateau, stopper, generator, device)
-        if (run_dir / "best.pt").exists():
-            best_state = load_checkpoint(run_dir / "best.pt").model_state
-        write_history(run_dir, history)  # a kill between last.pt and history.csv left the CSV one epoch behind
-        log.info("resuming %s at epoch %d, step %d", run_dir, start_epoch + 1, step)
+        start_epoch, step, history, epoch_state = _restore(saved, model, optimizer, plateau, stopper, generator,
+                                                           order, device, ctx)  # fmt: skip
+        info("resuming %s at epoch %d, step %d", run_dir, start_epoch + 1, step)
+    if ctx.enabled:
+        ids = [device.index] if device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=ids, **_NO_BUFFER_SYNC)
     model = maybe_compile(model, cfg)
 
     train_x, train_y = images[:n_train].to(device), labels[:n_train].to(device)
     val_x, val_y = images[n_train:].to(device), labels[n_train:].to(device)
     steps = math.ceil(n_train / cfg.batch_size)
-    log.info(
+    info(
         "training %s on %s: %d train / %d validation images, %d steps per epoch, device %s, run dir %s",
         cfg.preset or "custom config", cfg.dataset, n_train, len(val_y), steps, device, run_dir,
     )  # fmt: skip
+    if ctx.enabled:
+        share = math.ceil(cfg.batch_size / ctx.world)
+        info("data parallel over %d processes (%s): each global batch of %d is split into shares of %d or fewer",
+             ctx.world, torch.distributed.get_backend(), cfg.batch_size, share)  # fmt: skip
 
     def save_last(epoch: int, row: dict[str, float] | None, progress: EpochProgress | None) -> None:
+        rank_state = {
+            "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+            "sums": {k: v.cpu() for k, v in progress.sums.items()} if progress is not None else {},
+        }
+        ranks = ctx.gather(rank_state)  # every rank's random streams and sums, so each can resume its own
         train_state = {
             "optimizer": optimizer.state_dict(),
             "plateau": plateau.state_dict(),
             "early_stopping": stopper.state_dict(),
-            "generator": generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+            "order_generator": order.get_state(),
+            "ranks": ranks,
             "history": history,
             "epoch_progress": progress.state_dict() if progress is not None else None,
         }
         step_now = progress.step if progress is not None else step
-        _save(run_dir / "last.pt", cfg, model, ds, epoch, step_now, row or {}, train_state)
+        ctx.on_main(partial(_save, run_dir / "last.pt", cfg, model, ds, epoch, step_now, row or {}, train_state))
 
     stops = StopRequests()
     stopped = False
     board = None
-    if cfg.tensorboard:
+    if cfg.tensorboard and ctx.main:
         from gmlp_vision.report import TensorBoardLogger  # optional extra, imported only when asked for
 
         board = TensorBoardLogger(run_dir)
 
-    def after_step(progress: EpochProgress) -> None:
-        if stops.signum is not None:
+    def after_step(progress: EpochProgress, stop: bool) -> None:
+        if stop:
             save_last(epoch, None, progress)
-            name = signal.Signals(stops.signum).name
+            signum = stops.signum or signal.SIGTERM  # under torchrun the signal may have reached another rank first
             raise TrainingInterrupted(
-                f"{name}: stopped after step {progress.step}; resume with: gmlp train --resume {run_dir}", stops.signum
+                f"{signal.Signals(signum).name}: stopped after step {progress.step}; "
+                f"resume with: gmlp train --resume {run_dir}",
+                signum,
             )
         if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0 and progress.batch < steps:
             save_last(epoch, None, progress)
@@ -356,32 +424,34 @@ def train(cfg: Config, dataset: Dataset | None = None, *, resume: bool = False) 
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             if epoch_state is None:
-                epoch_state = EpochProgress(torch.randperm(n_train, device=device, generator=generator), step=step)
+                epoch_state = EpochProgress(torch.randperm(n_train, generator=order).to(device), step=step)
             with tqdm(total=steps, initial=epoch_state.batch, desc=f"epoch {epoch + 1}", leave=False,
-                      disable=not cfg.progress) as bar:  # fmt: skip
+                      disable=not (cfg.progress and ctx.main)) as bar:  # fmt: skip
                 metrics = train_one_epoch(
-                    model, optimizer, train_x, train_y, cfg, generator, bar, state=epoch_state, after_step=after_step
-                )
+                    model, optimizer, train_x, train_y, cfg, generator, bar, state=epoch_state, ctx=ctx,
+                    stop_requested=lambda: stops.signum is not None, after_step=after_step,
+                )  # fmt: skip
             step, epoch_state = epoch_state.step, None
             row: dict[str, float] = {"epoch": epoch + 1, **metrics}
             if len(val_y):
-                val = evaluate(model, val_x, val_y, batch_size=cfg.eval_batch_size, precision=cfg.precision)
+                val = evaluate(model, val_x, val_y, batch_size=cfg.eval_batch_size, precision=cfg.precision, ctx=ctx)
                 row.update({f"val_{k}": v for k, v in val.items()})
             row.update(lr=lr, seconds=time.perf_counter() - t0)
             history.append(row)
             monitored = row.get("val_loss", row["loss"])  # Keras monitors val_loss; without validation, the train loss
-            if monitored < stopper.best:
+            if monitored < stopper.best:  # every rank sees the same reduced metrics, so every rank decides the same
                 best_state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
-                _save(run_dir / "best.pt", cfg, model, ds, epoch + 1, step, row)
+                ctx.on_main(partial(_save, run_dir / "best.pt", cfg, model, ds, epoch + 1, step, row))
             stopped = stopper.step(monitored, epoch)  # Keras callback order: EarlyStopping, then ReduceLROnPlateau
             plateau.step(monitored)
             save_last(epoch + 1, row, None)
-            write_history(run_dir, history)
-            if board is not None:
-                board.log_epoch(row)
-            log.info(format_epoch(row, cfg.epochs, steps))
+            if ctx.main:
+                write_history(run_dir, history)
+                if board is not None:
+                    board.log_epoch(row)
+            info(format_epoch(row, cfg.epochs, steps))
             if stopped:
-                log.info("early stopping: no val_loss improvement for %d epochs", cfg.early_stop_patience)
+                info("early stopping: no val_loss improvement for %d epochs", cfg.early_stop_patience)
                 break
 
     if board is not None:
@@ -389,17 +459,56 @@ def train(cfg: Config, dataset: Dataset | None = None, *, resume: bool = False) 
     restore = best_state is not None and (cfg.restore_best == "always" or (stopped and cfg.restore_best == "on-stop"))
     if restore:
         unwrap(model).load_state_dict(best_state)
-        log.info("restored the weights of the best epoch (%d)", stopper.best_epoch + 1)
-    test = evaluate(model, ds.test.images, ds.test.labels, batch_size=cfg.eval_batch_size, precision=cfg.precision)
+        info("restored the weights of the best epoch (%d)", stopper.best_epoch + 1)
+    test = evaluate(model, ds.test.images, ds.test.labels, batch_size=cfg.eval_batch_size, precision=cfg.precision,
+                    ctx=ctx)  # fmt: skip
     final = "best.pt" if restore else "last.pt"
     summary = {"test": test, "final_checkpoint": final, "best_epoch": stopper.best_epoch + 1,
                "stopped_early": stopped, "epochs_run": len(history)}  # fmt: skip
-    write_json(run_dir / "results.json", summary)
-    from gmlp_vision.report import write_report  # report uses infer() from here: imported at use, not at load
 
-    write_report(run_dir, unwrap(model), ds.test.images, ds.test.labels, ds.classes,
-                 batch_size=cfg.eval_batch_size, precision=cfg.precision)  # fmt: skip
+    def finish() -> None:
+        write_json(run_dir / "results.json", summary)
+        from gmlp_vision.report import write_report  # report uses infer() from here: imported at use, not at load
+
+        write_report(run_dir, unwrap(model), ds.test.images, ds.test.labels, ds.classes,
+                     batch_size=cfg.eval_batch_size, precision=cfg.precision)  # fmt: skip
+
+    ctx.on_main(finish)
     return Result(run_dir, history, test, final, stopper.best_epoch + 1, stopped)
+
+
+# The model's buffers (normalisation statistics) are the same on every rank: no broadcast before each forward.
+# torch 2.13 renamed the option; older releases only know the old name.
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
+
+# Rank r > 0 seeds its augmentation and dropout with seed + r * stride (rank 0 keeps the seed: one process as before).
+RANK_SEED_STRIDE = 1_000_003
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    return seed + RANK_SEED_STRIDE * rank
+
+
+def _open_run_dir(cfg: Config, resume: bool) -> tuple[Path, Checkpoint | None, dict[str, Tensor] | None]:
+    """Rank 0's part of starting a run: the run directory with its config.json, and what to resume from."""
+    saved = best = None
+    if resume:
+        run_dir = Path(cfg.out or "")
+        remove_stale_temps(run_dir)
+        if (run_dir / "last.pt").exists():
+            saved = load_checkpoint(run_dir / "last.pt")
+            if (run_dir / "best.pt").exists():
+                best = load_checkpoint(run_dir / "best.pt").model_state
+            # A kill between last.pt and history.csv left the CSV one epoch behind.
+            write_history(run_dir, list(saved.train_state.get("history", [])))
+    else:
+        run_dir = prepare_run_dir(Path(cfg.out) if cfg.out else default_run_dir(cfg))
+    write_json(run_dir / "config.json", replace(cfg, out=str(run_dir)).to_dict())
+    return run_dir, saved, best
 
 
 def _restore(
@@ -409,24 +518,46 @@ def _restore(
     plateau: Plateau,
     stopper: EarlyStopping,
     generator: torch.Generator,
+    order: torch.Generator,
     device: torch.device,
+    ctx: Dist,
 ) -> tuple[int, int, list[dict[str, float]], EpochProgress | None]:
-    """Load a ``last.pt`` into the fresh training objects; returns epoch, step, history and a partial epoch."""
+    """Load a ``last.pt`` into the fresh training objects; returns epoch, step, history and a partial epoch.
+
+    Each rank takes back its own random streams and running sums. Resumed on another number of processes, the
+    weights, optimiser and epoch order carry on exactly; the sums move to rank 0 (only their total counts) and
+    augmentation and dropout continue with new streams (a warning says so).
+    """
     ts = saved.train_state
     try:
         model.load_state_dict(saved.model_state)
         optimizer.load_state_dict(ts["optimizer"])
         plateau.load_state_dict(ts["plateau"])
         stopper.load_state_dict(ts["early_stopping"])
-        generator.set_state(ts["generator"])
-        torch.set_rng_state(ts["torch_rng"])
-        if ts.get("cuda_rng") and device.type == "cuda":
-            torch.cuda.set_rng_state_all(ts["cuda_rng"])
-        partial = ts.get("epoch_progress")
+        if "ranks" not in ts:
+            raise CheckpointError("last.pt was written by gmlp-vision 0.1.0, whose runs this version cannot resume")
+        order.set_state(ts["order_generator"])
+        ranks = ts["ranks"]
+        if len(ranks) == ctx.world:
+            mine = ranks[ctx.rank]
+            generator.set_state(mine["generator"])
+            torch.set_rng_state(mine["torch_rng"])
+            if mine["cuda_rng"] and device.type == "cuda":
+                torch.cuda.set_rng_state_all(mine["cuda_rng"])
+            sums = mine["sums"]
+        else:
+            if ctx.main:
+                log.warning("last.pt was saved by %d processes and is resumed by %d: augmentation and dropout "
+                            "continue with new random streams", len(ranks), ctx.world)  # fmt: skip
+            reseed = _rank_seed(saved.config.seed, ctx.rank) + 7919 * saved.step
+            generator.manual_seed(reseed)
+            torch.manual_seed(reseed)
+            sums = {k: sum(r["sums"][k] for r in ranks) for k in METRICS} if ctx.main and ranks[0]["sums"] else {}
+        part = ts.get("epoch_progress")
         progress = None
-        if partial is not None:
-            sums = {k: v.to(device) for k, v in partial["sums"].items()}
-            progress = EpochProgress(partial["perm"].to(device), int(partial["batch"]), int(partial["step"]), sums)
+        if part is not None:
+            sums = {k: v.to(device) for k, v in sums.items()}
+            progress = EpochProgress(part["perm"].to(device), int(part["batch"]), int(part["step"]), sums)
         return saved.epoch, saved.step, list(ts["history"]), progress
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise CheckpointError(f"cannot resume from last.pt: {str(e).splitlines()[0]}") from None
