@@ -535,7 +535,7 @@ def _restore(
         plateau.load_state_dict(ts["plateau"])
         stopper.load_state_dict(ts["early_stopping"])
         if "ranks" not in ts:
-            raise CheckpointError("last.pt was written by gmlp-vision 0.1.0, whose runs this version cannot resume")
+            raise CheckpointError("last.pt comes from an earlier development version; this one cannot resume it")
         order.set_state(ts["order_generator"])
         ranks = ts["ranks"]
         if len(ranks) == ctx.world:
