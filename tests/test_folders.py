@@ -1,6 +1,7 @@
 """Image-folder datasets: layout, formats and sizes, the decode cache, training through the CLI, bad folders."""
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -8,9 +9,12 @@ import torch
 from PIL import Image
 
 from gmlp_vision import folders
+from gmlp_vision.augment import random_resized_crop
+from gmlp_vision.checkpoint import load_checkpoint
 from gmlp_vision.cli import main
 from gmlp_vision.data import load_dataset
 from gmlp_vision.errors import DataError
+from gmlp_vision.stream import crop_box, decode_crop
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 COLOURS = {"bird": (200, 40, 40), "cat": (40, 200, 40), "dog": (40, 40, 200)}
@@ -37,9 +41,12 @@ def test_folder_loads_every_format_and_size(tmp_path):
     assert ds.classes == ("bird", "cat", "dog")
     assert ds.train.images.shape == (18, 3, 32, 32) and ds.train.images.dtype == torch.uint8
     assert ds.test.images.shape == (18, 3, 32, 32)
-    assert torch.equal(ds.train.labels, torch.arange(3).repeat_interleave(6))
+    # Training files come in a fixed shuffled order, so that the validation tail holds every class; test files in order.
+    assert torch.equal(ds.test.labels, torch.arange(3).repeat_interleave(6))
+    assert torch.equal(ds.train.labels.sort().values, ds.test.labels)
+    assert not torch.equal(ds.train.labels, ds.test.labels) and len(set(ds.train.labels[-6:].tolist())) > 1
     # The RGB colour of each class survives decoding and resizing (grayscale files are gray, so check RGB ones).
-    red = ds.train.images[0].float().mean((1, 2))
+    red = ds.test.images[0].float().mean((1, 2))
     assert red[0] > red[1] + 80 and red[0] > red[2] + 80
 
 
@@ -103,3 +110,74 @@ def test_train_evaluate_predict_on_a_folder(tmp_path, monkeypatch, capsys):
     assert "dog" in capsys.readouterr().out
     assert main(["train", "--dataset", "folder", "--out", str(tmp_path / "r2")]) == 1
     assert "needs --data DIR" in capsys.readouterr().err
+
+
+STREAM = ["train", "--dataset", "folder", "--preset", "tiny", "--epochs", "2", "--batch-size", "8", "--no-progress",
+          "--threads", "1", "--folder-mode", "stream"]  # fmt: skip
+
+
+def test_streamed_folder_trains_exactly_like_the_decoded_one(tmp_path, monkeypatch):
+    """Without crops, streaming decodes each file exactly as the in-memory path: the same run, to the bit."""
+    monkeypatch.setenv("GMLP_DATA", str(tmp_path / "cache"))
+    root = make_folder(tmp_path / "data", per_class=8)
+    common = [*STREAM[:-2], "--data", str(root)]
+    assert main([*common, "--folder-mode", "memory", "--out", str(tmp_path / "memory")]) == 0
+    assert main([*common, "--folder-mode", "stream", "--workers", "2", "--out", str(tmp_path / "stream")]) == 0
+    a, b = (load_checkpoint(tmp_path / run / "last.pt").model_state for run in ("memory", "stream"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    results = [json.loads((tmp_path / run / "results.json").read_text())["test"] for run in ("memory", "stream")]
+    assert results[0] == results[1]
+    assert (tmp_path / "stream" / "plots" / "misclassified.png").is_file()  # the report reads streamed files too
+
+
+def test_streamed_crops_do_not_depend_on_the_number_of_workers(tmp_path):
+    root = make_folder(tmp_path / "data", per_class=8)
+    for workers in (0, 2):
+        argv = [*STREAM, "--data", str(root), "--crop", "random-resized", "--workers", str(workers)]
+        assert main([*argv, "--out", str(tmp_path / f"w{workers}")]) == 0
+    a, b = (load_checkpoint(tmp_path / run / "last.pt").model_state for run in ("w0", "w2"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_bad_file_met_while_streaming_stops_the_run_or_is_skipped(tmp_path, capsys):
+    root = make_folder(tmp_path / "data", per_class=8)
+    (root / "train" / "dog" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    argv = [*STREAM, "--data", str(root), "--workers", "0"]
+    assert main([*argv, "--out", str(tmp_path / "fails")]) == 1
+    assert "3.png" in capsys.readouterr().err and not (tmp_path / "fails" / "results.json").exists()
+    assert main([*argv, "--skip-bad-images", "--out", str(tmp_path / "skips")]) == 0
+    assert capsys.readouterr().out.count("skipped cannot read image") == 1  # once, not every epoch
+    assert (tmp_path / "skips" / "results.json").is_file()
+
+
+def test_random_resized_crop_boxes_stay_inside_and_respect_the_scale():
+    rng = random.Random(0)
+    for width, height in [(640, 480), (100, 400), (33, 33), (1000, 10)]:
+        for _ in range(200):
+            left, top, w, h = crop_box(width, height, 0.25, rng)
+            assert 0 <= left and left + w <= width and 0 <= top and top + h <= height and w > 0 and h > 0
+    boxes = [crop_box(640, 480, 0.25, random.Random(k)) for k in range(300)]
+    fractions = [w * h / (640 * 480) for _, _, w, h in boxes]
+    assert min(fractions) >= 0.24 and max(fractions) <= 1.0 and max(fractions) - min(fractions) > 0.5
+
+
+def test_jpeg_crops_decoded_at_reduced_scale_match_full_decoding(tmp_path):
+    y, x = np.mgrid[0:600, 0:800]
+    pixels = np.stack([x * 255 // 800, y * 255 // 600, (x + y) * 255 // 1400], axis=-1).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "big.jpg", quality=95)
+    Image.fromarray(pixels).save(tmp_path / "big.png")
+    for key in range(5):  # the same key gives the same box in both files; the JPEG one decodes at 1/2..1/8 scale
+        fast, full = (decode_crop(str(tmp_path / f"big.{ext}"), 32, 0.3, key).float() for ext in ("jpg", "png"))
+        assert (fast - full).abs().mean() < 3.0
+    assert torch.equal(
+        decode_crop(str(tmp_path / "big.jpg"), 32, 0.3, 7), decode_crop(str(tmp_path / "big.jpg"), 32, 0.3, 7)
+    )
+
+
+def test_batched_random_resized_crop():
+    images = torch.rand(6, 3, 16, 16) * 255
+    same = random_resized_crop(images, 1.0, torch.Generator().manual_seed(0), ratio=(1.0, 1.0))
+    assert torch.allclose(same, images, atol=1e-3)  # the whole image at its own size
+    cropped = random_resized_crop(images, 0.1, torch.Generator().manual_seed(0))
+    assert cropped.shape == images.shape and not torch.allclose(cropped, images, atol=1.0)
+    assert cropped.min() >= images.min() - 1e-3 and cropped.max() <= images.max() + 1e-3

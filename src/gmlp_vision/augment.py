@@ -9,6 +9,8 @@ TF's "reflect" fill (``d c b a | a b c d``), which is ``grid_sample``'s reflecti
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -55,6 +57,33 @@ def random_zoom(images: Tensor, amount: float, generator: torch.Generator | None
     """Zoom each image by factors drawn independently per axis from ``U(1 - amount, 1 + amount)``."""
     u = torch.rand(images.shape[0], 2, device=images.device, generator=generator)
     return zoom(images, 1.0 + amount * (2.0 * u - 1.0))
+
+
+def random_resized_crop(
+    images: Tensor,
+    min_scale: float,
+    generator: torch.Generator | None = None,
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> Tensor:
+    """Per image, a random crop (area fraction ~ U(min_scale, 1), log aspect ~ U(log ratio)) resized back to full size.
+
+    Batched: one affine grid per image, bilinear sampling. A crop wider or taller than the image is clipped to it.
+    """
+    B, device = images.shape[0], images.device
+    u = torch.rand(B, 4, device=device, generator=generator)
+    area = min_scale + (1.0 - min_scale) * u[:, 0]
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1])
+    w = torch.sqrt(area * aspect).clamp(max=1.0)  # fractions of the width and height
+    h = torch.sqrt(area / aspect).clamp(max=1.0)
+    theta = torch.zeros(B, 2, 3, device=device, dtype=torch.float32)
+    theta[:, 0, 0], theta[:, 1, 1] = w, h
+    theta[:, 0, 2] = (1.0 - w) * (2.0 * u[:, 2] - 1.0)  # centre anywhere that keeps the crop inside
+    theta[:, 1, 2] = (1.0 - h) * (2.0 * u[:, 3] - 1.0)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False).to(
+        images.dtype
+    )
 
 
 def augment_batch(

@@ -34,7 +34,8 @@ def checkpoint_dataset(ckpt: Any, args: argparse.Namespace) -> Any:
     cfg = ckpt.config
     dataset = args.dataset or cfg.dataset
     data = args.data if args.data is not None else (cfg.data if dataset == cfg.dataset else None)
-    ds = load_dataset(dataset, data, download=args.download, progress=not args.quiet, image_size=cfg.model.image_size)
+    ds = load_dataset(dataset, data, download=args.download, progress=not args.quiet, image_size=cfg.model.image_size,
+                      skip_bad=cfg.skip_bad_images, folder_mode=cfg.folder_mode, workers=cfg.workers)  # fmt: skip
     if ds.num_classes != cfg.model.num_classes or ds.in_chans != cfg.model.in_chans:
         raise ConfigError(
             f"the checkpoint's model has {cfg.model.num_classes} classes and {cfg.model.in_chans} channels; "

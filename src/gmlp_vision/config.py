@@ -104,11 +104,25 @@ class Config:
     download: bool = _f(True, "download the official archive into the cache when it is missing")
     verify_md5: bool = _f(False, "check a local archive against the official md5 sum")
     skip_bad_images: bool = _f(False, "folder datasets: leave out unreadable image files (logged) instead of failing")
+    folder_mode: str = _f(
+        "auto",
+        "folder datasets: memory (decode once into a cached uint8 tensor), stream (decode every batch in worker "
+        "processes), auto (memory when the decoded images take at most 4 GiB and a quarter of the RAM)",
+        ("auto", "memory", "stream"),
+    )
+    workers: int = _f(4, "streamed folders: worker processes decoding images (0: in the training process)")
     train_limit: int = _f(0, "use only the first N training images, before the validation split (0: all)")
     val_split: float = _f(0.1, "fraction of the training images held out for validation: the LAST ones (Keras)")
     # Augmentation (training only, batched on the training device).
     flip: bool = _f(True, "random horizontal flip, p=0.5 per image")
     zoom: float = _f(0.2, "random zoom: per image and axis a factor from U(1-zoom, 1+zoom); 0 turns it off")
+    crop: str = _f(
+        "none",
+        "random-resized: a random crop (area --crop-scale..100 %%, aspect 3/4..4/3) resized to the input size, taken "
+        "from the full-size file when streaming, else batched on the device",
+        ("none", "random-resized"),
+    )
+    crop_scale: float = _f(0.08, "smallest area fraction of a random-resized crop")
     # Optimisation.
     epochs: int = _f(100, "maximum number of epochs")
     batch_size: int = _f(
@@ -158,6 +172,10 @@ class Config:
         for name in ("train_limit", "plateau_patience", "early_stop_patience", "threads", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.crop_scale <= 1.0:
+            raise ConfigError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be >= 0, got {self.workers}")
         if not 0.0 <= self.zoom < 1.0:
             raise ConfigError(f"--zoom must be in [0, 1), got {self.zoom}")
         if not 0.0 < self.plateau_factor < 1.0:

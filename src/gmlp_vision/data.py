@@ -79,7 +79,11 @@ _LAYOUTS = {
 
 @dataclass(frozen=True, eq=False)
 class Split:
-    """One split in memory: ``images`` (N, C, H, W) uint8, contiguous, channel-major; ``labels`` (N,) int64."""
+    """One split: ``images`` (N, C, H, W) uint8, contiguous, channel-major; ``labels`` (N,) int64.
+
+    A streamed image folder holds a `stream.ImageFiles` as ``images``: files decoded on demand, with the operations
+    training and evaluation use on the tensor.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -130,8 +134,11 @@ def load_dataset(
     progress: bool = True,
     image_size: int = 32,
     skip_bad: bool = False,
+    folder_mode: str = "auto",
+    workers: int = 4,
+    crop_scale: float = 0.08,
 ) -> Dataset:
-    """Load a dataset into memory.
+    """Load a dataset: into memory, or for a large image folder as streamed files.
 
     Args:
         name: One of ``DATASETS``.
@@ -144,9 +151,11 @@ def load_dataset(
         progress: Show a download (or decoding) progress bar on stderr.
         image_size: folder: the side images are resized to (CIFAR and digits keep their own size).
         skip_bad: folder: leave out unreadable images instead of failing (`folders.load_image_folder`).
+        folder_mode, workers, crop_scale: folder: memory or streamed, and how streamed files are decoded.
 
     Returns:
-        The dataset, both splits as uint8 image and int64 label tensors.
+        The dataset, both splits as uint8 image (or for a streamed folder `stream.ImageFiles`) and int64 label
+        tensors.
 
     Raises:
         DataError: An unknown name; missing, corrupt, hostile or wrong-kind data; a failed download.
@@ -157,7 +166,8 @@ def load_dataset(
             raise DataError("--dataset folder needs --data DIR (a folder with train/ and val/ or test/)")
         from gmlp_vision.folders import load_image_folder  # folders.py builds on this module
 
-        return load_image_folder(path, image_size, cache_dir=cache_dir, skip_bad=skip_bad, progress=progress)
+        return load_image_folder(path, image_size, cache_dir=cache_dir, skip_bad=skip_bad, progress=progress,
+                                 mode=folder_mode, workers=workers, crop_scale=crop_scale)  # fmt: skip
     if key == "digits":
         return _load_digits(_digits_file() if path is None else Path(path).expanduser())
     if key not in _LAYOUTS:

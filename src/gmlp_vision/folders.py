@@ -1,10 +1,16 @@
-"""Image-folder datasets: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` (or ``test/``), decoded once into memory.
+"""Image-folder datasets: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` (or ``test/``), in memory or streamed.
 
-Every image (any size; PNG, JPEG, WebP, BMP, GIF, TIFF; grayscale, RGBA and palette images converted to RGB) is read
-defensively (`images.load_image`), resized to the model's input size with the same antialiased `augment.resize` as
-everywhere else, and stored as one uint8 tensor per split, so training runs exactly like CIFAR, fully in memory. The
-decoded tensors are cached in the data cache dir under a key made of the folder's absolute path, the image size, and
-every file's relative path, size and modification time: a changed folder is decoded again.
+The training files are put in a fixed pseudo-random order (seed 0, the same on every machine), so that the
+validation fraction taken from the end of the training split (Keras ``validation_split``) samples every class, as
+Keras' ``image_dataset_from_directory`` does by shuffling before it splits.
+
+Two paths. Sets too large to hold decoded (``mode="auto"``: more than `MEMORY_LIMIT` bytes or a quarter of the RAM)
+are streamed: each split is an `stream.ImageFiles`, decoded batch by batch in worker processes. Otherwise every image
+(any size; PNG, JPEG, WebP, BMP, GIF, TIFF; grayscale, RGBA and palette images converted to RGB) is read defensively
+(`images.load_image`), resized to the model's input size with the same antialiased `augment.resize` as everywhere
+else, and stored as one uint8 tensor per split, so training runs exactly like CIFAR, fully in memory. The decoded
+tensors are cached in the data cache dir under a key made of the folder's absolute path, the image size, and every
+file's relative path, size and modification time: a changed folder is decoded again.
 """
 
 from __future__ import annotations
@@ -22,9 +28,27 @@ from gmlp_vision.augment import resize
 from gmlp_vision.data import Dataset, Split, default_cache_dir
 from gmlp_vision.errors import DataError, ImageError
 from gmlp_vision.images import IMAGE_EXTENSIONS, load_image
+from gmlp_vision.stream import ImageFiles
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: training files in a fixed shuffled order
+MEMORY_LIMIT = 4 * 1024**3  # decoded bytes above which mode "auto" streams
+
+
+def _shuffled(paths: list[tuple[Path, int]]) -> list[tuple[Path, int]]:
+    order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(0)).tolist()
+    return [paths[i] for i in order]
+
+
+def _labelled(files: dict[str, list[Path]], classes: list[str]) -> list[tuple[Path, int]]:
+    return [(p, classes.index(c)) for c in classes for p in files[c]]
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return MEMORY_LIMIT * 4
 
 
 def _class_files(split_dir: Path) -> dict[str, list[Path]]:
@@ -40,8 +64,7 @@ def _class_files(split_dir: Path) -> dict[str, list[Path]]:
     return files
 
 
-def _decode(files: dict[str, list[Path]], classes: list[str], size: int, skip_bad: bool, progress: bool) -> Split:
-    paths = [(p, classes.index(c)) for c in classes for p in files[c]]
+def _decode(paths: list[tuple[Path, int]], size: int, skip_bad: bool, progress: bool) -> Split:
     images = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
     labels = torch.empty(len(paths), dtype=torch.int64)
     kept = 0
@@ -78,8 +101,11 @@ def load_image_folder(
     cache_dir: Path | None = None,
     skip_bad: bool = False,
     progress: bool = True,
+    mode: str = "auto",
+    workers: int = 4,
+    crop_scale: float = 0.08,
 ) -> Dataset:
-    """Load ``root/train`` and ``root/val`` (or ``root/test``) class folders as an in-memory `Dataset`.
+    """Load ``root/train`` and ``root/val`` (or ``root/test``) class folders as a `Dataset`, in memory or streamed.
 
     Args:
         root: the folder holding ``train/`` and ``val/`` or ``test/``.
@@ -87,6 +113,9 @@ def load_image_folder(
         cache_dir: where the decoded tensors are cached (default: the data cache dir).
         skip_bad: leave out unreadable images (logged) instead of failing on the first one.
         progress: show a progress bar while decoding.
+        mode: ``memory``, ``stream`` or ``auto`` (see the module doc).
+        workers: streamed: worker processes that decode the images.
+        crop_scale: streamed: smallest area fraction of the random-resized crops taken when training asks for them.
 
     Raises:
         DataError: missing folders, empty classes, train and val class sets that differ, or (without ``skip_bad``)
@@ -107,6 +136,17 @@ def load_image_folder(
             f"only in {eval_dir.name}: {only_eval or 'none'}"
         )
     classes = sorted(train_files)
+    train_paths, eval_paths = _shuffled(_labelled(train_files, classes)), _labelled(eval_files, classes)
+    decoded = (len(train_paths) + len(eval_paths)) * 3 * image_size**2
+    if mode == "stream" or (mode == "auto" and decoded > min(MEMORY_LIMIT, _physical_memory() // 4)):
+        log.info("streaming %s: %d training and %d %s images, decoded by %d workers",
+                 root, len(train_paths), len(eval_paths), eval_dir.name, workers)  # fmt: skip
+        splits = []
+        for paths in (train_paths, eval_paths):
+            files = ImageFiles([str(p) for p, _ in paths], image_size, workers=workers, skip_bad=skip_bad,
+                               min_scale=crop_scale)  # fmt: skip
+            splits.append(Split(files, torch.tensor([label for _, label in paths], dtype=torch.int64)))
+        return Dataset("folder", splits[0], splits[1], tuple(classes))
     cache = (cache_dir if cache_dir is not None else default_cache_dir()) / "folders"
     key = _cache_key(root, image_size, {"train": train_files, eval_dir.name: eval_files})
     cached = cache / f"{key}{'-skip' if skip_bad else ''}.pt"
@@ -116,8 +156,8 @@ def load_image_folder(
             return Dataset("folder", Split(*blob["train"]), Split(*blob["test"]), tuple(blob["classes"]))
         except Exception:  # a damaged cache is just decoded again
             log.warning("ignoring unreadable cache file %s", cached)
-    train = _decode(train_files, classes, image_size, skip_bad, progress)
-    test = _decode(eval_files, classes, image_size, skip_bad, progress)
+    train = _decode(train_paths, image_size, skip_bad, progress)
+    test = _decode(eval_paths, image_size, skip_bad, progress)
     cache.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
     with os.fdopen(fd, "wb") as f:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import glob
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -67,27 +68,30 @@ def _target_mode(channels: int) -> str:
     return "L" if channels == 1 else "RGB"
 
 
-def pil_to_tensor(image: Image.Image, channels: int) -> Tensor:
-    """A Pillow image (current frame) as (C, H, W) uint8 with ``channels`` channels (alpha dropped, see module doc)."""
+def convert(image: Image.Image, channels: int) -> Image.Image:
+    """A Pillow image in the mode for ``channels`` (``RGB`` or ``L``; alpha dropped, see the module doc)."""
     mode = _target_mode(channels)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # Pillow wants transparent palettes expanded before dropping alpha
-    if image.mode != mode:
-        image = image.convert(mode)
+    return image if image.mode == mode else image.convert(mode)
+
+
+def pil_to_tensor(image: Image.Image, channels: int) -> Tensor:
+    """A Pillow image (current frame) as (C, H, W) uint8 with ``channels`` channels (alpha dropped, see module doc)."""
+    image = convert(image, channels)
     array = np.asarray(image, dtype=np.uint8)
     return torch.from_numpy(array.copy()).reshape(image.height, image.width, channels).permute(2, 0, 1)
 
 
-def load_image(path: str | Path, channels: int = 3, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Tensor:
-    """Read an image file (first frame) as (C, H, W) uint8 with ``channels`` channels.
+@contextmanager
+def open_image(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[Image.Image]:
+    """An image file opened defensively (first frame), for reading inside the block.
 
-    Args:
-        path: any format Pillow reads (PNG, JPEG, WebP, BMP, GIF, TIFF, ...), recognised by content.
-        channels: 3 for RGB, 1 for grayscale.
-        max_pixels: refuse images whose header declares more pixels than this, before decoding them.
+    The header is checked before anything is decoded, and every failure inside the block (decoding happens there)
+    becomes an `ImageError` naming the file.
 
     Raises:
-        ImageError: missing, not an image, truncated or corrupt, or too large; the message names the file.
+        ImageError: missing, not an image, truncated or corrupt, or more than ``max_pixels`` pixels.
     """
     path = Path(path)
     if not path.is_file():
@@ -102,7 +106,7 @@ def load_image(path: str | Path, channels: int = 3, *, max_pixels: int = MAX_IMA
                         "(refused as a possible decompression bomb)"
                     )
                 image.seek(0)
-                return pil_to_tensor(image, channels)
+                yield image
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -111,6 +115,21 @@ def load_image(path: str | Path, channels: int = 3, *, max_pixels: int = MAX_IMA
         raise ImageError(f"{path} is not an image file Pillow can read") from None
     except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, ValueError, struct.error...: all "corrupt"
         raise ImageError(f"cannot read image {path}: {e or type(e).__name__}") from None
+
+
+def load_image(path: str | Path, channels: int = 3, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Tensor:
+    """Read an image file (first frame) as (C, H, W) uint8 with ``channels`` channels.
+
+    Args:
+        path: any format Pillow reads (PNG, JPEG, WebP, BMP, GIF, TIFF, ...), recognised by content.
+        channels: 3 for RGB, 1 for grayscale.
+        max_pixels: refuse images whose header declares more pixels than this, before decoding them.
+
+    Raises:
+        ImageError: missing, not an image, truncated or corrupt, or too large; the message names the file.
+    """
+    with open_image(path, max_pixels=max_pixels) as image:
+        return pil_to_tensor(image, channels)
 
 
 def array_to_tensor(array: np.ndarray, channels: int) -> Tensor:

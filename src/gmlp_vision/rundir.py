@@ -20,7 +20,19 @@ from gmlp_vision.errors import ConfigError
 HISTORY_FIELDS = ("epoch", "loss", "acc", "top5", "val_loss", "val_acc", "val_top5", "lr", "seconds")
 # What a resumed run may change: where and how fast it runs, and how long. Everything else is the run's identity.
 RESUMABLE_OVERRIDES = frozenset(
-    {"epochs", "device", "threads", "progress", "checkpoint_every", "download", "data", "tensorboard", "accum_steps"}
+    {
+        "epochs",
+        "device",
+        "threads",
+        "progress",
+        "checkpoint_every",
+        "download",
+        "data",
+        "tensorboard",
+        "accum_steps",
+        "workers",
+        "folder_mode",
+    }  # fmt: skip
 )
 
 

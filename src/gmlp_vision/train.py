@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from gmlp_vision.augment import augment_batch, resize
+from gmlp_vision.augment import augment_batch, random_resized_crop, resize
 from gmlp_vision.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, unwrap
 from gmlp_vision.config import Config
 from gmlp_vision.data import Dataset, load_dataset
@@ -44,6 +44,7 @@ from gmlp_vision.rundir import (
     write_history,
     write_json,
 )
+from gmlp_vision.stream import ImageFiles
 
 log = logging.getLogger("gmlp_vision")
 
@@ -72,19 +73,22 @@ def channel_stats(images: Tensor, chunk: int = 1024) -> tuple[Tensor, Tensor]:
     """
     total = torch.zeros(images.shape[1], dtype=torch.float64)
     total_sq = torch.zeros_like(total)
+    n = 0
     for part in images.split(chunk):
         x = part.float()  # exact for 0..255; squares are exact in fp32 too
         total += x.sum(dim=(0, 2, 3), dtype=torch.float64)
         total_sq += (x * x).sum(dim=(0, 2, 3), dtype=torch.float64)
-    n = images.numel() // images.shape[1]
+        n += x.numel() // x.shape[1]
     mean = total / n
     return mean.float(), (total_sq / n - mean * mean).clamp_min(0).float()
 
 
-def topk_correct(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Counts of correct top-1 and top-5 predictions (top-k over min(5, classes))."""
+def topk_correct(logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Counts of correct top-1 and top-5 predictions (top-k over min(5, classes)), over the rows in ``mask``."""
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices
     hits = top == labels[:, None]
+    if mask is not None:
+        hits &= mask[:, None]
     return hits[:, 0].sum(), hits.any(dim=1).sum()
 
 
@@ -146,33 +150,45 @@ def train_step(
     cfg: Config,
     generator: torch.Generator,
     *,
-    weight: float | None = None,
+    weight: float | Tensor | None = None,
+    cropped: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One optimiser step on a uint8 batch: resize, augment, forward, loss, backward, update.
 
     The batch goes through in ``cfg.accum_steps`` micro-batches whose gradients add up (under DDP they are
-    synchronised once, on the last). Each image's loss counts ``weight`` in the gradient (default ``1 / len(labels)``:
-    the batch mean; the distributed loop passes ``world / global batch``, see `distributed`).
+    synchronised once, on the last). Each image's loss counts ``weight`` in the gradient: one float for all, or one
+    per image (default ``1 / len(labels)``: the batch mean; the distributed loop passes ``world / global batch``, see
+    `distributed`, and 0 for unreadable streamed files).
+
+    Args:
+        cropped: the images already are random-resized crops (streamed files); else ``cfg.crop`` is applied here.
 
     Returns:
-        The loss summed over the batch's images and the float32 logits, both detached.
+        Every image's loss and the float32 logits, both detached.
     """
-    weight = 1.0 / len(labels) if weight is None else weight
-    parts = min(cfg.accum_steps, len(labels))
+    n, device = len(labels), images.device
+    weights = (
+        weight.to(device)
+        if isinstance(weight, Tensor)
+        else torch.full((n,), 1.0 / n if weight is None else weight, device=device)
+    )
+    parts = min(cfg.accum_steps, n)
     ddp = _ddp(model)
     optimizer.zero_grad(set_to_none=True)
-    total, outputs = torch.zeros((), device=images.device), []
-    for j, (xb, yb) in enumerate(zip(images.tensor_split(parts), labels.tensor_split(parts), strict=True)):
+    losses, outputs = [], []
+    for j, (xb, yb, wb) in enumerate(zip(*(t.tensor_split(parts) for t in (images, labels, weights)), strict=True)):
         with ddp.no_sync() if ddp is not None and j + 1 < parts else nullcontext():
             x = resize(xb.float(), cfg.model.image_size)
+            if cfg.crop == "random-resized" and not cropped:
+                x = random_resized_crop(x, cfg.crop_scale, generator)
             x = augment_batch(x, flip=cfg.flip, zoom_amount=cfg.zoom, generator=generator)
             logits = model(compute_input(x, cfg.precision)).float()
-            loss = F.cross_entropy(logits, yb, reduction="sum")
-            (loss * weight).backward()
-        total += loss.detach()
+            loss = F.cross_entropy(logits, yb, reduction="none")
+            (loss * wb).sum().backward()
+        losses.append(loss.detach())
         outputs.append(logits.detach())
     optimizer.step()
-    return total, outputs[0] if parts == 1 else torch.cat(outputs)
+    return (losses[0], outputs[0]) if parts == 1 else (torch.cat(losses), torch.cat(outputs))
 
 
 def _ddp(model: nn.Module) -> DistributedDataParallel | None:
@@ -230,7 +246,7 @@ def train_one_epoch(
         NonFiniteLossError: the loss became NaN or infinite (checked every step on CPU, every 50 on GPUs).
     """
     model.train()
-    device, n = images.device, len(labels)
+    device, n = labels.device, len(labels)
     if state is None:
         state = EpochProgress(torch.randperm(n, generator=generator, device=generator.device).to(device))
     if not state.sums:
@@ -238,18 +254,26 @@ def train_one_epoch(
     sums, batches = state.sums, state.perm.split(cfg.batch_size)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     check_every = 1 if device.type == "cpu" else 50  # .item() and collectives sync the device: not every step on GPUs
+    plan = []
     for i in range(state.batch, len(batches)):
-        idx = batches[i]
-        mine, weight = ctx.share(idx), ctx.world / len(idx)
+        mine, weight = ctx.share(batches[i]), ctx.world / len(batches[i])
         if not len(mine):  # a last batch smaller than the world: this rank takes part with a zero-weight image
-            mine, weight = idx[:1], 0.0
+            mine, weight = batches[i][:1], 0.0
+        plan.append((i, mine, weight))
+    fetched = _fetch(images, [mine for _, mine, _ in plan], cfg, state.step)
+    for (i, mine, weight), (x, readable) in zip(plan, fetched, strict=True):
         y = labels[mine]
-        loss, logits = train_step(model, optimizer, images[mine], y, cfg, generator, weight=weight)
+        weights = torch.full((len(mine),), weight, device=device)
+        if readable is not None:
+            weights *= readable  # an unreadable streamed file (--skip-bad-images) counts for nothing
+        cropped = readable is not None and cfg.crop != "none"
+        losses, logits = train_step(model, optimizer, x, y, cfg, generator, weight=weights, cropped=cropped)
         state.batch, state.step = i + 1, state.step + 1
+        loss = losses.sum() if readable is None else (losses * readable).sum()
         if weight:
             with torch.no_grad():
                 nonfinite |= ~torch.isfinite(loss)
-                c1, c5 = topk_correct(logits, y)
+                c1, c5 = topk_correct(logits, y, readable)
                 sums["loss"] += loss
                 sums["acc"] += c1
                 sums["top5"] += c5
@@ -269,6 +293,25 @@ def train_one_epoch(
             after_step(state, stop)
     totals = ctx.sum(torch.stack([sums[k] for k in METRICS]))
     return {k: v / n for k, v in zip(METRICS, totals.tolist(), strict=True)}
+
+
+def _fetch(
+    images: Tensor | ImageFiles, shares: list[Tensor], cfg: Config, first_step: int
+) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """Each share's uint8 images on the training device, and for streamed files which ones could be read.
+
+    Streamed files are decoded ahead by worker processes, as random-resized crops when ``cfg.crop`` asks for them,
+    each keyed to (seed, step, image index) so that resuming, or another number of workers, draws the same crops.
+    """
+    if isinstance(images, Tensor):
+        yield from ((images[mine], None) for mine in shares)
+        return
+    keys = None
+    if cfg.crop == "random-resized":
+        keys = [[(cfg.seed * 1_000_003 + first_step + n) << 32 | int(i) for i in mine] for n, mine in enumerate(shares)]
+    device = shares[0].device if shares else torch.device("cpu")
+    for x, readable in images.batches([mine.tolist() for mine in shares], keys):
+        yield x.to(device, non_blocking=True), readable.to(device)
 
 
 class StopRequests:
@@ -328,7 +371,8 @@ def _train(cfg: Config, dataset: Dataset | None, resume: bool, ctx: Dist, device
         torch.set_num_threads(cfg.threads)
     ds = dataset if dataset is not None else ctx.main_first(lambda: load_dataset(
         cfg.dataset, cfg.data, download=cfg.download, verify_md5=cfg.verify_md5, progress=cfg.progress and ctx.main,
-        image_size=cfg.model.image_size, skip_bad=cfg.skip_bad_images,
+        image_size=cfg.model.image_size, skip_bad=cfg.skip_bad_images, folder_mode=cfg.folder_mode,
+        workers=cfg.workers, crop_scale=cfg.crop_scale,
     ))  # fmt: skip
     # Class count and channels are facts of the data, not choices.
     cfg = replace(cfg, model=replace(cfg.model, num_classes=ds.num_classes, in_chans=ds.in_chans))
@@ -344,7 +388,7 @@ def _train(cfg: Config, dataset: Dataset | None, resume: bool, ctx: Dist, device
 
     torch.manual_seed(cfg.seed)
     model = GMLP(cfg.model)
-    model.set_normalization(*channel_stats(images))  # all training images, validation included (Keras adapt)
+    model.set_normalization(*channel_stats(_stats_sample(images, cfg.seed)))  # validation included (Keras adapt)
     model.to(device)
     optimizer = build_optimizer(cfg, model)
     plateau = Plateau(optimizer, cfg.plateau_factor, cfg.plateau_patience, cfg.plateau_threshold)
@@ -475,6 +519,16 @@ def _train(cfg: Config, dataset: Dataset | None, resume: bool, ctx: Dist, device
 
     ctx.on_main(finish)
     return Result(run_dir, history, test, final, stopper.best_epoch + 1, stopped)
+
+
+STATS_SAMPLE = 10_000  # streamed folders: images the normalisation statistics are computed from
+
+
+def _stats_sample(images: Tensor | ImageFiles, seed: int) -> Tensor | ImageFiles:
+    """All training images in memory; a fixed random sample of `STATS_SAMPLE` streamed files."""
+    if isinstance(images, Tensor) or len(images) <= STATS_SAMPLE:
+        return images
+    return images.subset(torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:STATS_SAMPLE])
 
 
 # The model's buffers (normalisation statistics) are the same on every rank: no broadcast before each forward.
