@@ -51,6 +51,7 @@ class ModelConfig:
         ("near-zero", "glorot"),
     )
     final_norm: bool = _f(True, "LayerNorm on the tokens before pooling (paper and timm: on; tutorial: off)")
+    attn_dim: int = _f(0, "aMLP: width of a tiny single-head attention added to every gate (paper: 64; 0: gMLP)")
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -62,6 +63,8 @@ class ModelConfig:
                 f"--patch-size {self.patch_size} does not divide --image-size {self.image_size}: "
                 "patches must tile the image exactly"
             )
+        if self.attn_dim < 0:
+            raise ConfigError(f"--attn-dim must be >= 0, got {self.attn_dim}")
         if self.ffn_dim % 2:
             raise ConfigError(f"--ffn-dim must be even (the gate splits it in two halves), got {self.ffn_dim}")
         for name in ("dropout", "head_dropout", "drop_path"):
@@ -261,10 +264,26 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
+# The paper's ImageNet models (Liu et al. 2021, Table 1): 224 px, patch 16, 30 blocks, survival probability of the last
+# block 1.00 / 0.95 / 0.80 (stochastic depth rising linearly with depth); 6M / 20M / 73M parameters at 1000 classes.
+# The recipe (AdamW, lr 1e-3 for batch 1024, weight decay 0.05) is the paper's DeiT-style one, without its schedule and
+# augmentations, which are options of their own.
+_PAPER = dict(image_size=224, patch_size=16, depth=30, dropout=0.0, head_dropout=0.0, gelu="exact", shortcut="input",
+              spatial_init="near-zero", final_norm=True, optimizer="adamw", lr=1e-3, weight_decay=0.05,
+              batch_size=1024, epochs=300, plateau_patience=0, early_stop_patience=0)  # fmt: skip
+PRESETS.update({
+    "gmlp-ti": dict(_PAPER, embed_dim=128, ffn_dim=768, drop_path=0.0),
+    "gmlp-s": dict(_PAPER, embed_dim=256, ffn_dim=1536, drop_path=0.05),
+    "gmlp-b": dict(_PAPER, embed_dim=512, ffn_dim=3072, drop_path=0.2),
+})  # fmt: skip
+
 PRESET_HELP: dict[str, str] = {
     "seed": "the Keras tutorial exactly (CIFAR-100, 236,004 parameters, 78.91 % top-5 reported)",
     "digits": "the embedded 8x8 digits dataset (offline Quickstart, >= 90 % test top-1 in under a minute)",
     "tiny": "a very small model for tests and smoke runs",
+    "gmlp-ti": "the paper's gMLP-Ti: 224 px, patch 16, 30 blocks, width 128 (5.9M params at 1000 classes)",
+    "gmlp-s": "the paper's gMLP-S: 224 px, patch 16, 30 blocks, width 256 (19.4M params at 1000 classes)",
+    "gmlp-b": "the paper's gMLP-B: 224 px, patch 16, 30 blocks, width 512 (73.1M params at 1000 classes)",
 }
 
 # The preset a dataset gets when --dataset is given and --preset is not.

@@ -72,11 +72,12 @@ class SpatialGatingUnit(nn.Module):
             nn.init.normal_(self.proj.weight, std=1e-6)
         nn.init.ones_(self.proj.bias)
 
-    def forward(self, u: Tensor, v: Tensor, scale: float = 1.0) -> Tensor:
-        """Gate ``scale * u`` with ``W @ norm(scale * v) + b``, computed without ever multiplying by ``scale``.
+    def forward(self, u: Tensor, v: Tensor, scale: float = 1.0, attn: Tensor | None = None) -> Tensor:
+        """Gate ``scale * u`` with ``W @ norm(scale * v) + b (+ attn)``, computed without multiplying by ``scale``.
 
         ``scale`` is inverted dropout's ``1 / keep`` when the block passes masked-but-unscaled halves: on ``v`` it is
         absorbed exactly by the norm (``LN(s v; eps) = LN(v; eps / s^2)``), on ``u`` by the product's alpha and beta.
+        ``attn`` is aMLP's tiny attention output, added to the spatial projection.
         """
         N, B, C = v.shape  # token-major
         norm = self.norm
@@ -84,7 +85,27 @@ class SpatialGatingUnit(nn.Module):
         # Token-major, the token mixing of the whole batch is ONE (N, N) @ (N, B*C) product, no transposes.
         weight, bias = self.proj.weight.to(v.dtype), self.proj.bias.to(v.dtype)
         v = torch.addmm(bias[:, None], weight, v.reshape(N, B * C), beta=scale, alpha=scale).view(N, B, C)
+        if attn is not None:
+            v = torch.add(v, attn, alpha=scale)
         return u * v
+
+
+class TinyAttention(nn.Module):
+    """aMLP's single-head self-attention of width ``attn_dim`` over the tokens, projected to the gate's width.
+
+    Paper, section 4.3: its output is added to the spatial gating unit's token mixing. Input: the block's normalised
+    tokens, token-major (N, B, D); output (N, B, ffn_dim / 2).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.attn_dim)
+        self.proj = nn.Linear(cfg.attn_dim, cfg.ffn_dim // 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = linear(x, self.qkv).permute(1, 0, 2)[:, None].chunk(3, dim=-1)  # (B, 1, N, attn_dim) each
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(attn_dim)) v
+        return linear(out[:, 0].transpose(0, 1), self.proj)
 
 
 class GMLPBlock(nn.Module):
@@ -103,6 +124,7 @@ class GMLPBlock(nn.Module):
         self.dropout = cfg.dropout
         self.sgu = SpatialGatingUnit(cfg)
         self.fc2 = nn.Linear(cfg.ffn_dim // 2, cfg.embed_dim)
+        self.attn = TinyAttention(cfg) if cfg.attn_dim else None
         self.drop_path = drop_path
         self.normed_shortcut = cfg.shortcut == "normed"
 
@@ -118,7 +140,8 @@ class GMLPBlock(nn.Module):
             # Mask only; the 1 / keep rescaling is folded into the gate (see SpatialGatingUnit.forward).
             (mask_u, mask_v), scale = keep_masks(u, self.dropout, 2)
             u, v = u * mask_u, v * mask_v
-        y = linear(self.sgu(u, v, scale), self.fc2)
+        attn = self.attn(y) if self.attn is not None else None
+        y = linear(self.sgu(u, v, scale, attn), self.fc2)
         return shortcut + drop_path(y, self.drop_path, self.training)
 
 
@@ -253,6 +276,9 @@ def flops_per_image(cfg: ModelConfig) -> int:
     """Multiply-adds x 2 of one forward pass (matrix products only), e.g. 30.2 MFLOP for the `seed` preset."""
     n, d, f = cfg.num_patches, cfg.embed_dim, cfg.ffn_dim
     per_block = n * d * f + n * n * (f // 2) + n * (f // 2) * d
+    if cfg.attn_dim:  # aMLP: q, k, v, the two attention products, the output projection
+        a = cfg.attn_dim
+        per_block += n * d * 3 * a + 2 * n * n * a + n * a * (f // 2)
     return 2 * (n * cfg.patch_dim * d + cfg.depth * per_block + d * cfg.num_classes)
 
 
@@ -261,6 +287,7 @@ __all__ = [
     "GMLPBlock",
     "PatchEmbed",
     "SpatialGatingUnit",
+    "TinyAttention",
     "count_parameters",
     "drop_path",
     "dropout",
