@@ -142,6 +142,19 @@ class Config:
         "adamw: torch.optim.AdamW (decay scaled by the lr)",
         ("keras-adamw", "adamw"),
     )
+    schedule: str = _f(
+        "constant",
+        "lr schedule over the steps: constant (the tutorial: only plateau halvings), cosine (linear warm-up, cosine "
+        "to --min-lr) or onecycle (cosine up from lr/25 for the warm-up, cosine down)",
+        ("constant", "cosine", "onecycle"),
+    )
+    warmup_epochs: float = _f(0.0, "epochs of learning-rate warm-up (fractions allowed)")
+    min_lr: float = _f(0.0, "learning rate at the end of a cosine or onecycle schedule")
+    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy (0.1 is the usual modern value)")
+    clip_grad: float = _f(0.0, "clip the gradients' global L2 norm to this value before each step (0: off)")
+    decay_norms_biases: bool = _f(
+        True, "apply weight decay to norm weights and biases too (the tutorial does; modern recipes do not)"
+    )
     plateau_patience: int = _f(5, "halve the lr on the Nth epoch in a row without val_loss improvement (0: off)")
     plateau_factor: float = _f(0.5, "lr multiplier applied on a plateau")
     plateau_threshold: float = _f(1e-4, "an epoch improves when val_loss < best - threshold (absolute)")
@@ -175,6 +188,12 @@ class Config:
         for name in ("train_limit", "plateau_patience", "early_stop_patience", "threads", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        if self.schedule != "constant" and self.plateau_patience:
+            raise ConfigError(f"--schedule {self.schedule} sets the lr itself; pass --plateau-patience 0 with it")
+        if self.warmup_epochs < 0 or self.min_lr < 0 or self.clip_grad < 0:
+            raise ConfigError("--warmup-epochs, --min-lr and --clip-grad must be >= 0")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0.0 < self.crop_scale <= 1.0:
             raise ConfigError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
         if self.workers < 0:

@@ -75,6 +75,25 @@ class KerasAdamW(torch.optim.Optimizer):
             torch._foreach_addcdiv_(params, m, denom, value=-step_size)
 
 
+def scheduled_lr(step: int, total: int, *, lr: float, schedule: str, warmup: int = 0, min_lr: float = 0.0) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) of ``total``: a pure function, so a resumed run agrees.
+
+    ``constant``: ``lr`` after the warm-up. ``cosine``: linear warm-up from ~0 over ``warmup`` steps, then a half
+    cosine from ``lr`` down to ``min_lr`` at the last step. ``onecycle``: the same cosine shape on both sides of its
+    peak at ``warmup`` steps (cosine warm-up from ``lr / 25``, as ``torch.optim.lr_scheduler.OneCycleLR``).
+    """
+    if schedule == "onecycle":
+        start = lr / 25.0
+        if step < warmup:
+            return start + (lr - start) * 0.5 * (1.0 - math.cos(math.pi * step / warmup))
+    elif step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    done = (step - warmup) / max(total - 1 - warmup, 1)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
+
+
 class Plateau:
     """Keras ``ReduceLROnPlateau`` (no cooldown, no floor); call `step` once per epoch with the monitored loss."""
 

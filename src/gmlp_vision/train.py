@@ -35,7 +35,7 @@ from gmlp_vision.data import Dataset, load_dataset
 from gmlp_vision.distributed import SINGLE, Dist, distributed
 from gmlp_vision.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted
 from gmlp_vision.model import GMLP
-from gmlp_vision.optim import EarlyStopping, KerasAdamW, Plateau
+from gmlp_vision.optim import EarlyStopping, KerasAdamW, Plateau, scheduled_lr
 from gmlp_vision.rundir import (
     default_run_dir,
     format_epoch,
@@ -98,10 +98,14 @@ def maybe_compile(model: nn.Module, cfg: Config) -> nn.Module:
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """The configured optimiser over every parameter (the tutorial decays biases and norms too)."""
+    """The configured optimiser; without ``cfg.decay_norms_biases``, vectors (norms, biases) get no weight decay."""
+    params: list[Any] = list(model.parameters())
+    if not cfg.decay_norms_biases:
+        params = [{"params": [p for p in params if p.ndim > 1]},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]  # fmt: skip
     if cfg.optimizer == "keras-adamw":
-        return KerasAdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return KerasAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def infer(model: nn.Module, images: Tensor, precision: str = "fp32") -> Tensor:
@@ -183,10 +187,12 @@ def train_step(
                 x = random_resized_crop(x, cfg.crop_scale, generator)
             x = augment_batch(x, flip=cfg.flip, zoom_amount=cfg.zoom, generator=generator)
             logits = model(compute_input(x, cfg.precision)).float()
-            loss = F.cross_entropy(logits, yb, reduction="none")
+            loss = F.cross_entropy(logits, yb, reduction="none", label_smoothing=cfg.label_smoothing)
             (loss * wb).sum().backward()
         losses.append(loss.detach())
         outputs.append(logits.detach())
+    if cfg.clip_grad:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
     optimizer.step()
     return (losses[0], outputs[0]) if parts == 1 else (torch.cat(losses), torch.cat(outputs))
 
@@ -262,6 +268,12 @@ def train_one_epoch(
         plan.append((i, mine, weight))
     fetched = _fetch(images, [mine for _, mine, _ in plan], cfg, state.step)
     for (i, mine, weight), (x, readable) in zip(plan, fetched, strict=True):
+        warmup = round(cfg.warmup_epochs * len(batches))
+        if cfg.schedule != "constant" or (warmup and state.step <= warmup):  # constant: set only while warming up
+            lr = scheduled_lr(state.step, cfg.epochs * len(batches), lr=cfg.lr, schedule=cfg.schedule,
+                              warmup=warmup, min_lr=cfg.min_lr)  # fmt: skip
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         y = labels[mine]
         weights = torch.full((len(mine),), weight, device=device)
         if readable is not None:

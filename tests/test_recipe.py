@@ -1,0 +1,81 @@
+"""Modern recipe options: lr schedules, label smoothing, gradient clipping, no decay on norms and biases."""
+
+import math
+
+import pytest
+import torch
+
+from gmlp_vision.config import from_preset
+from gmlp_vision.errors import ConfigError
+from gmlp_vision.model import GMLP
+from gmlp_vision.optim import scheduled_lr
+from gmlp_vision.train import build_optimizer, train_step
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_cosine_schedule_warms_up_linearly_then_decays_to_min_lr():
+    lrs = [scheduled_lr(t, 100, lr=1.0, schedule="cosine", warmup=10, min_lr=0.01) for t in range(100)]
+    assert lrs[:10] == pytest.approx([(t + 1) / 10 for t in range(10)])
+    assert lrs[10] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.01)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lrs[55] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 45 / 89)))
+
+
+def test_onecycle_rises_from_a_25th_to_the_peak_then_falls():
+    lrs = [scheduled_lr(t, 50, lr=2.0, schedule="onecycle", warmup=10) for t in range(50)]
+    assert lrs[0] == pytest.approx(2.0 / 25) and max(lrs) == pytest.approx(2.0) and lrs.index(max(lrs)) == 10
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert scheduled_lr(7, 50, lr=2.0, schedule="constant", warmup=0) == 2.0
+
+
+def test_a_schedule_and_plateau_halving_cannot_both_set_the_lr():
+    with pytest.raises(ConfigError, match="--plateau-patience 0"):
+        from_preset("tiny", schedule="cosine", plateau_patience=3)
+    with pytest.raises(ConfigError, match="label-smoothing"):
+        from_preset("tiny", label_smoothing=1.0)
+
+
+def test_no_decay_on_norms_and_biases():
+    cfg = from_preset("tiny", num_classes=10, decay_norms_biases=False, optimizer="adamw", weight_decay=0.05)
+    model = GMLP(cfg.model)
+    decayed, plain = build_optimizer(cfg, model).param_groups
+    assert decayed["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim == 2 for p in decayed["params"]) and {names[id(p)] for p in plain["params"]} >= {
+        "head.bias", "norm.weight", "blocks.0.sgu.proj.bias"}  # fmt: skip
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def step_once(**values):
+    torch.manual_seed(0)
+    cfg = from_preset("tiny", num_classes=10, flip=False, zoom=0.0, dropout=0.0, head_dropout=0.0, drop_path=0.0,
+                      **values)  # fmt: skip
+    model = GMLP(cfg.model)
+    optimizer = build_optimizer(cfg, model)
+    seen = {}
+    real_step = optimizer.step
+
+    def record(*args, **kw):
+        seen["norm"] = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
+        return real_step(*args, **kw)
+
+    optimizer.step = record
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(16) % 10
+    losses, logits = train_step(model, optimizer, images, labels, cfg, torch.Generator().manual_seed(0))
+    return losses, logits, seen["norm"]
+
+
+def test_gradient_clipping_bounds_the_global_norm():
+    _, _, free = step_once()
+    _, _, clipped = step_once(clip_grad=0.01)
+    assert free > 0.02 and clipped == pytest.approx(0.01, rel=1e-4)
+
+
+def test_label_smoothing_is_the_smoothed_cross_entropy():
+    losses, logits, _ = step_once(label_smoothing=0.1)
+    labels = torch.arange(16) % 10
+    logp = logits.log_softmax(1)
+    expected = -(0.9 * logp.gather(1, labels[:, None])[:, 0] + 0.1 * logp.mean(1))
+    assert torch.allclose(losses, expected, atol=1e-5)
