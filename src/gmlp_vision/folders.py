@@ -139,7 +139,7 @@ def load_image_folder(
     train_paths, eval_paths = _shuffled(_labelled(train_files, classes)), _labelled(eval_files, classes)
     decoded = (len(train_paths) + len(eval_paths)) * 3 * image_size**2
     if mode == "stream" or (mode == "auto" and decoded > min(MEMORY_LIMIT, _physical_memory() // 4)):
-        log.info("streaming %s: %d training and %d %s images, decoded by %d workers",
+        log.info("streaming %s: %d training and %d %s images, decoded by %d worker processes",
                  root, len(train_paths), len(eval_paths), eval_dir.name, workers)  # fmt: skip
         splits = []
         for paths in (train_paths, eval_paths):
