@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+import gmlp_vision.train as train_mod
+from gmlp_vision.augment import mix_batch
 from gmlp_vision.config import from_preset
 from gmlp_vision.errors import ConfigError
 from gmlp_vision.model import GMLP
@@ -79,3 +81,36 @@ def test_label_smoothing_is_the_smoothed_cross_entropy():
     logp = logits.log_softmax(1)
     expected = -(0.9 * logp.gather(1, labels[:, None])[:, 0] + 0.1 * logp.mean(1))
     assert torch.allclose(losses, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(("mixup", "cutmix"), [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
+def test_mixup_and_cutmix_keep_label_mass_one_and_lam_is_the_kept_share(mixup, cutmix):
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.arange(6 * 3 * 16 * 16, dtype=torch.float32).reshape(6, 3, 16, 16)  # every pixel distinct
+    for _ in range(10):
+        mixed, partner, lam = mix_batch(images, mixup, cutmix, generator)
+        assert 0.0 <= lam <= 1.0 and torch.equal(partner, torch.arange(5, -1, -1))
+        target = lam * torch.eye(10)[torch.arange(6)] + (1 - lam) * torch.eye(10)[partner]
+        assert torch.allclose(target.sum(1), torch.ones(6))
+        kept = (mixed == images).float().mean().item()
+        if kept < 1.0 and not torch.allclose(mixed, images * lam + images[partner] * (1 - lam)):  # cutmix
+            assert kept == pytest.approx(lam)
+    if mixup == 0:
+        assert kept == pytest.approx(lam)  # cutmix only: exactly the pixels kept
+
+
+def test_mixup_loss_is_the_mix_of_the_two_targets_losses(monkeypatch):
+    seen = {}
+
+    def recording(*args, **kw):
+        seen["mixed"] = mix_batch(*args, **kw)
+        return seen["mixed"]
+
+    monkeypatch.setattr(train_mod, "mix_batch", recording)
+    losses, logits, _ = step_once(mixup=0.8)
+    _, partner, lam = seen["mixed"]
+    labels = torch.arange(16) % 10
+    logp = logits.log_softmax(1)
+    expected = -(lam * logp.gather(1, labels[:, None])[:, 0] + (1 - lam) * logp.gather(1, labels[partner, None])[:, 0])
+    assert 0 < lam < 1 and torch.allclose(losses, expected, atol=1e-5)

@@ -86,6 +86,35 @@ def random_resized_crop(
     )
 
 
+def mix_batch(
+    images: Tensor, mixup_alpha: float, cutmix_alpha: float, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, float]:
+    """Mixup or cutmix of a batch with itself reversed; returns the images, each one's partner index and ``lam``.
+
+    The target of image ``i`` is ``lam * onehot(y[i]) + (1 - lam) * onehot(y[partner[i]])`` (label mass 1). Mixup
+    blends whole images with ``lam ~ Beta(a, a)``; cutmix pastes the partner's box of area ``1 - lam`` (clipped to the
+    image, ``lam`` then set to the exact kept fraction). With both alphas set, each batch picks one at random (p=0.5).
+    ``lam`` is drawn from torch's global generator (saved in checkpoints with the rest of the run's RNG state).
+    """
+    B, _, H, W = images.shape
+    partner = torch.arange(B - 1, -1, -1, device=images.device)
+    coin = torch.rand((), device=images.device, generator=generator).item()
+    cut = cutmix_alpha > 0 and (mixup_alpha <= 0 or coin < 0.5)
+    alpha = cutmix_alpha if cut else mixup_alpha
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    if not cut:
+        return images * lam + images[partner] * (1.0 - lam), partner, lam
+    h, w = round(H * math.sqrt(1.0 - lam)), round(W * math.sqrt(1.0 - lam))
+    cy, cx = (
+        torch.rand(2, generator=generator, device=images.device) * torch.tensor([H, W], device=images.device)
+    ).tolist()
+    y0, y1 = max(int(cy - h / 2), 0), min(int(cy + h / 2), H)
+    x0, x1 = max(int(cx - w / 2), 0), min(int(cx + w / 2), W)
+    out = images.clone()
+    out[:, :, y0:y1, x0:x1] = images[partner][:, :, y0:y1, x0:x1]
+    return out, partner, 1.0 - (y1 - y0) * (x1 - x0) / (H * W)
+
+
 def augment_batch(
     images: Tensor, *, flip: bool, zoom_amount: float, generator: torch.Generator | None = None
 ) -> Tensor:

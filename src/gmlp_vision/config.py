@@ -126,6 +126,8 @@ class Config:
         ("none", "random-resized"),
     )
     crop_scale: float = _f(0.08, "smallest area fraction of a random-resized crop")
+    mixup: float = _f(0.0, "mixup alpha: blend each batch with itself reversed, lam ~ Beta(alpha, alpha) (0: off)")
+    cutmix: float = _f(0.0, "cutmix alpha: paste a box of the reversed batch (0: off; with --mixup, one of the two)")
     # Optimisation.
     epochs: int = _f(100, "maximum number of epochs")
     batch_size: int = _f(
@@ -194,6 +196,8 @@ class Config:
             raise ConfigError("--warmup-epochs, --min-lr and --clip-grad must be >= 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ConfigError("--mixup and --cutmix take a Beta alpha >= 0 (0: off)")
         if not 0.0 < self.crop_scale <= 1.0:
             raise ConfigError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
         if self.workers < 0:
@@ -286,13 +290,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 # The paper's ImageNet models (Liu et al. 2021, Table 1): 224 px, patch 16, 30 blocks, survival probability of the last
 # block 1.00 / 0.95 / 0.80 (stochastic depth rising linearly with depth); 6M / 20M / 73M parameters at 1000 classes.
 # The recipe is the paper's DeiT-style one as far as it is built here: AdamW, lr 1e-3 for batch 1024, weight decay 0.05
-# (not on norms and biases), 5 warm-up epochs then cosine, label smoothing 0.1, random-resized crops and flips.
-# (Mixup, cutmix and RandAugment of the paper's recipe are not options yet.)
+# (not on norms and biases), 5 warm-up epochs then cosine, label smoothing 0.1, mixup 0.8 / cutmix 1.0, random-resized
+# crops and flips. (RandAugment and random erasing of the paper's recipe are not options yet.)
 _PAPER = dict(image_size=224, patch_size=16, depth=30, dropout=0.0, head_dropout=0.0, gelu="exact", shortcut="input",
               spatial_init="near-zero", final_norm=True, optimizer="adamw", lr=1e-3, weight_decay=0.05,
               decay_norms_biases=False, schedule="cosine", warmup_epochs=5.0, min_lr=1e-5, label_smoothing=0.1,
-              crop="random-resized", flip=True, zoom=0.0, batch_size=1024, epochs=300, plateau_patience=0,
-              early_stop_patience=0)  # fmt: skip
+              crop="random-resized", mixup=0.8, cutmix=1.0, flip=True, zoom=0.0, batch_size=1024, epochs=300,
+              plateau_patience=0, early_stop_patience=0)  # fmt: skip
 PRESETS.update({
     "gmlp-ti": dict(_PAPER, embed_dim=128, ffn_dim=768, drop_path=0.0),
     "gmlp-s": dict(_PAPER, embed_dim=256, ffn_dim=1536, drop_path=0.05),

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from gmlp_vision.augment import augment_batch, random_resized_crop, resize
+from gmlp_vision.augment import augment_batch, mix_batch, random_resized_crop, resize
 from gmlp_vision.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, unwrap
 from gmlp_vision.config import Config
 from gmlp_vision.data import Dataset, load_dataset
@@ -186,8 +186,13 @@ def train_step(
             if cfg.crop == "random-resized" and not cropped:
                 x = random_resized_crop(x, cfg.crop_scale, generator)
             x = augment_batch(x, flip=cfg.flip, zoom_amount=cfg.zoom, generator=generator)
+            if cfg.mixup or cfg.cutmix:
+                x, partner, lam = mix_batch(x, cfg.mixup, cfg.cutmix, generator)
             logits = model(compute_input(x, cfg.precision)).float()
             loss = F.cross_entropy(logits, yb, reduction="none", label_smoothing=cfg.label_smoothing)
+            if cfg.mixup or cfg.cutmix:  # the target lam * y + (1 - lam) * y[partner], as a mix of two losses
+                other = F.cross_entropy(logits, yb[partner], reduction="none", label_smoothing=cfg.label_smoothing)
+                loss = lam * loss + (1.0 - lam) * other
             (loss * wb).sum().backward()
         losses.append(loss.detach())
         outputs.append(logits.detach())
