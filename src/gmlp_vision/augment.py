@@ -27,6 +27,11 @@ def resize(images: Tensor, size: int) -> Tensor:
     return F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
+def resize_uint8(image: Tensor, size: int) -> Tensor:
+    """One (C, H, W) image `resize`d to ``size`` x ``size`` and rounded back to uint8: how image files are stored."""
+    return resize(image[None].float(), size)[0].round().clamp(0, 255).to(torch.uint8)
+
+
 def flip_lr(images: Tensor, generator: torch.Generator | None = None, p: float = 0.5) -> Tensor:
     """Mirror each image left-right with probability ``p``."""
     mask = torch.rand(images.shape[0], device=images.device, generator=generator) < p

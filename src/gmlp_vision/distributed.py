@@ -82,21 +82,26 @@ class Dist:
         dist.all_gather_object(out, value)
         return out
 
-    def on_main(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on rank 0 only and hand its result to every rank; an error it raises is raised on every rank."""
+    def on_main(self, fn: Callable[[], T], *, share: bool = True) -> T:
+        """Run ``fn`` on rank 0 only and hand its result to every rank; an error it raises is raised on every rank.
+
+        With ``share=False`` only the error travels, and the other ranks get None.
+        """
         if not self.enabled:
             return fn()
         box: list[Any] = [None]
+        result: Any = None
         if self.main:
             try:
-                box = [("ok", fn())]
+                result = fn()
+                box = [("ok", result if share else None)]
             except GmlpError as e:
                 box = [("error", e)]
         dist.broadcast_object_list(box, src=0)
         kind, value = box[0]
         if kind == "error":
             raise value
-        return value
+        return result if self.main else value
 
     def main_first(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on rank 0, then on the others, which then find what rank 0 downloaded or cached.
@@ -105,7 +110,7 @@ class Dist:
         """
         if not self.enabled:
             return fn()
-        result = self.on_main(fn)
+        result = self.on_main(fn, share=False)  # rank 0's result (a whole dataset) is not sent: each loads its own
         return result if self.main else fn()
 
 

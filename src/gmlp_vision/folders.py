@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gmlp_vision.augment import resize
+from gmlp_vision.augment import resize_uint8
 from gmlp_vision.data import Dataset, Split, default_cache_dir
 from gmlp_vision.errors import DataError, ImageError
 from gmlp_vision.images import IMAGE_EXTENSIONS, load_image
@@ -76,7 +76,7 @@ def _decode(paths: list[tuple[Path, int]], size: int, skip_bad: bool, progress: 
                 raise DataError(f"{e} (pass --skip-bad-images to leave such files out)") from None
             log.warning("skipped %s", e)
             continue
-        images[kept] = resize(image[None].float(), size)[0].round().clamp(0, 255).to(torch.uint8)
+        images[kept] = resize_uint8(image, size)
         labels[kept] = label
         kept += 1
     if kept == 0:

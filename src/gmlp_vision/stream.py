@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from gmlp_vision.augment import resize
+from gmlp_vision.augment import resize_uint8
 from gmlp_vision.errors import DataError, ImageError
 from gmlp_vision.images import convert, load_image, open_image, pil_to_tensor
 
@@ -73,7 +73,7 @@ def decode_crop(path: str, size: int, min_scale: float, key: int) -> Tensor:
 
 def decode_whole(path: str, size: int) -> Tensor:
     """The whole image at ``path`` resized to (3, size, size) uint8, exactly as training from memory and prediction."""
-    return resize(load_image(path, 3)[None].float(), size)[0].round().clamp(0, 255).to(torch.uint8)
+    return resize_uint8(load_image(path, 3), size)
 
 
 class _Decoder(TorchDataset):
@@ -117,12 +117,10 @@ class ImageFiles:
         other._warned = self._warned  # parts of one split warn once about a file between them
         return other
 
-    def __getitem__(self, key: int | slice | Tensor) -> Tensor | ImageFiles:
-        """An int: that image decoded; a slice: the files it selects; an index tensor: those images decoded."""
+    def __getitem__(self, key: int | slice) -> Tensor | ImageFiles:
+        """An int: that image decoded; a slice: the files it selects."""
         if isinstance(key, slice):
             return self._like(self.paths[key])
-        if isinstance(key, Tensor) and key.ndim == 1:
-            return torch.stack([self._decode_checked(int(i)) for i in key]) if len(key) else self._empty()
         return self._decode_checked(int(key))
 
     def subset(self, indices: Tensor) -> ImageFiles:
@@ -184,6 +182,3 @@ class ImageFiles:
         if error and not self.skip_bad:
             raise DataError(f"{error} (pass --skip-bad-images to leave such files out)")
         return image
-
-    def _empty(self) -> Tensor:
-        return torch.empty(0, 3, self.size, self.size, dtype=torch.uint8)

@@ -139,7 +139,8 @@ def evaluate(
         logits = infer(model, x.to(device), precision)
         c1, c5 = topk_correct(logits, y)
         loss = F.cross_entropy(logits, y, reduction="sum")
-        sums += torch.stack([loss.double(), c1.double(), c5.double(), torch.tensor(len(y), device=device).double()])
+        sums[:3] += torch.stack([loss.double(), c1.double(), c5.double()])
+    sums[3] = len(labels)
     model.train(was_training)
     loss, top1, top5, n = ctx.sum(sums).tolist()
     n = max(n, 1)
@@ -272,8 +273,8 @@ def train_one_epoch(
             mine, weight = batches[i][:1], 0.0
         plan.append((i, mine, weight))
     fetched = _fetch(images, [mine for _, mine, _ in plan], cfg, state.step)
+    warmup = round(cfg.warmup_epochs * len(batches))
     for (i, mine, weight), (x, readable) in zip(plan, fetched, strict=True):
-        warmup = round(cfg.warmup_epochs * len(batches))
         if cfg.schedule != "constant" or (warmup and state.step <= warmup):  # constant: set only while warming up
             lr = scheduled_lr(state.step, cfg.epochs * len(batches), lr=cfg.lr, schedule=cfg.schedule,
                               warmup=warmup, min_lr=cfg.min_lr)  # fmt: skip
