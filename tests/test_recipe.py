@@ -114,3 +114,27 @@ def test_mixup_loss_is_the_mix_of_the_two_targets_losses(monkeypatch):
     logp = logits.log_softmax(1)
     expected = -(lam * logp.gather(1, labels[:, None])[:, 0] + (1 - lam) * logp.gather(1, labels[partner, None])[:, 0])
     assert 0 < lam < 1 and torch.allclose(losses, expected, atol=1e-5)
+
+
+def test_weight_average_follows_its_formula_and_is_evaluated_beside_the_model(tmp_path):
+    from gmlp_vision.optim import WeightEMA
+    from gmlp_vision.train import train
+    from synthetic import make_dataset
+
+    live = torch.nn.Linear(2, 1)
+    ema = WeightEMA(live, 0.5)
+    start = live.weight.detach().clone()
+    with torch.no_grad():
+        live.weight.fill_(1.0)
+    ema.update(live)  # d = min(0.5, 2 / 11)
+    assert torch.allclose(ema.module.weight, start * 2 / 11 + 9 / 11)
+    ema.update(live)  # d = min(0.5, 3 / 12) = 0.25
+    assert torch.allclose(ema.module.weight, (start * 2 / 11 + 9 / 11) * 0.25 + 0.75)
+    assert not ema.module.training and not ema.module.weight.requires_grad
+
+    cfg = from_preset("tiny", epochs=2, ema=0.99, progress=False, out=str(tmp_path / "run"), val_split=0.2)
+    result = train(cfg, make_dataset())
+    header = (result.run_dir / "history.csv").read_text().splitlines()[0]
+    assert header.endswith("val_ema_loss,val_ema_acc,val_ema_top5")
+    assert (result.run_dir / "ema.pt").is_file() and result.test_ema is not None
+    assert result.test_ema != result.test  # another set of weights

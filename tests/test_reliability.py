@@ -43,13 +43,18 @@ def interrupt_at(monkeypatch, calls, signum=signal.SIGTERM):
     monkeypatch.setattr(train_mod, "train_step", step)
 
 
-@pytest.mark.parametrize("stop_step", [3, 8, 13])  # mid epoch 1, the end of epoch 1 (8 steps per epoch), epoch 2
-def test_interrupted_and_resumed_run_equals_straight_run(monkeypatch, tmp_path, stop_step):
+# The modern recipe's random ops and the weight average must resume exactly too.
+MODERN = dict(ema=0.9, policy="trivial", erase=0.5, crop="pad", mixup=0.2, label_smoothing=0.1)
+
+
+# Mid epoch 1, the end of epoch 1 (8 steps per epoch), epoch 2; and the modern recipe mid epoch 1.
+@pytest.mark.parametrize(("stop_step", "recipe"), [(3, {}), (8, {}), (13, {}), (5, MODERN)])
+def test_interrupted_and_resumed_run_equals_straight_run(monkeypatch, tmp_path, stop_step, recipe):
     ds = make_dataset()
-    straight = train(cfg_for(tmp_path, "straight"), ds)
+    straight = train(cfg_for(tmp_path, "straight", **recipe), ds)
     interrupt_at(monkeypatch, stop_step)
     with pytest.raises(TrainingInterrupted, match="SIGTERM: stopped after step") as info:
-        train(cfg_for(tmp_path, "cut"), ds)
+        train(cfg_for(tmp_path, "cut", **recipe), ds)
     assert info.value.signum == signal.SIGTERM
     assert load_checkpoint(tmp_path / "cut" / "last.pt").step == stop_step
     monkeypatch.undo()
@@ -59,6 +64,9 @@ def test_interrupted_and_resumed_run_equals_straight_run(monkeypatch, tmp_path, 
     strip = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
     assert strip(resumed.history) == strip(straight.history)
     assert resumed.test == straight.test
+    if recipe:
+        assert same_weights(straight.run_dir / "ema.pt", resumed.run_dir / "ema.pt")
+        assert resumed.test_ema == straight.test_ema and "val_ema_acc" in resumed.history[-1]
 
 
 def test_periodic_checkpoints_within_an_epoch(tmp_path):

@@ -129,3 +129,52 @@ def augment_batch(
     if zoom_amount > 0:
         images = random_zoom(images, zoom_amount, generator)
     return images
+
+
+def random_crop_padded(images: Tensor, pad: int, generator: torch.Generator | None = None) -> Tensor:
+    """Per image, a random ``H`` x ``W`` window of the image reflect-padded by ``pad`` pixels on every side.
+
+    The CIFAR classic (a random translation of up to ``pad`` pixels, reflected borders as in airbench), batched as one
+    gather: window offsets are drawn per image, uniformly from ``0..2 pad`` on each axis.
+    """
+    if pad <= 0:
+        return images
+    B, C, H, W = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")
+    offsets = torch.randint(0, 2 * pad + 1, (B, 2), device=images.device, generator=generator)
+    rows = (offsets[:, 0, None] + torch.arange(H, device=images.device))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (offsets[:, 1, None] + torch.arange(W, device=images.device))[:, None, None, :]  # (B, 1, 1, W)
+    batch = torch.arange(B, device=images.device)[:, None, None, None]
+    chans = torch.arange(C, device=images.device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]
+
+
+def random_erase(
+    images: Tensor,
+    p: float,
+    generator: torch.Generator | None = None,
+    scale: tuple[float, float] = (0.02, 1 / 3),
+    ratio: tuple[float, float] = (0.3, 3.3),
+) -> Tensor:
+    """Random erasing (Zhong et al. 2017), batched: with probability ``p`` per image, one box becomes noise.
+
+    The box covers a fraction ``U(scale)`` of the image with log aspect ratio ``U(log ratio)``, clipped to the image,
+    at a uniform position; its pixels are replaced by uniform random values in 0..255 (timm's "pixel" mode, in raw
+    pixel units since normalisation happens inside the model).
+    """
+    B, _, H, W = images.shape
+    device = images.device
+    u = torch.rand(B, 5, device=device, generator=generator)
+    area = (scale[0] + (scale[1] - scale[0]) * u[:, 0]) * H * W
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1])
+    h = torch.sqrt(area * aspect).round().clamp(1, H)
+    w = torch.sqrt(area / aspect).round().clamp(1, W)
+    y0 = ((H - h + 1) * u[:, 2]).floor()
+    x0 = ((W - w + 1) * u[:, 3]).floor()
+    ys = torch.arange(H, device=device)[None, :, None]
+    xs = torch.arange(W, device=device)[None, None, :]
+    box = (ys >= y0[:, None, None]) & (ys < (y0 + h)[:, None, None]) & (xs >= x0[:, None, None])
+    box &= (xs < (x0 + w)[:, None, None]) & (u[:, 4] < p)[:, None, None]
+    noise = torch.rand(images.shape, device=device, generator=generator) * 255.0
+    return torch.where(box[:, None], noise.to(images.dtype), images)

@@ -55,6 +55,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     print(f"Test accuracy: {100 * result.test['acc']:.2f}%")
     print(f"Test top 5 accuracy: {100 * result.test['top5']:.2f}%")
+    if result.test_ema is not None:
+        ema = result.test_ema
+        print(f"Weight average (ema.pt): test accuracy {100 * ema['acc']:.2f}%, top 5 {100 * ema['top5']:.2f}%")
     print(f"run directory: {result.run_dir} (final weights: {result.final_checkpoint})")
     return 0
 

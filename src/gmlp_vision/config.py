@@ -122,10 +122,21 @@ class Config:
     crop: str = _f(
         "none",
         "random-resized: a random crop (area --crop-scale..100 %%, aspect 3/4..4/3) resized to the input size, taken "
-        "from the full-size file when streaming, else batched on the device",
-        ("none", "random-resized"),
+        "from the full-size file when streaming, else batched on the device; pad: a random input-size window of the "
+        "image reflect-padded by --crop-padding pixels (the CIFAR classic)",
+        ("none", "random-resized", "pad"),
     )
     crop_scale: float = _f(0.08, "smallest area fraction of a random-resized crop")
+    crop_padding: int = _f(4, "padding in pixels of --crop pad (a random shift of up to this many pixels)")
+    policy: str = _f(
+        "none",
+        "automatic augmentation, batched: trivial (TrivialAugment: one random op per image at a random magnitude) or "
+        "randaugment (--policy-ops ops per image at --policy-magnitude)",
+        ("none", "trivial", "randaugment"),
+    )
+    policy_ops: int = _f(2, "randaugment: ops applied in a row to each image (N)")
+    policy_magnitude: float = _f(9.0, "randaugment: strength of every op, 0..10 (M; 10 is the strongest)")
+    erase: float = _f(0.0, "random erasing: probability per image that a random box is replaced by noise (0: off)")
     mixup: float = _f(0.0, "mixup alpha: blend each batch with itself reversed, lam ~ Beta(alpha, alpha) (0: off)")
     cutmix: float = _f(0.0, "cutmix alpha: paste a box of the reversed batch (0: off; with --mixup, one of the two)")
     # Optimisation.
@@ -152,6 +163,11 @@ class Config:
     )
     warmup_epochs: float = _f(0.0, "epochs of learning-rate warm-up (fractions allowed)")
     min_lr: float = _f(0.0, "learning rate at the end of a cosine or onecycle schedule")
+    ema: float = _f(
+        0.0,
+        "keep an exponential moving average of the weights with this decay (e.g. 0.999; warm-up min(decay, "
+        "(1+t)/(10+t))), evaluated beside the model every epoch and saved as ema.pt (0: off)",
+    )
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy (0.1 is the usual modern value)")
     clip_grad: float = _f(0.0, "clip the gradients' global L2 norm to this value before each step (0: off)")
     decay_norms_biases: bool = _f(
@@ -200,6 +216,12 @@ class Config:
             raise ConfigError("--mixup and --cutmix take a Beta alpha >= 0 (0: off)")
         if not 0.0 < self.crop_scale <= 1.0:
             raise ConfigError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
+        if self.crop_padding < 0 or self.policy_ops < 1 or not 0.0 <= self.policy_magnitude <= 10.0:
+            raise ConfigError("--crop-padding must be >= 0, --policy-ops >= 1 and --policy-magnitude in 0..10")
+        if not 0.0 <= self.erase <= 1.0:
+            raise ConfigError(f"--erase is a probability in [0, 1], got {self.erase}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"--ema is a decay in [0, 1) (0: off), got {self.ema}")
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
         if not 0.0 <= self.zoom < 1.0:

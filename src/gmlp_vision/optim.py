@@ -13,12 +13,13 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class KerasAdamW(torch.optim.Optimizer):
@@ -147,3 +148,32 @@ class EarlyStopping:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.best_epoch, self.wait = float(state["best"]), int(state["best_epoch"]), int(state["wait"])
+
+
+class WeightEMA:
+    """An exponential moving average of a model's weights (Polyak averaging, as timm's ``ModelEmaV3``).
+
+    After every optimiser step each averaged parameter moves towards the live one:
+    ``ema = d * ema + (1 - d) * w`` with ``d = min(decay, (1 + t) / (10 + t))`` at update ``t`` (1-based), so the
+    first steps, when the weights move fast, are not held back by the random initialisation. Buffers are copied
+    once (the model's are constant). ``module`` is a full model in eval mode: evaluate, save or export it as any other.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """One averaging step towards ``model``'s current parameters (the unwrapped module)."""
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(list(self.module.parameters()), list(model.parameters()), 1.0 - d)
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {"weights": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
+        self.module.load_state_dict(state["weights"])
+        self.updates = int(state["updates"])

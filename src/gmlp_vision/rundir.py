@@ -18,6 +18,7 @@ from gmlp_vision.config import Config, load_config_file
 from gmlp_vision.errors import ConfigError
 
 HISTORY_FIELDS = ("epoch", "loss", "acc", "top5", "val_loss", "val_acc", "val_top5", "lr", "seconds")
+EMA_FIELDS = ("val_ema_loss", "val_ema_acc", "val_ema_top5")  # with --ema: the averaged weights on validation
 # What a resumed run may change: where and how fast it runs, and how long. Everything else is the run's identity.
 RESUMABLE_OVERRIDES = frozenset(
     {
@@ -60,7 +61,8 @@ def write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
     """Rewrite ``history.csv`` and ``history.jsonl`` with every epoch so far (atomically)."""
     tmp = run_dir / ".history.csv.tmp"
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+        ema = bool(history) and EMA_FIELDS[0] in history[0]
+        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS + (EMA_FIELDS if ema else ()), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
     os.replace(tmp, run_dir / "history.csv")
@@ -73,7 +75,7 @@ def format_epoch(row: dict[str, float], epochs: int, steps: int) -> str:
     """A Keras-like epoch line: ``Epoch 3/100 - 352/352 - 15s - loss: ... - val_top5-acc: ... - lr: 0.003``."""
     names = (("loss", "loss"), ("acc", "acc"), ("top5", "top5-acc"))
     parts = [f"Epoch {int(row['epoch'])}/{epochs}", f"{steps}/{steps}", f"{row['seconds']:.0f}s"]
-    parts += [f"{prefix}{name}: {row[prefix + key]:.4f}" for prefix in ("", "val_") for key, name in names
+    parts += [f"{prefix}{name}: {row[prefix + key]:.4f}" for prefix in ("", "val_", "val_ema_") for key, name in names
               if prefix + key in row]  # fmt: skip
     parts.append(f"lr: {row['lr']:.4g}")
     return " - ".join(parts)

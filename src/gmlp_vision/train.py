@@ -28,14 +28,22 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from gmlp_vision.augment import augment_batch, mix_batch, random_resized_crop, resize
+from gmlp_vision.augment import (
+    augment_batch,
+    mix_batch,
+    random_crop_padded,
+    random_erase,
+    random_resized_crop,
+    resize,
+)
 from gmlp_vision.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, unwrap
 from gmlp_vision.config import Config
 from gmlp_vision.data import Dataset, load_dataset
 from gmlp_vision.distributed import SINGLE, Dist, distributed
 from gmlp_vision.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted
 from gmlp_vision.model import GMLP
-from gmlp_vision.optim import EarlyStopping, KerasAdamW, Plateau, scheduled_lr
+from gmlp_vision.optim import EarlyStopping, KerasAdamW, Plateau, WeightEMA, scheduled_lr
+from gmlp_vision.policy import rand_augment, trivial_augment
 from gmlp_vision.rundir import (
     default_run_dir,
     format_epoch,
@@ -59,6 +67,7 @@ class Result:
     final_checkpoint: str  # "best.pt" when the best weights were restored at the end, else "last.pt"
     best_epoch: int  # 1-based
     stopped_early: bool
+    test_ema: dict[str, float] | None = None  # the weight average's test metrics (--ema)
 
 
 def compute_input(images: Tensor, precision: str) -> Tensor:
@@ -183,10 +192,7 @@ def train_step(
     losses, outputs = [], []
     for j, (xb, yb, wb) in enumerate(zip(*(t.tensor_split(parts) for t in (images, labels, weights)), strict=True)):
         with ddp.no_sync() if ddp is not None and j + 1 < parts else nullcontext():
-            x = resize(xb.float(), cfg.model.image_size)
-            if cfg.crop == "random-resized" and not cropped:
-                x = random_resized_crop(x, cfg.crop_scale, generator)
-            x = augment_batch(x, flip=cfg.flip, zoom_amount=cfg.zoom, generator=generator)
+            x = augment_for_training(resize(xb.float(), cfg.model.image_size), cfg, generator, cropped=cropped)
             if cfg.mixup or cfg.cutmix:
                 x, partner, lam = mix_batch(x, cfg.mixup, cfg.cutmix, generator)
             logits = model(compute_input(x, cfg.precision)).float()
@@ -201,6 +207,26 @@ def train_step(
         nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
     optimizer.step()
     return (losses[0], outputs[0]) if parts == 1 else (torch.cat(losses), torch.cat(outputs))
+
+
+def augment_for_training(x: Tensor, cfg: Config, generator: torch.Generator, *, cropped: bool = False) -> Tensor:
+    """The configured per-image augmentation of a float batch at the input size.
+
+    In timm's order: crop, flip, the tutorial's zoom, the automatic policy, random erasing. Mixup and cutmix work on
+    the whole batch and come after, in `train_step`.
+    """
+    if cfg.crop == "random-resized" and not cropped:
+        x = random_resized_crop(x, cfg.crop_scale, generator)
+    elif cfg.crop == "pad":
+        x = random_crop_padded(x, cfg.crop_padding, generator)
+    x = augment_batch(x, flip=cfg.flip, zoom_amount=cfg.zoom, generator=generator)
+    if cfg.policy == "trivial":
+        x = trivial_augment(x, generator)
+    elif cfg.policy == "randaugment":
+        x = rand_augment(x, cfg.policy_ops, cfg.policy_magnitude, generator)
+    if cfg.erase:
+        x = random_erase(x, cfg.erase, generator)
+    return x
 
 
 def _ddp(model: nn.Module) -> DistributedDataParallel | None:
@@ -284,7 +310,7 @@ def train_one_epoch(
         weights = torch.full((len(mine),), weight, device=device)
         if readable is not None:
             weights *= readable  # an unreadable streamed file (--skip-bad-images) counts for nothing
-        cropped = readable is not None and cfg.crop != "none"
+        cropped = readable is not None and cfg.crop == "random-resized"
         losses, logits = train_step(model, optimizer, x, y, cfg, generator, weight=weights, cropped=cropped)
         state.batch, state.step = i + 1, state.step + 1
         loss = losses.sum() if readable is None else (losses * readable).sum()
@@ -357,7 +383,12 @@ class StopRequests:
                 signal.signal(s, handler)
 
 
-def train(cfg: Config, dataset: Dataset | None = None, *, resume: bool = False) -> Result:
+EpochCallback = Callable[[dict[str, float], nn.Module, "nn.Module | None"], None]
+
+
+def train(
+    cfg: Config, dataset: Dataset | None = None, *, resume: bool = False, on_epoch_end: EpochCallback | None = None
+) -> Result:
     """Train a gMLP as ``cfg`` says, evaluate it on the test split, and leave everything in the run directory.
 
     Started by ``torchrun``, every process calls this with the same config: they train one model data-parallel
@@ -368,6 +399,8 @@ def train(cfg: Config, dataset: Dataset | None = None, *, resume: bool = False) 
         dataset: an already loaded dataset (default: load ``cfg.dataset`` from ``cfg.data`` or the cache).
         resume: continue the run in ``cfg.out`` from its ``last.pt`` (exactly: weights, optimiser, schedules,
             position in the epoch, every RNG), or start it there if it never saved one.
+        on_epoch_end: called on every rank after each epoch's row is complete, with the row, the model and the
+            weight average (``--ema``; else None), both unwrapped; e.g. to evaluate on the test set on the way.
 
     Returns:
         The run's `Result`.
@@ -380,10 +413,13 @@ def train(cfg: Config, dataset: Dataset | None = None, *, resume: bool = False) 
         CheckpointError: a checkpoint could not be written (the previous one is intact) or resumed.
     """
     with distributed(cfg.device) as (ctx, device):
-        return _train(cfg, dataset, resume, ctx, device)
+        return _train(cfg, dataset, resume, ctx, device, on_epoch_end)
 
 
-def _train(cfg: Config, dataset: Dataset | None, resume: bool, ctx: Dist, device: torch.device) -> Result:
+def _train(
+    cfg: Config, dataset: Dataset | None, resume: bool, ctx: Dist, device: torch.device,
+    on_epoch_end: EpochCallback | None,
+) -> Result:  # fmt: skip
     info = log.info if ctx.main else (lambda *args: None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -408,6 +444,7 @@ def _train(cfg: Config, dataset: Dataset | None, resume: bool, ctx: Dist, device
     model = GMLP(cfg.model)
     model.set_normalization(*channel_stats(_stats_sample(images, cfg.seed)))  # validation included (Keras adapt)
     model.to(device)
+    net = model  # the module itself, whatever wraps it below
     optimizer = build_optimizer(cfg, model)
     plateau = Plateau(optimizer, cfg.plateau_factor, cfg.plateau_patience, cfg.plateau_threshold)
     stopper = EarlyStopping(cfg.early_stop_patience)
@@ -424,6 +461,12 @@ def _train(cfg: Config, dataset: Dataset | None, resume: bool, ctx: Dist, device
         start_epoch, step, history, epoch_state = _restore(saved, model, optimizer, plateau, stopper, generator,
                                                            order, device, ctx)  # fmt: skip
         info("resuming %s at epoch %d, step %d", run_dir, start_epoch + 1, step)
+    ema = WeightEMA(net, cfg.ema) if cfg.ema else None
+    if ema is not None and saved is not None:
+        try:
+            ema.load_state_dict(saved.train_state["ema"])
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"cannot resume the weight average from last.pt: {e}") from None
     if ctx.enabled:
         ids = [device.index] if device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=ids, **_NO_BUFFER_SYNC)
@@ -454,6 +497,7 @@ def _train(cfg: Config, dataset: Dataset | None, resume: bool, ctx: Dist, device
             "plateau": plateau.state_dict(),
             "early_stopping": stopper.state_dict(),
             "order_generator": order.get_state(),
+            "ema": ema.state_dict() if ema is not None else None,
             "ranks": ranks,
             "history": history,
             "epoch_progress": progress.state_dict() if progress is not None else None,
@@ -470,6 +514,8 @@ def _train(cfg: Config, dataset: Dataset | None, resume: bool, ctx: Dist, device
         board = TensorBoardLogger(run_dir)
 
     def after_step(progress: EpochProgress, stop: bool) -> None:
+        if ema is not None:
+            ema.update(net)
         if stop:
             save_last(epoch, None, progress)
             signum = stops.signum or signal.SIGTERM  # under torchrun the signal may have reached another rank first
@@ -498,6 +544,10 @@ def _train(cfg: Config, dataset: Dataset | None, resume: bool, ctx: Dist, device
             if len(val_y):
                 val = evaluate(model, val_x, val_y, batch_size=cfg.eval_batch_size, precision=cfg.precision, ctx=ctx)
                 row.update({f"val_{k}": v for k, v in val.items()})
+                if ema is not None:
+                    val = evaluate(ema.module, val_x, val_y, batch_size=cfg.eval_batch_size, precision=cfg.precision,
+                                   ctx=ctx)  # fmt: skip
+                    row.update({f"val_ema_{k}": v for k, v in val.items()})
             row.update(lr=lr, seconds=time.perf_counter() - t0)
             history.append(row)
             monitored = row.get("val_loss", row["loss"])  # Keras monitors val_loss; without validation, the train loss
@@ -512,6 +562,8 @@ def _train(cfg: Config, dataset: Dataset | None, resume: bool, ctx: Dist, device
                 if board is not None:
                     board.log_epoch(row)
             info(format_epoch(row, cfg.epochs, steps))
+            if on_epoch_end is not None:
+                on_epoch_end(row, net, ema.module if ema is not None else None)
             if stopped:
                 info("early stopping: no val_loss improvement for %d epochs", cfg.early_stop_patience)
                 break
@@ -527,6 +579,10 @@ def _train(cfg: Config, dataset: Dataset | None, resume: bool, ctx: Dist, device
     final = "best.pt" if restore else "last.pt"
     summary = {"test": test, "final_checkpoint": final, "best_epoch": stopper.best_epoch + 1,
                "stopped_early": stopped, "epochs_run": len(history)}  # fmt: skip
+    if ema is not None:
+        summary["test_ema"] = evaluate(ema.module, ds.test.images, ds.test.labels, batch_size=cfg.eval_batch_size,
+                                       precision=cfg.precision, ctx=ctx)  # fmt: skip
+        ctx.on_main(partial(_save, run_dir / "ema.pt", cfg, ema.module, ds, len(history), step, summary["test_ema"]))
 
     def finish() -> None:
         write_json(run_dir / "results.json", summary)
@@ -536,7 +592,7 @@ def _train(cfg: Config, dataset: Dataset | None, resume: bool, ctx: Dist, device
                      batch_size=cfg.eval_batch_size, precision=cfg.precision)  # fmt: skip
 
     ctx.on_main(finish)
-    return Result(run_dir, history, test, final, stopper.best_epoch + 1, stopped)
+    return Result(run_dir, history, test, final, stopper.best_epoch + 1, stopped, summary.get("test_ema"))
 
 
 STATS_SAMPLE = 10_000  # streamed folders: images the normalisation statistics are computed from
