@@ -182,6 +182,11 @@ class Config:
         "when the best epoch's weights become the final ones: on-stop (Keras 2, the tutorial), always (Keras 3), never",
         ("on-stop", "always", "never"),
     )
+    init: str | None = _f(
+        None,
+        "start from these weights: a timm gMLP file (e.g. gmlp_s16_224 .safetensors/.pth) or a gmlp checkpoint; "
+        "spatial projections are resampled to this token grid, the head is kept only when the classes match",
+    )
     # Runtime.
     seed: int = _f(0, "random seed (weights, shuffling, augmentation, dropout)")
     device: str = _f("auto", "auto (CUDA when available), cpu, cuda or cuda:N")

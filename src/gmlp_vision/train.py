@@ -53,6 +53,7 @@ from gmlp_vision.rundir import (
     write_json,
 )
 from gmlp_vision.stream import ImageFiles
+from gmlp_vision.transfer import load_pretrained
 
 log = logging.getLogger("gmlp_vision")
 
@@ -443,6 +444,8 @@ def _train(
     torch.manual_seed(cfg.seed)
     model = GMLP(cfg.model)
     model.set_normalization(*channel_stats(_stats_sample(images, cfg.seed)))  # validation included (Keras adapt)
+    if cfg.init and saved is None:  # pretrained weights bring their own normalisation
+        load_pretrained(model, cfg.init)
     model.to(device)
     net = model  # the module itself, whatever wraps it below
     optimizer = build_optimizer(cfg, model)

@@ -1,0 +1,143 @@
+"""Start from trained weights: timm's gMLP checkpoints (``gmlp_s16_224``, the only public gMLP weights) or our own.
+
+`load_pretrained` fills a fresh `GMLP` from a file and adapts it to the new task:
+
+- timm names map one to one onto ours (`timm_to_gmlp`); timm's patch stem is a Conv2d whose (D, C, p, p) kernel
+  becomes our Linear over patches flattened as (row, column, channel). timm models expect pixels scaled to
+  ``(x / 255 - 0.5) / 0.5``, so the model's normalisation becomes mean 127.5, std 127.5.
+- At another resolution the token grid changes (224 px / patch 16 = 14 x 14 tokens; 32 px / patch 4 = 8 x 8), and
+  with it every spatial projection, an (N, N) matrix over token positions. `resample_spatial` treats it as a function
+  of (output position, input position) on the image plane and resamples both grids (bilinear, antialiased when
+  shrinking), scaling by the ratio of token counts so that each output still sums the same total input: a projection
+  that averages all tokens still averages them all. The same grid gives back the very same weights.
+- The classifier is kept when the class count matches; otherwise the fresh model's head stays (to be trained).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gmlp_vision.errors import CheckpointError
+from gmlp_vision.model import GMLP
+
+log = logging.getLogger("gmlp_vision")
+
+# timm's name (regex) -> ours; blocks keep their index.
+_TIMM_NAMES = (
+    (r"stem\.proj\.", "patch_embed.proj."),
+    (r"blocks\.(\d+)\.mlp_channels\.gate\.", r"blocks.\1.sgu."),
+    (r"blocks\.(\d+)\.mlp_channels\.", r"blocks.\1."),
+)
+TIMM_PIXEL_MEAN = TIMM_PIXEL_STD = 127.5  # timm's gMLP configs: mean = std = 0.5 on pixels scaled to 0..1
+
+
+def is_timm_state(state: dict[str, Tensor]) -> bool:
+    """Whether a state dict uses timm's gMLP names."""
+    return "stem.proj.weight" in state
+
+
+def timm_to_gmlp(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Timm gMLP weights under our names and layouts (grid and classes unchanged)."""
+    out = {}
+    for name, value in state.items():
+        for pattern, replacement in _TIMM_NAMES:
+            name = re.sub(f"^{pattern}", replacement, name)
+        if name == "patch_embed.proj.weight":
+            if value.ndim != 4:
+                raise CheckpointError(
+                    f"timm stem.proj.weight should be a Conv2d kernel, got shape {tuple(value.shape)}"
+                )
+            value = value.permute(0, 2, 3, 1).reshape(value.shape[0], -1)  # (D, C, p, p) -> (D, p*p*C), row-major
+        out[name] = value
+    return out
+
+
+def resample_spatial(weight: Tensor, bias: Tensor, grid: int) -> tuple[Tensor, Tensor]:
+    """A spatial projection (N, N) and its bias (N,) over a g x g token grid, resampled to ``grid`` x ``grid``."""
+    old = round(weight.shape[0] ** 0.5)
+    if old * old != weight.shape[0] or weight.shape[0] != weight.shape[1] or bias.shape != weight.shape[:1]:
+        raise CheckpointError(f"a spatial projection must be (N, N) with N a square, got {tuple(weight.shape)}")
+    if old == grid:
+        return weight, bias
+
+    def plane(x: Tensor) -> Tensor:  # (rows, g*g) -> (rows, grid*grid): resample the last axis as an image
+        rows = x.shape[0]
+        x = F.interpolate(x.float().reshape(rows, 1, old, old), size=(grid, grid), mode="bilinear",
+                          align_corners=False, antialias=grid < old)  # fmt: skip
+        return x.reshape(rows, grid * grid)
+
+    w = plane(weight) * (old * old) / (grid * grid)  # input positions: keep each output's total input
+    w = plane(w.t().contiguous()).t().contiguous()  # output positions
+    b = plane(bias[None])[0]
+    return w.to(weight.dtype), b.to(bias.dtype)
+
+
+def read_state(path: str | Path) -> tuple[dict[str, Tensor], Tensor | None, Tensor | None]:
+    """Weights from a timm file (.safetensors, .pth, .bin) or a gmlp checkpoint (.pt) or export (.safetensors).
+
+    Returns the state dict (our names) and, for gmlp files, the normalisation buffers (None for timm).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"--init {path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or hostile files raise many kinds; one clear line for all
+        raise CheckpointError(f"--init {path}: not a readable weights file ({str(e).splitlines()[0][:200]})") from None
+    for key in ("state_dict", "model"):  # our checkpoints (under "model") and common wrappers of PyTorch checkpoints
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"--init {path}: holds no state dict of tensors")
+    if is_timm_state(state):
+        return timm_to_gmlp(state), None, None
+    return state, state.get("pixel_mean"), state.get("pixel_std")
+
+
+def load_pretrained(model: GMLP, path: str | Path) -> list[str]:
+    """Fill ``model`` from ``path`` (see the module docstring); returns the names left as initialised (the head).
+
+    Raises:
+        CheckpointError: unreadable file, or weights of another architecture (width, depth, patch size).
+    """
+    state, mean, std = read_state(path)
+    state = {k: v for k, v in state.items() if k not in ("pixel_mean", "pixel_std")}
+    own = model.state_dict()
+    grid = model.cfg.grid_size
+    for name in [k for k in state if k.endswith("sgu.proj.weight")]:
+        bias = name[: -len("weight")] + "bias"
+        state[name], state[bias] = resample_spatial(state[name], state[bias], grid)
+    fresh = []
+    if state.get("head.weight") is not None and state["head.weight"].shape != own["head.weight"].shape:
+        fresh = ["head.weight", "head.bias"]
+        state = {k: v for k, v in state.items() if k not in fresh}
+    missing = sorted(set(own) - set(state) - {"pixel_mean", "pixel_std"} - set(fresh))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in state if k in own and state[k].shape != own[k].shape)
+    if missing or unexpected or wrong:
+        detail = "; ".join(f"{what}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                           for what, names in (("missing", missing), ("unexpected", unexpected),
+                                               ("other shape", wrong)) if names)  # fmt: skip
+        raise CheckpointError(f"--init {path}: the weights do not fit this architecture ({detail})")
+    with torch.no_grad():
+        for name, value in state.items():
+            own[name].copy_(value)
+        if mean is None:
+            model.pixel_mean.fill_(TIMM_PIXEL_MEAN)
+            model.pixel_std.fill_(TIMM_PIXEL_STD)
+        else:
+            model.pixel_mean.copy_(mean)
+            model.pixel_std.copy_(std)
+    log.info("initialised from %s%s", path, "; new classifier head" if fresh else "")
+    return fresh
