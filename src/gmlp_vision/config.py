@@ -318,11 +318,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 # block 1.00 / 0.95 / 0.80 (stochastic depth rising linearly with depth); 6M / 20M / 73M parameters at 1000 classes.
 # The recipe is the paper's DeiT-style one as far as it is built here: AdamW, lr 1e-3 for batch 1024, weight decay 0.05
 # (not on norms and biases), 5 warm-up epochs then cosine, label smoothing 0.1, mixup 0.8 / cutmix 1.0, random-resized
-# crops and flips. (RandAugment and random erasing of the paper's recipe are not options yet.)
+# crops and flips, RandAugment (2 ops, magnitude 9) and random erasing with probability 0.25.
 _PAPER = dict(image_size=224, patch_size=16, depth=30, dropout=0.0, head_dropout=0.0, gelu="exact", shortcut="input",
               spatial_init="near-zero", final_norm=True, optimizer="adamw", lr=1e-3, weight_decay=0.05,
               decay_norms_biases=False, schedule="cosine", warmup_epochs=5.0, min_lr=1e-5, label_smoothing=0.1,
-              crop="random-resized", mixup=0.8, cutmix=1.0, flip=True, zoom=0.0, batch_size=1024, epochs=300,
+              crop="random-resized", mixup=0.8, cutmix=1.0, policy="randaugment", policy_ops=2,
+              policy_magnitude=9.0, erase=0.25, flip=True, zoom=0.0, batch_size=1024, epochs=300,
               plateau_patience=0, early_stop_patience=0)  # fmt: skip
 PRESETS.update({
     "gmlp-ti": dict(_PAPER, embed_dim=128, ffn_dim=768, drop_path=0.0),
