@@ -6,7 +6,7 @@ from gmlp_vision.config import PRESETS, ModelConfig, from_preset
 from gmlp_vision.model import GMLP, GMLPBlock, SpatialGatingUnit, count_parameters, drop_path, flops_per_image
 
 SHAPES = {"seed": (100, 3), "digits": (10, 1), "tiny": (10, 3), "gmlp-ti": (1000, 3), "gmlp-s": (1000, 3),
-          "gmlp-b": (1000, 3)}  # fmt: skip
+          "gmlp-b": (1000, 3), "cifar10-fast": (10, 3), "cifar100-strong": (100, 3)}  # fmt: skip
 
 
 def model_cfg(preset: str, **kw) -> ModelConfig:
@@ -28,6 +28,11 @@ def test_every_preset_forward_backward(preset):
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
+
+
+def test_cifar_presets_stay_within_the_stretch_budget_of_5m_parameters():
+    assert count_parameters(GMLP(model_cfg("cifar100-strong"))) == 4_094_884
+    assert count_parameters(GMLP(model_cfg("cifar10-fast"))) == 333_066
 
 
 def test_seed_parameter_count_matches_tutorial():
