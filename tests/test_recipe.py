@@ -138,3 +138,15 @@ def test_weight_average_follows_its_formula_and_is_evaluated_beside_the_model(tm
     assert header.endswith("val_ema_loss,val_ema_acc,val_ema_top5")
     assert (result.run_dir / "ema.pt").is_file() and result.test_ema is not None
     assert result.test_ema != result.test  # another set of weights
+
+
+def test_history_records_the_lr_each_epoch_starts_with(tmp_path):
+    from gmlp_vision.train import train
+    from synthetic import make_dataset
+
+    cfg = from_preset("tiny", epochs=3, schedule="onecycle", warmup_epochs=1.0, plateau_patience=0, lr=0.01,
+                      progress=False, out=str(tmp_path / "run"), val_split=0.0, batch_size=64)  # fmt: skip
+    history = train(cfg, make_dataset()).history  # 320 images: 5 steps per epoch
+    expected = [scheduled_lr(t, 15, lr=0.01, schedule="onecycle", warmup=5) for t in (0, 5, 10)]
+    assert [row["lr"] for row in history] == pytest.approx(expected)
+    assert history[0]["lr"] == pytest.approx(0.01 / 25)

@@ -95,10 +95,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
+    width = max(map(len, PRESETS)) + 1
     for name, values in PRESETS.items():
-        print(f"{name:8s} {PRESET_HELP[name]}")
+        print(f"{name:{width}s}{PRESET_HELP[name]}")
         if args.verbose:
-            print("         " + " ".join(f"{k}={v}" for k, v in values.items()))
+            print(" " * width + " ".join(f"{k}={v}" for k, v in values.items()))
     default_for = ", ".join(f"{d} -> {p}" for d, p in DATASET_PRESET.items())
     print(f"\ndefault preset per --dataset: {default_for}")
     return 0

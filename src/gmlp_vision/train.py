@@ -300,11 +300,9 @@ def train_one_epoch(
             mine, weight = batches[i][:1], 0.0
         plan.append((i, mine, weight))
     fetched = _fetch(images, [mine for _, mine, _ in plan], cfg, state.step)
-    warmup = round(cfg.warmup_epochs * len(batches))
     for (i, mine, weight), (x, readable) in zip(plan, fetched, strict=True):
-        if cfg.schedule != "constant" or (warmup and state.step <= warmup):  # constant: set only while warming up
-            lr = scheduled_lr(state.step, cfg.epochs * len(batches), lr=cfg.lr, schedule=cfg.schedule,
-                              warmup=warmup, min_lr=cfg.min_lr)  # fmt: skip
+        lr = lr_at_step(cfg, state.step, len(batches))
+        if lr is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
         y = labels[mine]
@@ -338,6 +336,19 @@ def train_one_epoch(
             after_step(state, stop)
     totals = ctx.sum(torch.stack([sums[k] for k in METRICS]))
     return {k: v / n for k, v in zip(METRICS, totals.tolist(), strict=True)}
+
+
+def lr_at_step(cfg: Config, step: int, steps_per_epoch: int) -> float | None:
+    """The scheduled learning rate of optimiser step ``step`` (0-based).
+
+    None where the optimiser's own lr applies: a constant schedule (with its plateau halvings) is set only while
+    warming up.
+    """
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.schedule == "constant" and not (warmup and step <= warmup):
+        return None
+    return scheduled_lr(step, cfg.epochs * steps_per_epoch, lr=cfg.lr, schedule=cfg.schedule, warmup=warmup,
+                        min_lr=cfg.min_lr)  # fmt: skip
 
 
 def _fetch(
@@ -533,7 +544,8 @@ def _train(
     with stops.installed():
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
+            lr = lr_at_step(cfg, step, steps)  # what the epoch's first step uses
+            lr = optimizer.param_groups[0]["lr"] if lr is None else lr
             if epoch_state is None:
                 epoch_state = EpochProgress(torch.randperm(n_train, generator=order).to(device), step=step)
             with tqdm(total=steps, initial=epoch_state.batch, desc=f"epoch {epoch + 1}", leave=False,
