@@ -1,7 +1,7 @@
 """Check `gmlp_vision.transfer` against timm (issue #7): timm's ``gmlp_s16_224`` and our ``gmlp-s`` compute the same.
 
 Not a test (timm is a benchmark peer, installed by ``benchmarks/setup_peers.sh``, never by the package): builds timm's
-model with random weights (spatial projections and head moved off their near-zero and zero init), saves them
+model with random weights (every tensor moved off its init: norms, biases, head, spatial projections), saves them
 as a .safetensors file as the Hub ships them, loads that file with ``--init``'s code into the ``gmlp-s`` preset, and
 compares the logits of both on the same random images (timm gets ``(x / 255 - 0.5) / 0.5``, ours raw pixels).
 
@@ -30,9 +30,8 @@ def main() -> int:
     torch.manual_seed(0)
     peer = timm.create_model("gmlp_s16_224", pretrained=False).eval()
     with torch.no_grad():
-        for name, p in peer.named_parameters():
-            if "gate.proj.weight" in name or name.startswith("head."):
-                p.normal_(0, 0.02)
+        for p in peer.parameters():
+            p.add_(torch.randn_like(p) * 0.02)  # every tensor off its init: norms, biases, head, spatial weights
     path = Path(tempfile.mkdtemp()) / "model.safetensors"
     save_file({k: v.contiguous() for k, v in peer.state_dict().items()}, path)
     ours = GMLP(from_preset("gmlp-s").model).eval()

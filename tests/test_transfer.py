@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from gmlp_vision.checkpoint import load_checkpoint
 from gmlp_vision.config import ModelConfig, from_preset
-from gmlp_vision.errors import CheckpointError
+from gmlp_vision.errors import CheckpointError, ConfigError
 from gmlp_vision.model import GMLP
 from gmlp_vision.train import train
 from gmlp_vision.transfer import load_pretrained, resample_spatial
@@ -136,6 +136,16 @@ def test_fine_tuning_at_another_resolution_keeps_the_body_and_trains_a_new_head(
     assert trained["pixel_mean"].tolist() == [127.5] * 3  # the pretrained normalisation, not the data's
 
 
+def test_a_bad_init_file_stops_the_run_before_it_writes_anything(tmp_path):
+    cfg = from_preset("tiny", **SMALL, init=str(tmp_path / "typo.safetensors"), out=str(tmp_path / "run"),
+                      progress=False)  # fmt: skip
+    with pytest.raises(CheckpointError, match="no such file"):
+        train(cfg, make_dataset())
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="--crop-padding 32 must be smaller"):
+        from_preset("tiny", crop="pad", crop_padding=32)
+
+
 def test_bad_init_files_are_refused_in_one_line(tmp_path):
     model = GMLP(ModelConfig(**SMALL))
     with pytest.raises(CheckpointError, match="no such file"):
@@ -147,3 +157,8 @@ def test_bad_init_files_are_refused_in_one_line(tmp_path):
     with pytest.raises(CheckpointError, match="do not fit this architecture") as info:
         load_pretrained(model, tmp_path / "wide.safetensors")
     assert "\n" not in str(info.value)
+    state = timm_state(ModelConfig(**SMALL))
+    del state["blocks.0.mlp_channels.gate.proj.bias"]
+    save_file(state, tmp_path / "nobias.safetensors")
+    with pytest.raises(CheckpointError, match="has no blocks.0.sgu.proj.bias"):
+        load_pretrained(model, tmp_path / "nobias.safetensors")

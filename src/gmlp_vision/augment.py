@@ -159,8 +159,9 @@ def random_erase(
     """Random erasing (Zhong et al. 2017), batched: with probability ``p`` per image, one box becomes noise.
 
     The box covers a fraction ``U(scale)`` of the image with log aspect ratio ``U(log ratio)``, clipped to the image,
-    at a uniform position; its pixels are replaced by uniform random values in 0..255 (timm's "pixel" mode, in raw
-    pixel units since normalisation happens inside the model).
+    at a uniform position; its pixels are replaced by uniform random values in 0..255 (per-pixel noise like timm's
+    "pixel" mode, which draws N(0, 1) after normalisation; here the pixels are raw, normalisation is in the model).
+    A box larger than the image is clipped to it (timm redraws instead).
     """
     B, _, H, W = images.shape
     device = images.device

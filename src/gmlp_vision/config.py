@@ -130,8 +130,9 @@ class Config:
     crop_padding: int = _f(4, "padding in pixels of --crop pad (a random shift of up to this many pixels)")
     policy: str = _f(
         "none",
-        "automatic augmentation, batched: trivial (TrivialAugment: one random op per image at a random magnitude) or "
-        "randaugment (--policy-ops ops per image at --policy-magnitude)",
+        "automatic augmentation, batched: trivial (TrivialAugment: one random op per image at a random magnitude, "
+        "over RandAugment's standard ranges, not TrivialAugment-wide's) or randaugment (--policy-ops ops per image, "
+        "always applied, at --policy-magnitude)",
         ("none", "trivial", "randaugment"),
     )
     policy_ops: int = _f(2, "randaugment: ops applied in a row to each image (N)")
@@ -166,7 +167,8 @@ class Config:
     ema: float = _f(
         0.0,
         "keep an exponential moving average of the weights with this decay (e.g. 0.999; warm-up min(decay, "
-        "(1+t)/(10+t))), evaluated beside the model every epoch and saved as ema.pt (0: off)",
+        "(1+t)/(10+t))), evaluated beside the model on the validation split every epoch (when there is one) and on "
+        "the test split at the end, saved as ema.pt (0: off)",
     )
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy (0.1 is the usual modern value)")
     clip_grad: float = _f(0.0, "clip the gradients' global L2 norm to this value before each step (0: off)")
@@ -223,6 +225,10 @@ class Config:
             raise ConfigError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
         if self.crop_padding < 0 or self.policy_ops < 1 or not 0.0 <= self.policy_magnitude <= 10.0:
             raise ConfigError("--crop-padding must be >= 0, --policy-ops >= 1 and --policy-magnitude in 0..10")
+        if self.crop == "pad" and self.crop_padding >= self.model.image_size:
+            raise ConfigError(
+                f"--crop-padding {self.crop_padding} must be smaller than the image ({self.model.image_size} px)"
+            )
         if not 0.0 <= self.erase <= 1.0:
             raise ConfigError(f"--erase is a probability in [0, 1], got {self.erase}")
         if not 0.0 <= self.ema < 1.0:

@@ -151,11 +151,12 @@ class EarlyStopping:
 
 
 class WeightEMA:
-    """An exponential moving average of a model's weights (Polyak averaging, as timm's ``ModelEmaV3``).
+    """An exponential moving average of a model's weights (Polyak averaging).
 
     After every optimiser step each averaged parameter moves towards the live one:
     ``ema = d * ema + (1 - d) * w`` with ``d = min(decay, (1 + t) / (10 + t))`` at update ``t`` (1-based), so the
-    first steps, when the weights move fast, are not held back by the random initialisation. Buffers are copied
+    first steps, when the weights move fast, are not held back by the random initialisation (the warm-up of
+    TensorFlow's ``ExponentialMovingAverage(num_updates=t)``). Buffers are copied
     once (the model's are constant). ``module`` is a full model in eval mode: evaluate, save or export it as any other.
     """
 

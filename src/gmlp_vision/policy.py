@@ -1,13 +1,16 @@
 """Automatic augmentation policies, batched: TrivialAugment (Müller & Hutter 2021) and RandAugment (Cubuk et al. 2020).
 
 Both draw, per image, operations from one list (`OPS`) and apply them at a magnitude: TrivialAugment one op at a
-magnitude ``U(0, 1)``, RandAugment ``n`` ops in a row at a fixed magnitude ``m / 10``. Magnitude 1 is each op's
-strongest setting (`MAX`, RandAugment's published ranges); signed ops (shears, translations, rotation, the enhance
-factors) take a random sign per image. The images are float (B, C, H, W) raw pixels in 0..255, on the training device.
+magnitude ``U(0, 1)``, RandAugment ``n`` ops in a row (each always applied) at a fixed magnitude ``m / 10``.
+Magnitude 1 is each op's strongest setting (`MAX`: RandAugment's published ranges, for both; TrivialAugment-wide's
+wider ranges are not used); signed ops (shears, translations, rotation, the enhance factors) take a random sign per
+image. The images are float (B, C, H, W) raw pixels in 0..255, on the training device.
 
 Batched, not looped per image: each op runs once, on the images that drew it (an index subset of the batch); the
 geometric ones (shear, translate, rotate) are one affine grid per image and a single ``grid_sample``, black fill.
 Colour ops follow PIL's definitions (``ImageEnhance``, ``ImageOps``) in float, so they need no uint8 round trip.
+Geometric ops act about the image centre (PIL and torchvision shear about the top-left corner), bilinear, black fill.
+Each op is one ``nonzero`` over the batch: a host sync per op on GPUs (masks would avoid it; not measured here).
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ from gmlp_vision.rundir import (
     write_json,
 )
 from gmlp_vision.stream import ImageFiles
-from gmlp_vision.transfer import load_pretrained
+from gmlp_vision.transfer import apply_pretrained, read_pretrained
 
 log = logging.getLogger("gmlp_vision")
 
@@ -449,14 +449,16 @@ def _train(
     if n_train < 1:
         raise ConfigError(f"no training images left: {len(labels)} images with --val-split {cfg.val_split}")
 
+    # Pretrained weights are read and checked before anything is written: a bad --init leaves no run directory.
+    pretrained = read_pretrained(cfg.init, cfg.model) if cfg.init else None
     run_dir, saved, best_state = ctx.on_main(lambda: _open_run_dir(cfg, resume))
     cfg = replace(cfg, out=str(run_dir))
 
     torch.manual_seed(cfg.seed)
     model = GMLP(cfg.model)
     model.set_normalization(*channel_stats(_stats_sample(images, cfg.seed)))  # validation included (Keras adapt)
-    if cfg.init and saved is None:  # pretrained weights bring their own normalisation
-        load_pretrained(model, cfg.init)
+    if pretrained is not None and saved is None:  # pretrained weights bring their own normalisation
+        apply_pretrained(model, pretrained)
     model.to(device)
     net = model  # the module itself, whatever wraps it below
     optimizer = build_optimizer(cfg, model)
@@ -544,10 +546,10 @@ def _train(
     with stops.installed():
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
-            lr = lr_at_step(cfg, step, steps)  # what the epoch's first step uses
-            lr = optimizer.param_groups[0]["lr"] if lr is None else lr
             if epoch_state is None:
                 epoch_state = EpochProgress(torch.randperm(n_train, generator=order).to(device), step=step)
+            lr = lr_at_step(cfg, epoch_state.step - epoch_state.batch, steps)  # the epoch's first step's (resumed too)
+            lr = optimizer.param_groups[0]["lr"] if lr is None else lr
             with tqdm(total=steps, initial=epoch_state.batch, desc=f"epoch {epoch + 1}", leave=False,
                       disable=not (cfg.progress and ctx.main)) as bar:  # fmt: skip
                 metrics = train_one_epoch(

@@ -5,7 +5,8 @@
 - timm names map one to one onto ours (`timm_to_gmlp`); timm's patch stem is a Conv2d whose (D, C, p, p) kernel
   becomes our Linear over patches flattened as (row, column, channel). timm models expect pixels scaled to
   ``(x / 255 - 0.5) / 0.5``, so the model's normalisation becomes mean 127.5, std 127.5.
-- At another resolution the token grid changes (224 px / patch 16 = 14 x 14 tokens; 32 px / patch 4 = 8 x 8), and
+- At another resolution the token grid changes (224 px / patch 16 = 14 x 14 tokens; 64 px / patch 16 = 4 x 4; the
+  patch size itself must stay that of the weights), and
   with it every spatial projection, an (N, N) matrix over token positions. `resample_spatial` treats it as a function
   of (output position, input position) on the image plane and resamples both grids (bilinear, antialiased when
   shrinking), scaling by the ratio of token counts so that each output still sums the same total input: a projection
@@ -17,12 +18,15 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gmlp_vision.checkpoint import FORMAT, load_checkpoint
+from gmlp_vision.config import ModelConfig
 from gmlp_vision.errors import CheckpointError
 from gmlp_vision.model import GMLP
 
@@ -81,7 +85,8 @@ def resample_spatial(weight: Tensor, bias: Tensor, grid: int) -> tuple[Tensor, T
 def read_state(path: str | Path) -> tuple[dict[str, Tensor], Tensor | None, Tensor | None]:
     """Weights from a timm file (.safetensors, .pth, .bin) or a gmlp checkpoint (.pt) or export (.safetensors).
 
-    Returns the state dict (our names) and, for gmlp files, the normalisation buffers (None for timm).
+    Returns the state dict (our names) and, for gmlp files, the normalisation buffers (None for timm). gmlp training
+    checkpoints go through `load_checkpoint`, so their format and digest are checked.
     """
     path = Path(path)
     if not path.is_file():
@@ -95,7 +100,9 @@ def read_state(path: str | Path) -> tuple[dict[str, Tensor], Tensor | None, Tens
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or hostile files raise many kinds; one clear line for all
         raise CheckpointError(f"--init {path}: not a readable weights file ({str(e).splitlines()[0][:200]})") from None
-    for key in ("state_dict", "model"):  # our checkpoints (under "model") and common wrappers of PyTorch checkpoints
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        state = load_checkpoint(path).model_state
+    for key in ("state_dict", "model"):  # common wrappers of plain PyTorch checkpoints
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
@@ -105,39 +112,67 @@ def read_state(path: str | Path) -> tuple[dict[str, Tensor], Tensor | None, Tens
     return state, state.get("pixel_mean"), state.get("pixel_std")
 
 
-def load_pretrained(model: GMLP, path: str | Path) -> list[str]:
-    """Fill ``model`` from ``path`` (see the module docstring); returns the names left as initialised (the head).
+@dataclass
+class Pretrained:
+    """Weights read and fitted to one architecture, ready for `apply_pretrained`."""
+
+    path: Path
+    state: dict[str, Tensor]  # every parameter but those in ``fresh``, at the target's shapes
+    mean: Tensor | None  # pixel normalisation (None: timm's)
+    std: Tensor | None
+    fresh: list[str]  # parameters left as initialised (the head, for another class count)
+
+
+def read_pretrained(path: str | Path, cfg: ModelConfig) -> Pretrained:
+    """Read ``path`` and fit it to a model of architecture ``cfg`` (see the module docstring), touching no model.
 
     Raises:
         CheckpointError: unreadable file, or weights of another architecture (width, depth, patch size).
     """
     state, mean, std = read_state(path)
     state = {k: v for k, v in state.items() if k not in ("pixel_mean", "pixel_std")}
-    own = model.state_dict()
-    grid = model.cfg.grid_size
+    with torch.device("meta"):  # the target's names and shapes, without allocating it
+        own = {k: v.shape for k, v in GMLP(cfg).state_dict().items()}
     for name in [k for k in state if k.endswith("sgu.proj.weight")]:
         bias = name[: -len("weight")] + "bias"
-        state[name], state[bias] = resample_spatial(state[name], state[bias], grid)
+        if bias not in state:
+            raise CheckpointError(f"--init {path}: {name} has no {bias}")
+        state[name], state[bias] = resample_spatial(state[name], state[bias], cfg.grid_size)
     fresh = []
-    if state.get("head.weight") is not None and state["head.weight"].shape != own["head.weight"].shape:
+    if state.get("head.weight") is not None and state["head.weight"].shape != own["head.weight"]:
         fresh = ["head.weight", "head.bias"]
         state = {k: v for k, v in state.items() if k not in fresh}
     missing = sorted(set(own) - set(state) - {"pixel_mean", "pixel_std"} - set(fresh))
     unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in state if k in own and state[k].shape != own[k].shape)
+    wrong = sorted(k for k in state if k in own and state[k].shape != own[k])
     if missing or unexpected or wrong:
         detail = "; ".join(f"{what}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
                            for what, names in (("missing", missing), ("unexpected", unexpected),
                                                ("other shape", wrong)) if names)  # fmt: skip
         raise CheckpointError(f"--init {path}: the weights do not fit this architecture ({detail})")
+    return Pretrained(Path(path), state, mean, std, fresh)
+
+
+def apply_pretrained(model: GMLP, pretrained: Pretrained) -> list[str]:
+    """Copy the weights into ``model`` (built with the config they were read for); returns the fresh names."""
+    own = model.state_dict()
     with torch.no_grad():
-        for name, value in state.items():
+        for name, value in pretrained.state.items():
             own[name].copy_(value)
-        if mean is None:
+        if pretrained.mean is None:
             model.pixel_mean.fill_(TIMM_PIXEL_MEAN)
             model.pixel_std.fill_(TIMM_PIXEL_STD)
         else:
-            model.pixel_mean.copy_(mean)
-            model.pixel_std.copy_(std)
-    log.info("initialised from %s%s", path, "; new classifier head" if fresh else "")
-    return fresh
+            model.pixel_mean.copy_(pretrained.mean)
+            model.pixel_std.copy_(pretrained.std)
+    log.info("initialised from %s%s", pretrained.path, "; new classifier head" if pretrained.fresh else "")
+    return pretrained.fresh
+
+
+def load_pretrained(model: GMLP, path: str | Path) -> list[str]:
+    """Fill ``model`` from ``path``; returns the names left as initialised (the head, for another class count).
+
+    Raises:
+        CheckpointError: unreadable file, or weights of another architecture (width, depth, patch size).
+    """
+    return apply_pretrained(model, read_pretrained(path, model.cfg))
