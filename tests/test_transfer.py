@@ -1,6 +1,7 @@
 """Starting from timm gMLP weights: key mapping, spatial resampling, fine-tuning at another resolution, bad files."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -162,3 +163,12 @@ def test_bad_init_files_are_refused_in_one_line(tmp_path):
     save_file(state, tmp_path / "nobias.safetensors")
     with pytest.raises(CheckpointError, match="has no blocks.0.sgu.proj.bias"):
         load_pretrained(model, tmp_path / "nobias.safetensors")
+
+
+def test_a_gmlp_checkpoint_initialises_a_model_with_its_weights_and_normalisation(tmp_path):
+    cfg = from_preset("tiny", epochs=1, progress=False, out=str(tmp_path / "run"), num_classes=4)
+    result = train(cfg, make_dataset())
+    saved = load_checkpoint(result.run_dir / "last.pt").model_state
+    model = GMLP(replace(cfg.model, num_classes=4))
+    assert load_pretrained(model, result.run_dir / "last.pt") == []
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())

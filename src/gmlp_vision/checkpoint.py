@@ -152,6 +152,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as e:  # torch raises many types for corrupt or unsafe files; all mean "not a usable checkpoint"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot load checkpoint {path}: {reason[:300]}") from None
+    return checkpoint_from_payload(raw, path)
+
+
+def checkpoint_from_payload(raw: Any, path: str | Path) -> Checkpoint:
+    """Validate what ``torch.load`` read from the checkpoint at ``path`` (format, version, digest, config).
+
+    Raises:
+        CheckpointError: of another format or version, corrupt, or with an invalid config.
+    """
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a gmlp-vision checkpoint")
     if raw.get("version") != VERSION:

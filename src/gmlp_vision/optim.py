@@ -164,13 +164,14 @@ class WeightEMA:
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
         self.updates = 0
+        self._averaged = list(self.module.parameters())  # load_state_dict copies in place: these stay valid
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """One averaging step towards ``model``'s current parameters (the unwrapped module)."""
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(list(self.module.parameters()), list(model.parameters()), 1.0 - d)
+        torch._foreach_lerp_(self._averaged, list(model.parameters()), 1.0 - d)
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
         return {"weights": self.module.state_dict(), "updates": self.updates}

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gmlp_vision.checkpoint import FORMAT, load_checkpoint
+from gmlp_vision.checkpoint import FORMAT, checkpoint_from_payload
 from gmlp_vision.config import ModelConfig
 from gmlp_vision.errors import CheckpointError
 from gmlp_vision.model import GMLP
@@ -86,7 +86,7 @@ def read_state(path: str | Path) -> tuple[dict[str, Tensor], Tensor | None, Tens
     """Weights from a timm file (.safetensors, .pth, .bin) or a gmlp checkpoint (.pt) or export (.safetensors).
 
     Returns the state dict (our names) and, for gmlp files, the normalisation buffers (None for timm). gmlp training
-    checkpoints go through `load_checkpoint`, so their format and digest are checked.
+    checkpoints are validated as `load_checkpoint` does (format, version, digest), from the one read.
     """
     path = Path(path)
     if not path.is_file():
@@ -101,7 +101,7 @@ def read_state(path: str | Path) -> tuple[dict[str, Tensor], Tensor | None, Tens
     except Exception as e:  # corrupt or hostile files raise many kinds; one clear line for all
         raise CheckpointError(f"--init {path}: not a readable weights file ({str(e).splitlines()[0][:200]})") from None
     if isinstance(state, dict) and state.get("format") == FORMAT:
-        state = load_checkpoint(path).model_state
+        state = checkpoint_from_payload(state, path).model_state
     for key in ("state_dict", "model"):  # common wrappers of plain PyTorch checkpoints
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
