@@ -157,6 +157,8 @@ def distributed(device_name: str) -> Iterator[tuple[Dist, torch.device]]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield Dist(dist.get_rank(), dist.get_world_size(), place.local_rank), device
+        if joined:  # all ranks finished: none tears its connections down while another still talks (rank 1 could
+            dist.barrier()  # abort at exit, "terminate called without an active exception", in ~1 run of 6)
     finally:
         if joined:
             dist.destroy_process_group()
