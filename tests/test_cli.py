@@ -93,7 +93,7 @@ def test_checkpoint_from_another_model_is_refused(tmp_path, cifar10_archive, cif
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint at all")
     assert main(["evaluate", str(garbage)]) == 1
-    assert "cannot load checkpoint" in capsys.readouterr().err
+    assert "is not a gmlp-vision checkpoint (not a PyTorch zip archive)" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -115,7 +115,7 @@ def test_safetensors_errors(run, tmp_path):
     config = json.loads((tmp_path / "st" / "config.json").read_text())
     config["model"]["embed_dim"] = 48
     (tmp_path / "st" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="does not fit"):
+    with pytest.raises(CheckpointError, match="do not fit the model its config describes"):
         load_safetensors(tmp_path / "st")
     (tmp_path / "st" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="cannot read"):
@@ -142,7 +142,7 @@ def test_missing_onnx_extra_names_the_extra(run, tmp_path, monkeypatch, capsys):
     [
         (["--format", "safetensors", "--quantize", "int8"], 2, "--quantize int8 applies to --format onnx only"),
         (["--format", "tflite"], 2, "invalid choice"),
-        (["--ckpt", "NOT_A_CHECKPOINT"], 1, "cannot load checkpoint"),
+        (["--ckpt", "NOT_A_CHECKPOINT"], 1, "not a gmlp-vision checkpoint"),
     ],
 )
 def test_cli_export_errors(run, tmp_path, capsys, argv, code, message):

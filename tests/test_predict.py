@@ -170,7 +170,7 @@ def test_cli_predict_text_and_json(run, tmp_path, capsys):
         (["IMG_BAD"], 1, "not an image file"),
         (["IMG_MISSING"], 1, "image not found"),
         (["IMG_OK", "--top-k", "0"], 2, "must be a positive integer"),
-        (["--ckpt", "IMG_OK", "IMG_OK"], 1, "cannot load checkpoint"),
+        (["--ckpt", "IMG_OK", "IMG_OK"], 1, "not a gmlp-vision checkpoint"),
         (["--ckpt", "MISSING_CKPT", "IMG_OK"], 1, "checkpoint not found"),
     ],
 )

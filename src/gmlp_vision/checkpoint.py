@@ -12,8 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import shutil
 import tempfile
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,11 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from gmlp_vision.config import Config
-from gmlp_vision.errors import CheckpointError, ConfigError
+from gmlp_vision.config import Config, ModelConfig
+from gmlp_vision.errors import CheckpointError, ConfigError, NonFiniteLossError
 from gmlp_vision.model import GMLP
 
 FORMAT = "gmlp-vision-checkpoint"
+ZIP_MAGIC = b"PK\x03\x04"
 VERSION = 1
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -43,14 +47,56 @@ class Checkpoint:
     train_state: dict[str, Any] = field(default_factory=dict)  # optimiser, schedule, RNG, history: resume only
 
     def build_model(self, device: str | torch.device = "cpu") -> GMLP:
-        """The model with these weights, in eval mode."""
+        """The model with these weights, in eval mode (the weights are checked against the config first)."""
+        check_weights_fit(self.config.model, self.model_state, "checkpoint")
         model = GMLP(self.config.model)
-        try:
-            model.load_state_dict(self.model_state)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[0]
-            raise CheckpointError(f"checkpoint weights do not fit the model its config describes: {first}") from None
+        model.load_state_dict(self.model_state)
         return model.to(device).eval()
+
+
+def nonfinite_names(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors in ``state`` that hold a NaN or an infinity (one device sync in all)."""
+    floats = [(k, v) for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if not floats:
+        return []
+    finite = torch.stack([torch.isfinite(v).all() for _, v in floats]).cpu()
+    return [k for (k, _), ok in zip(floats, finite.tolist(), strict=True) if not ok]
+
+
+def check_weights_fit(cfg: ModelConfig, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Check that ``state`` holds exactly the finite tensors of the model ``cfg`` describes, before building it.
+
+    A config travels beside its weights (a checkpoint, an export's ``config.json``), and a digest is a checksum, not
+    a signature: a 3 KB file could describe a model of 40 GB. The expected shapes come from the model built on the
+    ``meta`` device, which allocates nothing; its depth is first bounded by the blocks the file really holds.
+
+    Raises:
+        CheckpointError: a missing, unexpected or differently shaped tensor, or a NaN or infinity.
+    """
+    blocks = {k.split(".")[1] for k in state if k.startswith("blocks.")}
+    if cfg.depth > len(blocks):
+        raise CheckpointError(f"{what} config describes {cfg.depth} blocks but its weights hold {len(blocks)}")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GMLP(cfg).state_dict().items()}
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        first = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise CheckpointError(
+            f"{what} weights do not fit the model its config describes: {len(missing)} missing and "
+            f"{len(unexpected)} unexpected tensors ({first})"
+        )
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise CheckpointError(
+                f"{what} weights do not fit the model its config describes: {key} has shape "
+                f"{tuple(state[key].shape)}, the config needs {shape}"
+            )
+    bad = nonfinite_names(state)
+    if bad:
+        raise CheckpointError(
+            f"{what} holds NaN or infinite weights in {len(bad)} of {len(state)} tensors (e.g. {bad[0]}); "
+            "the run that wrote them diverged, so they cannot be used"
+        )
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -103,6 +149,9 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
     A failure (e.g. a full disk) leaves any previous file at ``path`` intact and no temp file behind.
     """
     path = Path(path)
+    bad = nonfinite_names(ckpt.model_state)
+    if bad:  # the last line of defence: training checks its weights before it saves (train.py)
+        raise NonFiniteLossError(f"refusing to write {path.name}: {len(bad)} weight tensors hold NaN or inf ({bad[0]})")
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -119,13 +168,27 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; a checkpoint gets the usual file permissions
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            try:
+                torch.save(payload, f)
+            except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) as a RuntimeError
+                raise OSError(_write_failure(e, path)) from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_failure(error: RuntimeError, path: Path) -> str:
+    """One line for torch.save's multi-line "enforce fail at inline_container.cc" error, with the space left."""
+    text = str(error)
+    reason = "file write failed" if "write failed" in text else text.strip().splitlines()[-1][:120]
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return reason
+    return f"{reason} ({free / 1e6:.1f} MB free on that file system{'; it is full' if free < 1 << 20 else ''})"
 
 
 def _umask() -> int:
@@ -146,12 +209,25 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    if magic != ZIP_MAGIC:  # torch.save has written zip archives since 1.6; so does every gmlp-vision version
+        raise CheckpointError(f"{path} is not a gmlp-vision checkpoint (not a PyTorch zip archive)")
+    try:
         with warnings.catch_warnings():  # torch warns about odd pickle protocols in damaged files; our error says it
             warnings.simplefilter("ignore")
             raw = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises many types for corrupt or unsafe files; all mean "not a usable checkpoint"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load checkpoint {path}: {reason[:300]}") from None
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():  # torch's weights-only unpickler met a global it does not allow
+            raise CheckpointError(
+                f"{path} was refused: it holds Python objects other than tensors and plain values, which could run "
+                "code when loaded; gmlp-vision checkpoints never do, so this file was not written by it"
+            ) from None
+        raise CheckpointError(f"{path} is damaged: its pickled content cannot be read") from None
+    except Exception as e:  # torch raises many types for corrupt files; all mean "not a usable checkpoint"
+        raise CheckpointError(f"{path} is damaged: cannot read it as a PyTorch archive ({type(e).__name__})") from None
     return checkpoint_from_payload(raw, path)
 
 
@@ -175,6 +251,7 @@ def checkpoint_from_payload(raw: Any, path: str | Path) -> Checkpoint:
         state = clean_state_dict(raw["model"])
         if not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise TypeError("model weights are not all tensors")
+        check_weights_fit(config.model, state, str(path))
         return Checkpoint(
             config=config,
             model_state=state,

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from gmlp_vision import __version__
-from gmlp_vision.cli_tools import add_commands, checkpoint_dataset
+from gmlp_vision.cli_tools import add_commands, checkpoint_dataset, device_flag, positive_int
 from gmlp_vision.config import (
     DATASET_PRESET,
     PRESET_HELP,
@@ -155,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=DATASETS, help="dataset (default: the one it was trained on)")
     p.add_argument("--data", help="local archive or folder (default: the training run's, or the cache)")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True, help="download if missing")
-    p.add_argument("--batch-size", type=int, default=500, help="images per batch (default: 500)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--batch-size", type=positive_int, default=500, help="images per batch (default: 500)")
+    p.add_argument("--device", type=device_flag, default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--quiet", action="store_true", help="no download progress bar")
     p.set_defaults(func=_cmd_evaluate)

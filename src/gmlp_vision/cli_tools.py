@@ -27,6 +27,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def device_flag(text: str) -> str:
+    """Argparse type: auto, cpu, cuda or cuda:N."""
+    from gmlp_vision.config import check_device  # the one rule, shared with the config and resolve_device
+
+    try:
+        return check_device(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--device ")) from None
+
+
 def checkpoint_dataset(ckpt: Any, args: argparse.Namespace) -> Any:
     """The dataset a checkpoint was trained on (``--dataset``/``--data`` override), checked against its model."""
     from gmlp_vision.data import load_dataset
@@ -138,7 +148,7 @@ def add_commands(sub: Any, dataset_names: Sequence[str]) -> None:
     p.add_argument("--top-k", type=positive_int, default=5, help="classes shown per image (default: 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per image and line")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default: 64)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--device", type=device_flag, default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("export", help="export a trained model to ONNX (optionally int8) or safetensors")
@@ -158,6 +168,6 @@ def add_commands(sub: Any, dataset_names: Sequence[str]) -> None:
     p.add_argument("--data", help="local archive or folder (default: the training run's, or the cache)")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True, help="download if missing")
     p.add_argument("--batch-size", type=positive_int, default=500, help="images per batch (default: 500)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--device", type=device_flag, default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--quiet", action="store_true", help="no download progress bar")
     p.set_defaults(func=_cmd_report)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import math
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -54,6 +57,7 @@ class ModelConfig:
     attn_dim: int = _f(0, "aMLP: width of a tiny single-head attention added to every gate (paper: 64; 0: gMLP)")
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check_choices(self)
         for name in ("image_size", "patch_size", "in_chans", "num_classes", "embed_dim", "ffn_dim", "depth"):
             if getattr(self, name) < 1:
@@ -204,7 +208,14 @@ class Config:
     tensorboard: bool = _f(False, "also log every epoch's metrics to RUN_DIR/tensorboard (needs the tensorboard extra)")
 
     def __post_init__(self) -> None:
+        if not isinstance(self.model, ModelConfig):
+            raise ConfigError(f"config key 'model' must hold the model's fields, got {type(self.model).__name__}")
+        _check_types(self)
         _check_choices(self)
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"--seed must be in 0..{2**32 - 1}, got {self.seed}")
         if not 0.0 <= self.val_split < 1.0:
             raise ConfigError(f"--val-split must be in [0, 1), got {self.val_split}")
         for name in ("epochs", "batch_size", "accum_steps", "eval_batch_size"):
@@ -241,12 +252,15 @@ class Config:
             raise ConfigError(f"--plateau-factor must be in (0, 1), got {self.plateau_factor}")
         if self.lr <= 0 or self.weight_decay < 0 or self.plateau_threshold < 0:
             raise ConfigError("--lr must be positive; --weight-decay and --plateau-threshold must be >= 0")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dict (what config.json and checkpoints hold)."""
         return dataclasses.asdict(self)
+
+    def to_flat(self) -> dict[str, Any]:
+        """Every field's value in one flat dict (field names are unique across `Config` and `ModelConfig`)."""
+        return _flatten(self.to_dict())
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:
@@ -375,8 +389,54 @@ _MODEL_FIELDS = tuple(f.name for f in fields(ModelConfig))
 _RUN_FIELDS = tuple(f.name for f in fields(Config) if f.name != "model")
 
 
+def check_device(name: str) -> str:
+    """``name`` if it is a device the CLI accepts: auto, cpu, cuda or cuda:N.
+
+    Raises:
+        ConfigError: anything else (meta, mps, a typo), naming the flag.
+    """
+    if not (name in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d{1,3}", name)):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}"[:200])
+    return name
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, tuple[type, bool]]:
+    """Each field's value type and whether None is allowed, from the annotations (``str | None`` -> (str, True))."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint)
+        kinds = [a for a in args if a is not type(None)] or [hint]
+        out[name] = (kinds[0], type(None) in args)
+    return out
+
+
+_KIND_WORDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}
+
+
+def _check_types(obj: Any) -> None:
+    """Refuse a value of the wrong type (JSON files and library callers are not argparse) and non-finite floats.
+
+    An integer given for a float field becomes that float; nothing else is converted (``"no"`` is not false, ``8.0`` is
+    not an integer).
+    """
+    for name, (kind, optional) in _field_types(type(obj)).items():
+        if kind not in _KIND_WORDS:
+            continue  # the nested ModelConfig
+        value = getattr(obj, name)
+        if value is None and optional:
+            continue
+        if kind is float and type(value) is int:
+            value = float(value)
+            object.__setattr__(obj, name, value)  # frozen: __post_init__ is where a field may still be set
+        ok = type(value) is kind and (kind is not float or math.isfinite(value))
+        if not ok:
+            what = _KIND_WORDS[kind] + (" or null" if optional else "")
+            raise ConfigError(f"{_flag(name)} must be {what}, got {value!r}"[:200])
 
 
 def _check_choices(obj: Any) -> None:
@@ -389,7 +449,7 @@ def _check_choices(obj: Any) -> None:
 def _flatten(values: dict[str, Any]) -> dict[str, Any]:
     """Nested config values (``{"model": {...}, ...}``) as one flat dict; flat input passes through."""
     flat = dict(values)
-    model = flat.pop("model", None) or {}
+    model = flat.pop("model", {})
     if not isinstance(model, dict):
         raise ConfigError(f"config key 'model' must hold an object, got {type(model).__name__}")
     return {**flat, **model}
@@ -408,8 +468,8 @@ def _from_flat(flat: dict[str, Any]) -> Config:
 
 def preset_overrides(name: str) -> dict[str, Any]:
     """The overrides of preset ``name``, plus the preset's own name."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}"[:200])
     return {**PRESETS[name], "preset": name}
 
 
@@ -419,9 +479,7 @@ def from_preset(name: str, **overrides: Any) -> Config:
 
 
 def _arg_type(f: dataclasses.Field) -> Any:
-    hint = typing.get_type_hints(ModelConfig if f.name in _MODEL_FIELDS else Config)[f.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
+    return _field_types(ModelConfig if f.name in _MODEL_FIELDS else Config)[f.name][0]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -465,16 +523,32 @@ def config_from_args(args: argparse.Namespace) -> Config:
     preset = getattr(args, "preset", None) or from_file.get("preset")
     if preset is None:
         dataset = given.get("dataset", from_file.get("dataset", Config.dataset))
+        if not isinstance(dataset, str) or dataset not in DATASET_PRESET:
+            raise ConfigError(f"--dataset must be one of {', '.join(DATASET_PRESET)}, got {dataset!r}"[:200])
         preset = DATASET_PRESET[dataset]
     return _from_flat({**preset_overrides(preset), **from_file, **given, "preset": preset})
 
 
+CONFIG_FILE_LIMIT = 1 << 20  # bytes; a run's config.json is about 2 KB
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """A flat dict of the values in a config.json file (nested or flat)."""
+    """A flat dict of the values in a config.json file (nested or flat); types are checked when a `Config` is built.
+
+    Raises:
+        ConfigError: not a regular file, larger than `CONFIG_FILE_LIMIT`, not JSON, or not a JSON object.
+    """
+    path = Path(path)
     try:
-        values = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read config file {path}: {e}") from None
+        if not path.is_file():  # /dev/zero, a FIFO or a folder would be read forever or not at all
+            raise ConfigError(f"config file {path} " + ("not found" if not path.exists() else "is not a regular file"))
+        with open(path, "rb") as f:
+            data = f.read(CONFIG_FILE_LIMIT + 1)
+        if len(data) > CONFIG_FILE_LIMIT:
+            raise ConfigError(f"config file {path} is larger than {CONFIG_FILE_LIMIT >> 20} MiB; not a run config")
+        values = json.loads(data)
+    except (OSError, ValueError, RecursionError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}"[:300]) from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a JSON object")
     return _flatten(values)
@@ -483,8 +557,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 def to_flags(cfg: Config) -> list[str]:
     """Command-line flags that rebuild ``cfg`` exactly (used by tests and to print a run's command)."""
     flags = []
-    flat = {**{k: getattr(cfg, k) for k in _RUN_FIELDS}, **{k: getattr(cfg.model, k) for k in _MODEL_FIELDS}}
-    for name, value in flat.items():
+    for name, value in cfg.to_flat().items():
         if value is None:
             continue
         if isinstance(value, bool):

@@ -3,9 +3,10 @@
 CIFAR members are read straight from the ``.tar.gz`` (or an extracted folder), never unpacked to disk, and unpickled
 by a restricted unpickler that resolves only numpy's array reconstruction, so a hostile file runs nothing. Archives are
 checked for structure (members, shapes, dtypes, label ranges, class names), not md5, since copies may be re-packed;
-``verify_md5=True`` compares a ``.tar.gz`` with the official sum. An archive missing from the cache dir is downloaded
-with an md5 check and an atomic write. The train split is the data batches in file order, so the tutorial's
-validation split (the last 5,000 training images, Keras ``validation_split=0.1``) is ``train.images[-5000:]``.
+reading stops after `_MAX_OTHER_MEMBERS` members that are not CIFAR's (a header bomb). ``verify_md5=True`` compares a
+``.tar.gz`` with the official sum. An archive missing from the cache dir is downloaded with an md5 check and an atomic
+write. The train split is the data batches in file order, so the tutorial's validation split (the last 5,000 training
+images, Keras ``validation_split=0.1``) is ``train.images[-5000:]``.
 
 ``digits`` is the 1,797 8x8 handwritten digits that ship inside scikit-learn (``sklearn/datasets/data/digits.csv.gz``),
 parsed with numpy without importing scikit-learn. Pixels 0..16 become uint8 ``round(v * 255 / 16)``. The split is
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 DATASETS = ("cifar10", "cifar100", "digits", "folder")
 _MAX_MEMBER = 1 << 30  # the largest official member is ~155 MB: anything over 1 GB is not CIFAR
+_MAX_OTHER_MEMBERS = 1_000  # the official archives hold 8 or 9 members; tarfile keeps each header it reads
 _CHUNK = 1 << 20
 _URL = "https://www.cs.toronto.edu/~kriz/"
 
@@ -203,6 +205,11 @@ def load_dataset(
     return Dataset(key, train, test, classes)
 
 
+def one_line(error: BaseException | str) -> str:
+    """``error``'s message on one line, for messages that quote one (tarfile's and torch's hold newlines)."""
+    return " ".join(str(error).split())
+
+
 def download(url: str, dest: Path, md5: str, *, timeout: float = 20.0, progress: bool = True) -> Path:
     """Download ``url`` to ``dest`` atomically and check its md5; a failed download leaves nothing behind.
 
@@ -248,7 +255,7 @@ def download(url: str, dest: Path, md5: str, *, timeout: float = 20.0, progress:
     except (OSError, http.client.HTTPException, ValueError) as e:  # URLError and socket timeouts are OSErrors
         tmp.unlink(missing_ok=True)
         reason = e.reason if type(e) is urllib.error.URLError else e
-        raise DataError(f"cannot download {url} ({type(e).__name__}: {reason}); {hint}") from e
+        raise DataError(f"cannot download {url} ({type(e).__name__}: {one_line(reason)}); {hint}") from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -286,7 +293,8 @@ def _unpickle(data: bytes, where: str) -> Any:
     except DataError as e:
         raise DataError(f"{where}: {e}; the file may be hostile, do not use it") from None
     except Exception as e:  # a malformed pickle can raise almost anything; none of it may escape raw
-        raise DataError(f"{where} is not a readable pickle ({type(e).__name__}: {e}); get a fresh copy") from e
+        detail = f"{type(e).__name__}: {one_line(e)}"
+        raise DataError(f"{where} is not a readable pickle ({detail}); get a fresh copy") from e
     # An array the file did not fill (numpy.ndarray called with a huge shape) would be uninitialised memory.
     if isinstance(obj, dict) and any(isinstance(v, np.ndarray) and v.nbytes > len(data) for v in obj.values()):
         raise DataError(f"{where} claims more array data than it holds; the file may be hostile, do not use it")
@@ -294,17 +302,31 @@ def _unpickle(data: bytes, where: str) -> Any:
 
 
 def _read_tar(path: Path, layout: _Layout) -> dict[str, Any]:
-    """Unpickle the layout's members straight from a tar archive, refusing odd members before reading them."""
+    """Unpickle the layout's members straight from a tar archive, refusing odd members before reading them.
+
+    Reading stops after `_MAX_OTHER_MEMBERS` members that are not the layout's: a small archive of many empty members
+    (a header bomb) would otherwise be parsed to its end.
+    """
     wanted = {f"{layout.base}/{m}": m for m in layout.members}
     others = {o.base: o.title for o in _LAYOUTS.values() if o is not layout}
     found: dict[str, Any] = {}
+    odd = 0
     try:
+        if path.stat().st_size == 0:
+            raise DataError(f"{path} is empty; get a fresh copy of {layout.archive}")
         with tarfile.open(path, "r:*") as tar:
-            for info in tar:
+            while (info := tar.next()) is not None:
+                tar.members.clear()  # tarfile keeps every header it reads (for getmember); each is used once, here
                 member = info.name.removeprefix("./")
                 if (other := others.get(member.split("/", 1)[0])) is not None:
                     raise DataError(f"{path} holds {other}, not {layout.title}; pass {layout.archive} instead")
                 if member not in wanted:
+                    odd += 1
+                    if odd > _MAX_OTHER_MEMBERS:
+                        raise DataError(
+                            f"{path} holds more than {_MAX_OTHER_MEMBERS:,d} members that are not {layout.title}'s, "
+                            f"so it is not {layout.archive}; get a fresh copy"
+                        )
                     continue
                 if not info.isreg() or info.size > _MAX_MEMBER:
                     raise DataError(f"{path}: member {member} is not a regular file under 1 GB; get a fresh copy")
@@ -312,7 +334,7 @@ def _read_tar(path: Path, layout: _Layout) -> dict[str, Any]:
             while tar.fileobj.read(_CHUNK):  # read to the end so gzip checks its CRC and length
                 pass
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        detail = f"{type(e).__name__}: {e}"
+        detail = f"{type(e).__name__}: {one_line(e)}"
         raise DataError(f"{path} is not a readable {layout.title} archive ({detail}); get a fresh copy") from e
     return found
 
@@ -387,7 +409,7 @@ def _load_digits(file: Path) -> Dataset:
     try:
         table = np.loadtxt(file, delimiter=",", ndmin=2)
     except (OSError, ValueError, EOFError, zlib.error) as e:
-        raise DataError(f"{file} is not a readable digits CSV ({type(e).__name__}: {e})") from e
+        raise DataError(f"{file} is not a readable digits CSV ({type(e).__name__}: {one_line(e)})") from e
     if table.shape[1] != 65 or not len(table) or np.any(table != np.rint(table)):
         raise DataError(f"{file} must hold rows of 64 integer pixels and a label, got shape {table.shape}")
     pixels, target = table[:, :64].astype(np.int64), table[:, 64].astype(np.int64)

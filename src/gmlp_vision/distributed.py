@@ -24,13 +24,19 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from gmlp_vision.config import check_device
 from gmlp_vision.errors import ConfigError, GmlpError
 
 T = TypeVar("T")
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
+    """``auto`` -> CUDA when available, else CPU.
+
+    Raises:
+        ConfigError: not auto, cpu, cuda or cuda:N, or CUDA asked for where there is none.
+    """
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():

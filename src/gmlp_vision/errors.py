@@ -30,7 +30,11 @@ class ReportError(GmlpError):
 
 
 class NonFiniteLossError(GmlpError):
-    """The training loss became NaN or infinite; the message names the step and the last good checkpoint."""
+    """Training met NaN or infinity (loss, weights, validation loss); the message says where, and what is kept."""
+
+
+class RunDirBusy(GmlpError):
+    """Another process is writing the run directory (training or resuming it); the message names the holder."""
 
 
 class TrainingInterrupted(GmlpError):

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from gmlp_vision.augment import resize
-from gmlp_vision.checkpoint import load_checkpoint
+from gmlp_vision.checkpoint import check_weights_fit, load_checkpoint
 from gmlp_vision.config import ModelConfig
 from gmlp_vision.errors import CheckpointError, ConfigError, ExportError
 from gmlp_vision.model import GMLP
@@ -261,10 +261,7 @@ def load_safetensors(folder: str | Path, device: str | torch.device = "cpu") -> 
         state = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types for damaged files
         raise CheckpointError(f"cannot read {weights}: {e}") from None
+    check_weights_fit(cfg, state, str(weights))  # before building: the config alone could ask for any size
     model = GMLP(cfg)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{weights} does not fit the model its config.json describes: {first}") from None
+    model.load_state_dict(state)
     return model.to(device).eval()

@@ -10,11 +10,13 @@ are streamed: each split is an `stream.ImageFiles`, decoded batch by batch in wo
 (`images.load_image`), resized to the model's input size with the same antialiased `augment.resize` as everywhere
 else, and stored as one uint8 tensor per split, so training runs exactly like CIFAR, fully in memory. The decoded
 tensors are cached in the data cache dir under a key made of the folder's absolute path, the image size, and every
-file's relative path, size and modification time: a changed folder is decoded again.
+file's relative path, size and modification time: a changed folder is decoded again. The cache is optional: a write
+that fails (a full disk) is logged and the run goes on with the decoded tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -25,10 +27,10 @@ import torch
 from tqdm import tqdm
 
 from gmlp_vision.augment import resize_uint8
-from gmlp_vision.data import Dataset, Split, default_cache_dir
+from gmlp_vision.data import Dataset, Split, default_cache_dir, one_line
 from gmlp_vision.errors import DataError, ImageError
 from gmlp_vision.images import IMAGE_EXTENSIONS, load_image
-from gmlp_vision.stream import ImageFiles
+from gmlp_vision.stream import ImageFiles, bad_image_error
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 2  # 2: training files in a fixed shuffled order
@@ -73,7 +75,7 @@ def _decode(paths: list[tuple[Path, int]], size: int, skip_bad: bool, progress: 
             image = load_image(path, 3)
         except ImageError as e:
             if not skip_bad:
-                raise DataError(f"{e} (pass --skip-bad-images to leave such files out)") from None
+                raise bad_image_error(e) from None
             log.warning("skipped %s", e)
             continue
         images[kept] = resize_uint8(image, size)
@@ -158,9 +160,26 @@ def load_image_folder(
             log.warning("ignoring unreadable cache file %s", cached)
     train = _decode(train_paths, image_size, skip_bad, progress)
     test = _decode(eval_paths, image_size, skip_bad, progress)
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        torch.save({"train": [train.images, train.labels], "test": [test.images, test.labels], "classes": classes}, f)
-    os.replace(tmp, cached)
+    blob = {"train": [train.images, train.labels], "test": [test.images, test.labels], "classes": classes}
+    _write_cache(cached, blob)
     return Dataset("folder", train, test, tuple(classes))
+
+
+def _write_cache(cached: Path, blob: dict[str, object]) -> None:
+    """Save ``blob`` to ``cached`` atomically; a failure (a full disk) costs only the cache, never the run."""
+    tmp: str | None = None
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            torch.save(blob, f)
+        os.replace(tmp, cached)
+        tmp = None
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write (ENOSPC among them) as a RuntimeError
+        # On a full disk torch.save's RuntimeError ("unexpected pos ...") is raised while handling the ENOSPC OSError.
+        reason = one_line(e.__context__ if isinstance(e.__context__, OSError) else e)
+        log.warning("could not cache the decoded images in %s: %s; continuing without the cache", cached.parent, reason)
+    finally:
+        if tmp is not None:  # a partial file, whatever stopped the write (Ctrl-C too)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)

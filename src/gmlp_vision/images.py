@@ -6,15 +6,26 @@ transparent pixels are kept), as ``PIL.Image.convert`` and torchvision do; palet
 through ``RGBA`` first. Animated GIF/WebP: the first frame. Tensors get the same rules: alpha dropped, gray repeated
 to RGB, RGB to luma with Pillow's weights.
 
-Image files are opened defensively: at most `MAX_IMAGE_PIXELS` pixels (checked from the header, before decoding),
-Pillow's ``DecompressionBombWarning`` turned into an error, truncated files refused; every failure is an `ImageError`
-naming the file. Folders and glob patterns expand to image files with `expand_inputs`.
+High-bit images are scaled to 8 bits, not clipped as ``convert`` would: 16-bit modes (``I;16``, ``I;16L``,
+``I;16B``, ``I;16N``: 16-bit grayscale PNG and TIFF) by their range, ``round(v * 255 / 65535)``; ``I`` (32-bit
+integers: 16-bit PNGs in older Pillows, signed or 32-bit TIFFs) as 16-bit values too, clamped to 0..65535, since
+16-bit data is what the accepted formats decode into it; ``F`` (float TIFF) by the smallest of the ranges 0..1,
+0..255 and 0..65535 that holds its largest value (a float file says nothing of its range; these are the usual ones),
+negatives and NaN as 0, larger values as 255. Pillow itself reduces 16-bit RGB(A) files to 8 bits per channel.
+
+Image files are opened defensively: only the formats in `ALLOWED_FORMATS` (PNG, JPEG, WebP, BMP, GIF, TIFF; phone
+JPEGs that Pillow opens as MPO too), recognised by content whatever the file's name, so that no other Pillow plugin
+(EPS, which runs Ghostscript, among them) ever sees a file; at most `MAX_IMAGE_PIXELS` pixels (checked from the
+header, before decoding), Pillow's ``DecompressionBombWarning`` turned into an error, truncated files refused; every
+failure is an `ImageError` naming the file. Folders and glob patterns expand to image files with `expand_inputs`.
 """
 
 from __future__ import annotations
 
 import glob
+import struct
 import warnings
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +37,9 @@ from torch import Tensor
 
 from gmlp_vision.errors import ImageError
 
+# Pillow's opener IDs, the only plugins a file is offered to. No "MPO": it has no opener of its own (naming it makes
+# Pillow raise KeyError); the JPEG opener returns the MPO files (format "MPO") that many phones write.
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # 64 Mpx (8192 x 8192): far above any photo we classify at 32 px, far below a bomb
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, the weights of Pillow's "L" conversion
@@ -68,9 +82,23 @@ def _target_mode(channels: int) -> str:
     return "L" if channels == 1 else "RGB"
 
 
+def _to_8_bits(image: Image.Image) -> Image.Image:
+    """A high-bit single-channel image (``I;16*``, ``I``, ``F``) as ``L``, scaled by its range (see the module doc)."""
+    if image.mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0)
+        peak = values.max(initial=0.0)
+        top = 1.0 if peak <= 1.0 else 255.0 if peak <= 255.0 else 65535.0
+        values = np.clip(np.rint(values * np.float32(255.0 / top)), 0, 255)
+    else:  # round(v * 255 / 65535) == (v + 128) // 257 for integers, exactly, without floats
+        values = (np.clip(np.asarray(image), 0, 65535).astype(np.int32, copy=False) + 128) // 257
+    return Image.fromarray(values.astype(np.uint8))
+
+
 def convert(image: Image.Image, channels: int) -> Image.Image:
-    """A Pillow image in the mode for ``channels`` (``RGB`` or ``L``; alpha dropped, see the module doc)."""
+    """A Pillow image in the mode for ``channels`` (``RGB`` or ``L``; alpha dropped, high-bit scaled: module doc)."""
     mode = _target_mode(channels)
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _to_8_bits(image)  # Pillow's convert would clip these to 0..255
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # Pillow wants transparent palettes expanded before dropping alpha
     return image if image.mode == mode else image.convert(mode)
@@ -87,11 +115,12 @@ def pil_to_tensor(image: Image.Image, channels: int) -> Tensor:
 def open_image(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[Image.Image]:
     """An image file opened defensively (first frame), for reading inside the block.
 
-    The header is checked before anything is decoded, and every failure inside the block (decoding happens there)
-    becomes an `ImageError` naming the file.
+    Only `ALLOWED_FORMATS` are recognised (by content), the header is checked before anything is decoded, and
+    every failure inside the block (decoding happens there) becomes an `ImageError` naming the file.
 
     Raises:
-        ImageError: missing, not an image, truncated or corrupt, or more than ``max_pixels`` pixels.
+        ImageError: missing, not an image of an allowed format, truncated or corrupt, or more than ``max_pixels``
+            pixels.
     """
     path = Path(path)
     if not path.is_file():
@@ -99,12 +128,14 @@ def open_image(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Itera
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(path, formats=ALLOWED_FORMATS) as image:
                 if image.width * image.height > max_pixels:
                     raise ImageError(
                         f"{path}: {image.width}x{image.height} is more than {max_pixels:,d} pixels "
                         "(refused as a possible decompression bomb)"
                     )
+                if image.format == "PNG":
+                    _check_png_chunks(path)
                 image.seek(0)
                 yield image
     except ImageError:
@@ -112,21 +143,44 @@ def open_image(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Itera
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"{path}: refused as a possible decompression bomb ({e})") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{path} is not an image file Pillow can read") from None
+        raise ImageError(f"{path} is not an image file of an accepted format ({', '.join(ALLOWED_FORMATS)})") from None
     except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, ValueError, struct.error...: all "corrupt"
         raise ImageError(f"cannot read image {path}: {e or type(e).__name__}") from None
+
+
+def _check_png_chunks(path: Path) -> None:
+    """Verify every chunk's CRC-32: Pillow skips the image data's (IDAT), so a flipped bit there can decode silently.
+
+    Raises:
+        ImageError: a chunk whose CRC does not match, or chunks that run past the end of the file.
+    """
+    data = path.read_bytes()
+    pos = 8  # after the signature, which Pillow checked
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        end = pos + 8 + length
+        if end + 4 > len(data):
+            raise ImageError(f"cannot read image {path}: a PNG chunk runs past the end of the file (truncated)")
+        if zlib.crc32(data[pos + 4 : end]) != struct.unpack(">I", data[end : end + 4])[0]:
+            raise ImageError(f"cannot read image {path}: a PNG chunk fails its CRC check (the file is damaged)")
+        if data[pos + 4 : pos + 8] == b"IEND":
+            return
+        pos = end + 4
+    raise ImageError(f"cannot read image {path}: the PNG file ends without its IEND chunk (truncated)")
 
 
 def load_image(path: str | Path, channels: int = 3, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Tensor:
     """Read an image file (first frame) as (C, H, W) uint8 with ``channels`` channels.
 
     Args:
-        path: any format Pillow reads (PNG, JPEG, WebP, BMP, GIF, TIFF, ...), recognised by content.
+        path: a PNG, JPEG (MPO too), WebP, BMP, GIF or TIFF file, recognised by content whatever its name;
+            16-bit and float images are scaled to 8 bits (see the module doc).
         channels: 3 for RGB, 1 for grayscale.
         max_pixels: refuse images whose header declares more pixels than this, before decoding them.
 
     Raises:
-        ImageError: missing, not an image, truncated or corrupt, or too large; the message names the file.
+        ImageError: missing, not an image of an accepted format, truncated or corrupt, or too large; the message
+            names the file.
     """
     with open_image(path, max_pixels=max_pixels) as image:
         return pil_to_tensor(image, channels)

@@ -8,14 +8,22 @@ validation loss), ``last.pt`` (everything needed to resume, rewritten after ever
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 import os
+import socket
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from gmlp_vision.config import Config, load_config_file
-from gmlp_vision.errors import ConfigError
+from gmlp_vision.errors import CheckpointError, ConfigError, RunDirBusy
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs there are not locked (RunLock says so once)
+    fcntl = None  # type: ignore[assignment]
 
 HISTORY_FIELDS = ("epoch", "loss", "acc", "top5", "val_loss", "val_acc", "val_top5", "lr", "seconds")
 EMA_FIELDS = ("val_ema_loss", "val_ema_acc", "val_ema_top5")  # with --ema: the averaged weights on validation
@@ -50,25 +58,80 @@ def prepare_run_dir(path: Path) -> Path:
     return path
 
 
-def write_json(path: Path, value: Any) -> None:
-    """Write JSON atomically (temp file + rename), so a crash never leaves half a file."""
+class RunLock:
+    """One writer per run directory: an exclusive ``flock`` on ``RUN_DIR/.lock``, held for the run's lifetime.
+
+    The operating system drops the lock when the process ends, however it ends (SIGKILL included), so a crashed run
+    never blocks its own resume. The file holds the holder's pid and host, for the error a second writer gets. The
+    lock is only as good as the file system's: local disks and NFSv4 honour it across processes; some network or
+    FUSE mounts do not (README, "Long runs").
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        if fcntl is None:
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise RunDirBusy(
+                f"{self.path.parent} is in use by a gmlp run ({holder}); wait for it to end, or stop it first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities as null: strict JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _replace_with(path: Path, text: str) -> None:
+    """Write ``text`` to a temp file beside ``path``, then rename it over ``path``; a failed write leaves no temp."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write strict JSON (non-finite numbers as null) atomically, so a crash never leaves half a file."""
+    _replace_with(path, json.dumps(_json_safe(value), indent=2, allow_nan=False) + "\n")
 
 
 def write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
     """Rewrite ``history.csv`` and ``history.jsonl`` with every epoch so far (atomically)."""
-    tmp = run_dir / ".history.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        ema = bool(history) and EMA_FIELDS[0] in history[0]
-        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS + (EMA_FIELDS if ema else ()), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, run_dir / "history.csv")
-    tmp = run_dir / ".history.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-    os.replace(tmp, run_dir / "history.jsonl")
+    ema = bool(history) and EMA_FIELDS[0] in history[0]
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=HISTORY_FIELDS + (EMA_FIELDS if ema else ()), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    _replace_with(run_dir / "history.csv", table.getvalue())
+    rows = "".join(json.dumps(_json_safe(row), allow_nan=False) + "\n" for row in history)
+    _replace_with(run_dir / "history.jsonl", rows)
 
 
 def format_epoch(row: dict[str, float], epochs: int, steps: int) -> str:
@@ -97,6 +160,24 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> Config:
         raise ConfigError(f"--resume continues the run as it was configured; these flags would change it: {flags}")
     values.update(overrides, out=str(run_dir))
     return Config.from_dict(values)
+
+
+def check_same_run(cfg: Config, other: Config, source: Path) -> None:
+    """Refuse to resume from a checkpoint that another run wrote.
+
+    Its config must equal the run's, but for what ``--resume`` may change (`RESUMABLE_OVERRIDES`) and where it lives.
+
+    Raises:
+        CheckpointError: the first differing value, named by its flag.
+    """
+    ours, theirs = cfg.to_flat(), other.to_flat()
+    for name in ours:
+        if name not in RESUMABLE_OVERRIDES and name != "out" and ours[name] != theirs.get(name):
+            flag = "--" + name.replace("_", "-")
+            raise CheckpointError(
+                f"{source} belongs to another run: its {flag} is {theirs.get(name)!r}, this run's config.json says "
+                f"{ours[name]!r}; refusing to resume from it"
+            )
 
 
 def remove_stale_temps(run_dir: Path) -> None:

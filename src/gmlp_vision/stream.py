@@ -33,6 +33,12 @@ from gmlp_vision.images import convert, load_image, open_image, pil_to_tensor
 
 log = logging.getLogger(__name__)
 RATIO = (3 / 4, 4 / 3)  # aspect-ratio range of random-resized crops (the usual one)
+SKIP_BAD_HINT = "pass --skip-bad-images to leave such files out"
+
+
+def bad_image_error(error: ImageError | str) -> DataError:
+    """The `DataError` for an unreadable image file met without ``skip_bad``, in memory or streamed: with the hint."""
+    return DataError(f"{error} ({SKIP_BAD_HINT})")
 
 
 def crop_box(width: int, height: int, min_scale: float, rng: random.Random) -> tuple[int, int, int, int]:
@@ -171,7 +177,7 @@ class ImageFiles:
             ok = torch.tensor([not e for e in errors], dtype=torch.bool)
             for error in filter(None, errors):
                 if not self.skip_bad:
-                    raise DataError(f"{error} (pass --skip-bad-images to leave such files out)")
+                    raise bad_image_error(error)
                 if error not in self._warned:  # once per file, not every epoch
                     self._warned.add(error)
                     log.warning("skipped %s", error)
@@ -180,5 +186,5 @@ class ImageFiles:
     def _decode_checked(self, index: int) -> Tensor:
         image, error = _Decoder(self.paths, self.size, self.min_scale)[(index, None)]
         if error and not self.skip_bad:
-            raise DataError(f"{error} (pass --skip-bad-images to leave such files out)")
+            raise bad_image_error(error)
         return image

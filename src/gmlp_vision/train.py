@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -36,7 +36,7 @@ from gmlp_vision.augment import (
     random_resized_crop,
     resize,
 )
-from gmlp_vision.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, unwrap
+from gmlp_vision.checkpoint import Checkpoint, load_checkpoint, nonfinite_names, save_checkpoint, unwrap
 from gmlp_vision.config import Config
 from gmlp_vision.data import Dataset, load_dataset
 from gmlp_vision.distributed import SINGLE, Dist, distributed
@@ -45,6 +45,8 @@ from gmlp_vision.model import GMLP
 from gmlp_vision.optim import EarlyStopping, KerasAdamW, Plateau, WeightEMA, scheduled_lr
 from gmlp_vision.policy import rand_augment, trivial_augment
 from gmlp_vision.rundir import (
+    RunLock,
+    check_same_run,
     default_run_dir,
     format_epoch,
     prepare_run_dir,
@@ -424,17 +426,21 @@ def train(
         TrainingInterrupted: SIGINT or SIGTERM; ``last.pt`` was saved at the step where training stopped.
         CheckpointError: a checkpoint could not be written (the previous one is intact) or resumed.
     """
-    with distributed(cfg.device) as (ctx, device):
-        return _train(cfg, dataset, resume, ctx, device, on_epoch_end)
+    with distributed(cfg.device) as (ctx, device), ExitStack() as held:
+        return _train(cfg, dataset, resume, ctx, device, on_epoch_end, held)
 
 
 def _train(
     cfg: Config, dataset: Dataset | None, resume: bool, ctx: Dist, device: torch.device,
-    on_epoch_end: EpochCallback | None,
+    on_epoch_end: EpochCallback | None, held: ExitStack,
 ) -> Result:  # fmt: skip
     info = log.info if ctx.main else (lambda *args: None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    # Resuming: take the run directory's lock before the data is loaded, so a second writer is told at once.
+    locked = resume and ctx.main and bool(cfg.out) and Path(cfg.out or "").is_dir()
+    if locked:
+        held.enter_context(RunLock(Path(cfg.out or "")))
     ds = dataset if dataset is not None else ctx.main_first(lambda: load_dataset(
         cfg.dataset, cfg.data, download=cfg.download, verify_md5=cfg.verify_md5, progress=cfg.progress and ctx.main,
         image_size=cfg.model.image_size, skip_bad=cfg.skip_bad_images, folder_mode=cfg.folder_mode,
@@ -451,7 +457,7 @@ def _train(
 
     # Pretrained weights are read and checked before anything is written: a bad --init leaves no run directory.
     pretrained = read_pretrained(cfg.init, cfg.model) if cfg.init else None
-    run_dir, saved, best_state = ctx.on_main(lambda: _open_run_dir(cfg, resume))
+    run_dir, saved, best_state = ctx.on_main(lambda: _open_run_dir(cfg, resume, None if locked else held))
     cfg = replace(cfg, out=str(run_dir))
 
     torch.manual_seed(cfg.seed)
@@ -519,6 +525,7 @@ def _train(
             "epoch_progress": progress.state_dict() if progress is not None else None,
         }
         step_now = progress.step if progress is not None else step
+        _require_finite(run_dir, f"by step {step_now}", net, ema.module if ema is not None else None)
         ctx.on_main(partial(_save, run_dir / "last.pt", cfg, model, ds, epoch, step_now, row or {}, train_state))
 
     stops = StopRequests()
@@ -557,9 +564,14 @@ def _train(
                     stop_requested=lambda: stops.signum is not None, after_step=after_step,
                 )  # fmt: skip
             step, epoch_state = epoch_state.step, None
+            averaged = ema.module if ema is not None else None
+            _require_finite(run_dir, f"in epoch {epoch + 1} (by step {step})", net, averaged)
             row: dict[str, float] = {"epoch": epoch + 1, **metrics}
             if len(val_y):
                 val = evaluate(model, val_x, val_y, batch_size=cfg.eval_batch_size, precision=cfg.precision, ctx=ctx)
+                if not math.isfinite(val["loss"]):  # finite weights can still overflow the logits
+                    raise NonFiniteLossError(f"the validation loss became {val['loss']} in epoch {epoch + 1}; "
+                                             f"{_kept(run_dir)}")  # fmt: skip
                 row.update({f"val_{k}": v for k, v in val.items()})
                 if ema is not None:
                     val = evaluate(ema.module, val_x, val_y, batch_size=cfg.eval_batch_size, precision=cfg.precision,
@@ -638,22 +650,56 @@ def _rank_seed(seed: int, rank: int) -> int:
     return seed + RANK_SEED_STRIDE * rank
 
 
-def _open_run_dir(cfg: Config, resume: bool) -> tuple[Path, Checkpoint | None, dict[str, Tensor] | None]:
-    """Rank 0's part of starting a run: the run directory with its config.json, and what to resume from."""
+def _open_run_dir(
+    cfg: Config, resume: bool, held: ExitStack | None
+) -> tuple[Path, Checkpoint | None, dict[str, Tensor] | None]:
+    """Rank 0's part of starting a run: the locked run directory with its config.json, and what to resume from.
+
+    Args:
+        held: where to keep the run directory's lock until training ends (None: the caller holds it already).
+    """
     saved = best = None
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+    if held is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        held.enter_context(RunLock(run_dir))  # before anything in it is read, deleted or written
     if resume:
-        run_dir = Path(cfg.out or "")
         remove_stale_temps(run_dir)
         if (run_dir / "last.pt").exists():
             saved = load_checkpoint(run_dir / "last.pt")
+            check_same_run(cfg, saved.config, run_dir / "last.pt")
             if (run_dir / "best.pt").exists():
-                best = load_checkpoint(run_dir / "best.pt").model_state
+                best_ckpt = load_checkpoint(run_dir / "best.pt")
+                check_same_run(cfg, best_ckpt.config, run_dir / "best.pt")
+                best = best_ckpt.model_state
             # A kill between last.pt and history.csv left the CSV one epoch behind.
             write_history(run_dir, list(saved.train_state.get("history", [])))
     else:
-        run_dir = prepare_run_dir(Path(cfg.out) if cfg.out else default_run_dir(cfg))
+        prepare_run_dir(run_dir)
     write_json(run_dir / "config.json", replace(cfg, out=str(run_dir)).to_dict())
     return run_dir, saved, best
+
+
+def _require_finite(run_dir: Path, where: str, *models: nn.Module | None) -> None:
+    """Stop the run when a model's weights hold NaN or inf (one device sync): they must never be saved or reported.
+
+    Raises:
+        NonFiniteLossError: naming the step and the checkpoint that stays (every saved one is finite).
+    """
+    for model in models:
+        bad = nonfinite_names(unwrap(model).state_dict()) if model is not None else []
+        if bad:
+            raise NonFiniteLossError(
+                f"the weights became NaN or infinite {where} ({len(bad)} tensors, e.g. {bad[0]}); {_kept(run_dir)}"
+            )
+
+
+def _kept(run_dir: Path) -> str:
+    """What a run stopped for NaN or inf leaves behind, and what to try."""
+    if not (run_dir / "last.pt").exists():
+        return "no checkpoint was written; a lower --lr or --clip-grad may help"
+    last = run_dir / "last.pt"
+    return f"{last} keeps the last finite weights; go on from them with --init {last} and a lower --lr or --clip-grad"
 
 
 def _restore(
