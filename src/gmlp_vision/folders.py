@@ -33,7 +33,7 @@ from gmlp_vision.images import IMAGE_EXTENSIONS, load_image
 from gmlp_vision.stream import ImageFiles, bad_image_error
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2  # 2: training files in a fixed shuffled order
+CACHE_VERSION = 3  # 2: training files in a fixed shuffled order; 3: 16-bit images scaled, not clipped
 MEMORY_LIMIT = 4 * 1024**3  # decoded bytes above which mode "auto" streams
 
 

@@ -70,7 +70,8 @@ def decode_crop(path: str, size: int, min_scale: float, key: int) -> Tensor:
     with open_image(path) as image:
         width, height = image.size
         left, top, w, h = crop_box(width, height, min_scale, rng)
-        if image.format == "JPEG" and min(w, h) >= 2 * size:  # decode at 1/2, 1/4 or 1/8 scale: the crop keeps >= size
+        # JPEG (phones' MPO too) decodes at 1/2, 1/4 or 1/8 scale: the crop keeps >= size pixels.
+        if image.format in ("JPEG", "MPO") and min(w, h) >= 2 * size:
             image.draft("RGB", (math.ceil(width * size / min(w, h)), math.ceil(height * size / min(w, h))))
         fx, fy = image.size[0] / width, image.size[1] / height
         box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
