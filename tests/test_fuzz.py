@@ -1,12 +1,25 @@
 """Property-based fuzzing: random, truncated and bit-flipped files thrown at every loader.
 
-Each must either load correct data or raise the library's own error (a `GmlpError`); nothing else may escape.
-Bounded for CI (``GMLP_FUZZ_EXAMPLES``, default 60 per property); ``pytest -m fuzz_long`` runs 2,000 per property.
+Each must either load correct data or raise the library's own error (a `GmlpError`); nothing else may escape. The
+same holds for fuzzed values rather than fuzzed bytes: config JSON fields, configs embedded in checkpoints with a valid
+digest (refused fast, before anything is built), and tar archives flooded with junk members (refused after a bounded
+number of headers). Bounded for CI (``GMLP_FUZZ_EXAMPLES``, default 60 per property); ``pytest -m fuzz_long`` runs
+2,000 per property.
 """
 
+import argparse
+import dataclasses
+import io
+import json
+import math
 import os
+import random
+import tarfile
 import tempfile
+import time
+import typing
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,10 +28,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from archives import make_cifar, py2_pickle, write_folder, write_tar
-from gmlp_vision.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from gmlp_vision.config import from_preset
+from gmlp_vision import data
+from gmlp_vision.checkpoint import FORMAT, VERSION, Checkpoint, content_digest, load_checkpoint, save_checkpoint
+from gmlp_vision.config import PRESETS, Config, ModelConfig, config_from_args, from_preset
 from gmlp_vision.data import load_dataset
-from gmlp_vision.errors import CheckpointError, DataError, GmlpError, ImageError
+from gmlp_vision.errors import CheckpointError, ConfigError, DataError, GmlpError, ImageError
 from gmlp_vision.images import load_image
 from gmlp_vision.model import GMLP
 
@@ -46,12 +60,14 @@ def damaged(draw, data: bytes) -> bytes:
     return draw(st.binary(max_size=4096))
 
 
+CKPT_CONFIG = from_preset("tiny", num_classes=3, depth=1, embed_dim=8, ffn_dim=8, image_size=8, patch_size=4)
+
+
 def _checkpoint_bytes() -> tuple[bytes, dict[str, torch.Tensor]]:
-    cfg = from_preset("tiny", num_classes=3, depth=1, embed_dim=8, ffn_dim=8, image_size=8, patch_size=4)
-    state = GMLP(cfg.model).state_dict()
+    state = GMLP(CKPT_CONFIG.model).state_dict()
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "c.pt"
-        save_checkpoint(path, Checkpoint(cfg, state, ("a", "b", "c"), 1, 2, {"loss": 1.0}))
+        save_checkpoint(path, Checkpoint(CKPT_CONFIG, state, ("a", "b", "c"), 1, 2, {"loss": 1.0}))
         return path.read_bytes(), state
 
 
@@ -201,3 +217,243 @@ def test_long_archives(blob):
 @given(damaged(BATCH))
 def test_long_pickles(blob):
     check_pickle(blob)
+
+
+# Config JSON fields: every field of `Config` and `ModelConfig` given arbitrary JSON values.
+
+FIELDS = {f.name: f for cls in (Config, ModelConfig) for f in dataclasses.fields(cls) if f.name != "model"}
+HINTS = {cls: {k: v for k, v in typing.get_type_hints(cls).items() if k != "model"} for cls in (Config, ModelConfig)}
+MODEL_NAMES = sorted(f.name for f in dataclasses.fields(ModelConfig))
+RUN_NAMES = sorted(set(FIELDS) - set(MODEL_NAMES))
+HUGE_INTS = st.sampled_from(
+    [2**31, 2**32, 2**53 + 1, 2**63, -(2**63) - 1, 10**18, 10**100, -(10**100), 10**400, -(10**400)]
+)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | HUGE_INTS | st.floats() | st.text(max_size=8)
+    | st.text(min_size=300, max_size=320),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+    max_leaves=6,
+)  # fmt: skip
+
+
+def _plausible(name: str) -> st.SearchStrategy[Any]:
+    """Values of the field's own type and range, so that some drawn configs are valid."""
+    field, hint = FIELDS[name], typing.get_type_hints(Config if name in RUN_NAMES else ModelConfig)[name]
+    if field.metadata.get("choices"):
+        return st.sampled_from(field.metadata["choices"])
+    if name in ("preset", "device"):
+        return st.sampled_from([*PRESETS, None] if name == "preset" else ["auto", "cpu", "cuda", "cuda:1", "meta"])
+    if hint is bool:
+        return st.booleans()
+    if hint is int:
+        return st.integers(0, 64)
+    if hint is float:
+        return st.floats(0.0, 1.0, exclude_max=True) | st.integers(0, 3)
+    return st.none() | st.text(max_size=8)
+
+
+def field_values(names: list[str]) -> st.SearchStrategy[dict[str, Any]]:
+    """Some of ``names``, each with a value of its own type or any JSON value."""
+    return st.lists(st.sampled_from(names), max_size=4, unique=True).flatmap(
+        lambda keys: st.fixed_dictionaries({k: _plausible(k) | JSON_VALUES for k in keys})
+    )
+
+
+@st.composite
+def config_values(draw: st.DrawFn) -> dict[str, Any]:
+    """A config.json object: flat fields, sometimes an unknown key, sometimes a nested ``"model"`` (or a non-object)."""
+    values = draw(field_values(RUN_NAMES + MODEL_NAMES))
+    if draw(st.integers(0, 9)) == 0:
+        values[draw(st.text(max_size=12))] = draw(JSON_VALUES)
+    if draw(st.integers(0, 3)) == 0:
+        values["model"] = draw(field_values(MODEL_NAMES) | JSON_VALUES)
+    return values
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    if hint is float:
+        return type(value) is float and math.isfinite(value)
+    if hint in (int, bool, str):
+        return type(value) is hint  # an int field holds no bool
+    if hint == str | None:
+        return value is None or type(value) is str
+    raise AssertionError(f"no type check for {hint}")
+
+
+def check_config_types(cfg: Config) -> None:
+    assert isinstance(cfg, Config) and isinstance(cfg.model, ModelConfig)
+    for obj in (cfg, cfg.model):
+        for name, hint in HINTS[type(obj)].items():
+            assert _type_ok(getattr(obj, name), hint), f"{name} = {getattr(obj, name)!r} is not a {hint}"
+
+
+def assert_one_line(error: Exception, limit: int | None = 300) -> None:
+    msg = str(error)
+    assert "\n" not in msg, f"{type(error).__name__} message spans lines: {msg[:400]!r}"
+    assert limit is None or len(msg) <= limit, f"{type(error).__name__} message has {len(msg)} chars: {msg[:400]!r}"
+
+
+def check_config(values: dict[str, Any]) -> None:
+    """A config file and `Config.from_dict` give a well-typed `Config` or a one-line `ConfigError`."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "run.json"
+        path.write_text(json.dumps(values, allow_nan=True))
+        for build in (lambda: config_from_args(argparse.Namespace(config=str(path))), lambda: Config.from_dict(values)):
+            try:
+                cfg = build()
+            except ConfigError as e:
+                assert_one_line(e)
+                continue
+            check_config_types(cfg)
+
+
+@common
+@given(config_values())
+def test_fuzzed_config_fields_give_a_typed_config_or_a_one_line_config_error(values):
+    check_config(values)
+
+
+@pytest.mark.fuzz_long
+@long
+@given(config_values())
+def test_long_config_fields(values):
+    check_config(values)
+
+
+# Checkpoint configs: the tiny checkpoint's weights under a fuzzed config, with a valid digest.
+
+SIZE_NAMES = ("image_size", "patch_size", "embed_dim", "ffn_dim", "depth", "num_classes", "in_chans", "attn_dim")
+SIZES = st.integers(-2, 16) | st.sampled_from([24, 48, 64, 2**31, 2**32, 2**62, 2**64, 10**6, 10**9, 10**12, 10**18,
+                                               10**30, 10**400])  # fmt: skip
+WRONG_TYPES = st.none() | st.booleans() | st.floats() | st.text(max_size=4) | st.lists(st.integers(0, 8), max_size=2)
+
+
+@st.composite
+def checkpoint_configs(draw: st.DrawFn) -> str:
+    """The tiny checkpoint's config JSON with some sizes (small to enormous, or wrongly typed) and run fields changed.
+
+    Only big numbers are drawn, never big tensors: the weights stay the tiny ones, which no huge config fits.
+    """
+    raw = CKPT_CONFIG.to_dict()
+    names = draw(st.lists(st.sampled_from(SIZE_NAMES), max_size=4, unique=True))
+    raw["model"].update({n: draw(SIZES | WRONG_TYPES) for n in names})
+    raw.update(draw(field_values(RUN_NAMES)))
+    return json.dumps(raw, allow_nan=True)
+
+
+def check_checkpoint_config(config_json: str) -> None:
+    """Refused fast with a one-line `CheckpointError`, or loaded with the original weights and a model that builds."""
+    payload = {"format": FORMAT, "version": VERSION, "config": config_json, "classes": ["a", "b", "c"]}
+    payload |= {"model": dict(CKPT_STATE), "epoch": 1, "step": 2, "metrics": {"loss": 1.0}, "train_state": {}}
+    payload["sha256"] = content_digest(payload)  # as save_checkpoint does: only the config is wrong
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "c.pt"
+        torch.save(payload, path)
+        start = time.perf_counter()
+        try:
+            ckpt = load_checkpoint(path)
+            model = ckpt.build_model()
+        except CheckpointError as e:
+            assert_one_line(e, limit=None)
+            return
+        finally:
+            assert time.perf_counter() - start < 2.0, "a checkpoint config took over 2 s to load or refuse"
+        check_config_types(ckpt.config)
+        for state in (ckpt.model_state, model.state_dict()):
+            assert state.keys() == CKPT_STATE.keys()
+            assert all(torch.equal(state[k], CKPT_STATE[k]) for k in CKPT_STATE)
+
+
+@common
+@given(checkpoint_configs())
+def test_fuzzed_checkpoint_configs_are_refused_fast_or_fit_the_weights(config_json):
+    check_checkpoint_config(config_json)
+
+
+@pytest.mark.fuzz_long
+@long
+@given(checkpoint_configs())
+def test_long_checkpoint_configs(config_json):
+    check_checkpoint_config(config_json)
+
+
+# Tar member floods: 0..3,000 junk members before, between and after the real ones.
+
+JUNK_KINDS = ("file", "empty", "dir", "symlink", "hardlink", "long-name", "dot-slash", "in-base")
+REAL_MEMBERS = 1 + len(FAKE.files())  # the folder entry and the files
+
+
+@st.composite
+def flooded_archives(draw: st.DrawFn) -> tuple[bytes, int]:
+    """A gzipped fake CIFAR-10 tar with junk members, and the number of members a loader does not want.
+
+    Counts are mostly small, some near `data._MAX_OTHER_MEMBERS`, some anywhere up to 3,000; the junk itself comes from
+    a drawn seed (cheap to generate, though hypothesis then cannot shrink it).
+    """
+    bound = data._MAX_OTHER_MEMBERS
+    tier = draw(st.sampled_from(["small"] * 6 + ["edge"] * 2 + ["large"] * 2))
+    count = draw({"small": st.integers(0, 20), "edge": st.integers(bound - 3, bound + 2),
+                  "large": st.integers(0, 3000)}[tier])  # fmt: skip
+    kinds = draw(st.lists(st.sampled_from(JUNK_KINDS), min_size=1, max_size=4, unique=True))
+    rng = random.Random(draw(st.integers(0, 2**32 - 1)))
+    real = [(FAKE.base, "dir", b""), *((name, "file", blob) for name, blob in FAKE.files().items())]
+    slots: list[list[tuple[str, str, bytes]]] = [[] for _ in range(len(real) + 1)]  # before, between, after
+    for i in range(count):
+        kind, name = rng.choice(kinds), f"x{i}-{rng.getrandbits(24):06x}"  # never a wanted member's name
+        name = {"long-name": name + "y" * 120, "dot-slash": "./" + name, "in-base": f"{FAKE.base}/{name}"}.get(
+            kind, name
+        )
+        blob = rng.randbytes(rng.randrange(64)) if kind not in ("dir", "symlink", "hardlink", "empty") else b""
+        slots[rng.randrange(len(slots))].append((name, kind, blob))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=1) as tar:
+        for i, slot in enumerate(slots):
+            for name, kind, blob in [*slot, *real[i : i + 1]]:
+                info = tarfile.TarInfo(name)
+                info.size, info.mode = len(blob), 0o755 if kind == "dir" else 0o644
+                if kind in ("dir", "symlink", "hardlink"):
+                    info.type = {"dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE}[kind]
+                    info.linkname = "" if kind == "dir" else f"{FAKE.base}/data_batch_1"
+                tar.addfile(info, io.BytesIO(blob))
+    return buf.getvalue(), count + 1  # the real folder entry is not a wanted member either
+
+
+def check_flooded_archive(blob: bytes, others: int) -> None:
+    """Loads exactly up to `data._MAX_OTHER_MEMBERS` unwanted members; beyond, a DataError after bounded parsing."""
+    bound, parsed = data._MAX_OTHER_MEMBERS, [0]
+    real_next = tarfile.TarFile.next
+
+    def counting(self: tarfile.TarFile) -> tarfile.TarInfo | None:
+        info = real_next(self)
+        parsed[0] += info is not None
+        return info
+
+    with tempfile.TemporaryDirectory() as d, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tarfile.TarFile, "next", counting)
+        path = Path(d) / FAKE.archive
+        path.write_bytes(blob)
+        try:
+            ds = load_dataset("cifar10", path, download=False)
+        except DataError as e:
+            assert others > bound, f"{others} unwanted members (at most {bound:,d} allowed) were refused: {e}"
+            assert f"more than {bound:,d} members" in str(e)
+            assert_one_line(e, limit=None)
+        else:
+            assert others <= bound, f"{others} unwanted members (at most {bound:,d} allowed) were read"
+            assert np.array_equal(ds.train.images.numpy(), FAKE.train_images)
+            assert np.array_equal(ds.train.labels.numpy(), FAKE.train_labels)
+            assert np.array_equal(ds.test.images.numpy(), FAKE.test_images)
+        assert parsed[0] <= bound + REAL_MEMBERS + 3, f"{parsed[0]} tar headers parsed"
+
+
+@common
+@given(flooded_archives())
+def test_tar_member_floods_load_exactly_or_stop_at_the_member_bound(case):
+    check_flooded_archive(*case)
+
+
+@pytest.mark.fuzz_long
+@long
+@given(flooded_archives())
+def test_long_tar_member_floods(case):
+    check_flooded_archive(*case)

@@ -309,6 +309,9 @@ BAD_CONFIGS = [
     ({"epochs": True}, "--epochs must be an integer"),
     ({"zoom": "0.2"}, "--zoom must be a finite number"),
     ({"nope": 1}, "unknown config keys: nope"),
+    ({"eval_batch_size": 10**20}, "--eval-batch-size must be at most 2,147,483,647"),
+    ({"threads": 100_000}, "--threads must be in 0..1024"),
+    ({"weight_decay": 1.5}, "keras-adamw multiplies the weights by (1 - decay)"),
 ]
 
 

@@ -244,8 +244,15 @@ class Config:
             raise ConfigError(f"--erase is a probability in [0, 1], got {self.erase}")
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"--ema is a decay in [0, 1) (0: off), got {self.ema}")
-        if self.workers < 0:
-            raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+        if not 0 <= self.workers <= MAX_THREADS or self.threads > MAX_THREADS:
+            raise ConfigError(
+                f"--workers and --threads must be in 0..{MAX_THREADS}, got {self.workers} and {self.threads}"
+            )
+        if self.optimizer == "keras-adamw" and self.weight_decay >= 1.0:
+            raise ConfigError(
+                f"--weight-decay {self.weight_decay}: keras-adamw multiplies the weights by (1 - decay) every step, so "
+                "it must be below 1"
+            )
         if not 0.0 <= self.zoom < 1.0:
             raise ConfigError(f"--zoom must be in [0, 1), got {self.zoom}")
         if not 0.0 < self.plateau_factor < 1.0:
@@ -415,6 +422,8 @@ def _field_types(cls: type) -> dict[str, tuple[type, bool]]:
     return out
 
 
+MAX_INT = 2**31 - 1  # the largest integer any field takes (but --seed: 0..2**32-1)
+MAX_THREADS = 1024  # torch crashes (SIGSEGV) when asked for 100,000 threads; no machine has more than this many cores
 _KIND_WORDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}
 
 
@@ -437,6 +446,8 @@ def _check_types(obj: Any) -> None:
         if not ok:
             what = _KIND_WORDS[kind] + (" or null" if optional else "")
             raise ConfigError(f"{_flag(name)} must be {what}, got {value!r}"[:200])
+        if kind is int and name != "seed" and abs(value) > MAX_INT:  # torch sizes and counts are 32-bit somewhere
+            raise ConfigError(f"{_flag(name)} must be at most {MAX_INT:,d}, got {value}"[:200])
 
 
 def _check_choices(obj: Any) -> None:
