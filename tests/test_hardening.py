@@ -312,6 +312,10 @@ BAD_CONFIGS = [
     ({"eval_batch_size": 10**20}, "--eval-batch-size must be at most 2,147,483,647"),
     ({"threads": 100_000}, "--threads must be in 0..1024"),
     ({"weight_decay": 1.5}, "keras-adamw multiplies the weights by (1 - decay)"),
+    ({"lr": 10**400}, "--lr must be a finite number"),
+    ({"gelu": "x" * 400}, "--gelu must be one of exact, tanh"),
+    ({"model": {"image_size": 32768, "patch_size": 4}}, "--image-size must be at most 16,384"),
+    ({"model": {"image_size": 1024, "patch_size": 2}}, "262,144 tokens; at most 65,536"),
 ]
 
 

@@ -76,8 +76,11 @@ def check_weights_fit(cfg: ModelConfig, state: Mapping[str, torch.Tensor], what:
     blocks = {k.split(".")[1] for k in state if k.startswith("blocks.")}
     if cfg.depth > len(blocks):
         raise CheckpointError(f"{what} config describes {cfg.depth} blocks but its weights hold {len(blocks)}")
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in GMLP(cfg).state_dict().items()}
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in GMLP(cfg).state_dict().items()}
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:  # sizes torch cannot even describe
+        raise CheckpointError(f"{what} config describes a model that cannot be built ({type(e).__name__})") from None
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
         first = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
@@ -261,8 +264,9 @@ def checkpoint_from_payload(raw: Any, path: str | Path) -> Checkpoint:
             metrics={str(k): float(v) for k, v in raw["metrics"].items()},
             train_state=raw.get("train_state") or {},
         )
-    except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as e:
-        raise CheckpointError(f"{path} is damaged or incomplete: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, ConfigError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{path} is damaged or incomplete: {reason}") from None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GMLP, Checkpoint]:

@@ -62,10 +62,17 @@ class ModelConfig:
         for name in ("image_size", "patch_size", "in_chans", "num_classes", "embed_dim", "ffn_dim", "depth"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_flag(name)} must be a positive integer, got {getattr(self, name)}")
+        if self.image_size > MAX_IMAGE_SIZE:
+            raise ConfigError(f"--image-size must be at most {MAX_IMAGE_SIZE:,d} pixels, got {self.image_size}")
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"--patch-size {self.patch_size} does not divide --image-size {self.image_size}: "
                 "patches must tile the image exactly"
+            )
+        if self.num_patches > MAX_TOKENS:
+            raise ConfigError(
+                f"--image-size {self.image_size} with --patch-size {self.patch_size} gives {self.num_patches:,d} "
+                f"tokens; at most {MAX_TOKENS:,d} (the spatial projection is tokens x tokens)"
             )
         if self.attn_dim < 0:
             raise ConfigError(f"--attn-dim must be >= 0, got {self.attn_dim}")
@@ -213,9 +220,9 @@ class Config:
         _check_types(self)
         _check_choices(self)
         if self.preset is not None and self.preset not in PRESETS:
-            raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+            raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}"[:200])
         if not 0 <= self.seed < 2**32:
-            raise ConfigError(f"--seed must be in 0..{2**32 - 1}, got {self.seed}")
+            raise ConfigError(f"--seed must be in 0..{2**32 - 1}, got {self.seed}"[:200])
         if not 0.0 <= self.val_split < 1.0:
             raise ConfigError(f"--val-split must be in [0, 1), got {self.val_split}")
         for name in ("epochs", "batch_size", "accum_steps", "eval_batch_size"):
@@ -422,6 +429,8 @@ def _field_types(cls: type) -> dict[str, tuple[type, bool]]:
     return out
 
 
+MAX_IMAGE_SIZE = 16_384  # pixels per side: far beyond any gMLP input, far below sizes whose patches overflow
+MAX_TOKENS = 65_536  # a 256 x 256 patch grid: its spatial projections alone hold 4.3G weights per block
 MAX_INT = 2**31 - 1  # the largest integer any field takes (but --seed: 0..2**32-1)
 MAX_THREADS = 1024  # torch crashes (SIGSEGV) when asked for 100,000 threads; no machine has more than this many cores
 _KIND_WORDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}
@@ -440,7 +449,7 @@ def _check_types(obj: Any) -> None:
         if value is None and optional:
             continue
         if kind is float and type(value) is int:
-            value = float(value)
+            value = float(value) if abs(value) < 2**1000 else math.inf  # larger ints overflow float: not finite
             object.__setattr__(obj, name, value)  # frozen: __post_init__ is where a field may still be set
         ok = type(value) is kind and (kind is not float or math.isfinite(value))
         if not ok:
@@ -454,7 +463,9 @@ def _check_choices(obj: Any) -> None:
     for f in fields(obj):
         choices = f.metadata.get("choices")
         if choices and getattr(obj, f.name) not in choices:
-            raise ConfigError(f"{_flag(f.name)} must be one of {', '.join(choices)}, got {getattr(obj, f.name)!r}")
+            raise ConfigError(
+                f"{_flag(f.name)} must be one of {', '.join(choices)}, got {getattr(obj, f.name)!r}"[:200]
+            )
 
 
 def _flatten(values: dict[str, Any]) -> dict[str, Any]:
@@ -469,7 +480,8 @@ def _flatten(values: dict[str, Any]) -> dict[str, Any]:
 def _from_flat(flat: dict[str, Any]) -> Config:
     unknown = set(flat) - set(_MODEL_FIELDS) - set(_RUN_FIELDS)
     if unknown:
-        raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        names = ", ".join(k if k.isidentifier() else repr(k) for k in sorted(map(str, unknown)))
+        raise ConfigError(f"unknown config keys: {names}"[:200])
     try:
         model = ModelConfig(**{k: v for k, v in flat.items() if k in _MODEL_FIELDS})
         return Config(model=model, **{k: v for k, v in flat.items() if k in _RUN_FIELDS})
