@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from gmlp_vision.augment import augment_batch, flip_lr, random_zoom, resize, zoom
+from gmlp_vision.augment import augment_batch, flip_lr, random_zoom, zoom
+from gmlp_vision.images import resize
 
 
 def tf_reflect(coord: float, size: int) -> float:

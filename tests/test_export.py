@@ -56,7 +56,7 @@ def test_onnx_matches_pytorch(run, tmp_path, data):
     meta = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(meta["classes"]) == list(ckpt.classes) and meta["image_size"] == "32"
     assert check_onnx(path, model, data.test.images) < 1e-4
-    big = torch.randint(0, 256, (3, 3, 50, 70), dtype=torch.uint8)  # resized with augment.resize first
+    big = torch.randint(0, 256, (3, 3, 50, 70), dtype=torch.uint8)  # resized with images.resize first
     assert check_onnx(path, model, big) < 1e-4
     session = onnx_session(path)
     for batch in (1, 7):  # dynamic batch axis

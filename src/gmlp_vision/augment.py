@@ -16,22 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def resize(images: Tensor, size: int) -> Tensor:
-    """Bilinear resize to ``size`` x ``size`` with half-pixel centres; a no-op at the same size (the tutorial's case).
-
-    Shrinking is antialiased (a plain bilinear shrink of a photo to 32 px aliases badly); enlarging is plain bilinear.
-    Training, evaluation and prediction all resize through this one function, so they agree exactly.
-    """
-    if images.shape[-2:] == (size, size):
-        return images
-    return F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-
-
-def resize_uint8(image: Tensor, size: int) -> Tensor:
-    """One (C, H, W) image `resize`d to ``size`` x ``size`` and rounded back to uint8: how image files are stored."""
-    return resize(image[None].float(), size)[0].round().clamp(0, 255).to(torch.uint8)
-
-
 def flip_lr(images: Tensor, generator: torch.Generator | None = None, p: float = 0.5) -> Tensor:
     """Mirror each image left-right with probability ``p``."""
     mask = torch.rand(images.shape[0], device=images.device, generator=generator) < p

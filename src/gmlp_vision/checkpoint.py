@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from gmlp_vision.config import Config, ModelConfig
 from gmlp_vision.errors import CheckpointError, ConfigError, NonFiniteLossError
@@ -100,15 +99,6 @@ def check_weights_fit(cfg: ModelConfig, state: Mapping[str, torch.Tensor], what:
             f"{what} holds NaN or infinite weights in {len(bad)} of {len(state)} tensors (e.g. {bad[0]}); "
             "the run that wrote them diverged, so they cannot be used"
         )
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
 
 
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

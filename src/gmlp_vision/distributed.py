@@ -22,9 +22,9 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
-from gmlp_vision.config import check_device
+from gmlp_vision.config import Config, check_device
 from gmlp_vision.errors import ConfigError, GmlpError
 
 T = TypeVar("T")
@@ -168,3 +168,17 @@ def distributed(device_name: str) -> Iterator[tuple[Dist, torch.device]]:
     finally:
         if joined:
             dist.destroy_process_group()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def maybe_compile(model: nn.Module, cfg: Config) -> nn.Module:
+    """``torch.compile(model)`` when ``cfg.compile`` is set (checkpoints always save the unwrapped module)."""
+    return torch.compile(model) if cfg.compile else model

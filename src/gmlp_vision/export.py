@@ -3,7 +3,7 @@
 The ONNX graph, exported in eval mode with the TorchScript-based exporter (``dynamo=False``: it needs only ``onnx``):
 
 - input ``pixels``: float32 (B, C, S, S) raw pixels in 0..255 at the model's image size S. Resizing is NOT in the
-  graph: resize first (`gmlp_vision.augment.resize` is what training used). The batch axis is dynamic by default.
+  graph: resize first (`gmlp_vision.images.resize` is what training used). The batch axis is dynamic by default.
 - the per-channel normalisation is inside the graph (the model's buffers), exactly as in PyTorch.
 - output ``logits``: float32 (B, num_classes); softmax them for probabilities.
 - metadata properties: ``classes`` (JSON list), ``image_size``, ``in_chans``, ``producer`` (gmlp-vision version).
@@ -34,13 +34,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from gmlp_vision.augment import resize
 from gmlp_vision.checkpoint import check_weights_fit, load_checkpoint
 from gmlp_vision.config import ModelConfig
 from gmlp_vision.errors import CheckpointError, ConfigError, ExportError
+from gmlp_vision.evaluate import infer
+from gmlp_vision.images import resize
 from gmlp_vision.model import GMLP
 from gmlp_vision.predict import resolve_checkpoint
-from gmlp_vision.train import infer
 
 ONNX_EXTRA = "pip install 'gmlp-vision[onnx]'"
 SAFETENSORS_FORMAT = "gmlp-vision-safetensors"
@@ -187,7 +187,7 @@ def check_onnx(onnx_path: str | Path, model: GMLP, images: Tensor, *, atol: floa
     Args:
         onnx_path: the exported graph.
         model: the PyTorch model it came from (any mode: it is run in eval mode, fp32, on its device).
-        images: raw pixels (B, C, H, W), uint8 or float 0..255, any size (resized with `augment.resize` first).
+        images: raw pixels (B, C, H, W), uint8 or float 0..255, any size (resized with `images.resize` first).
         atol: fail above this difference (1e-4 for an fp32 export); None only measures (int8).
 
     Raises:

@@ -7,7 +7,7 @@ Keras' ``image_dataset_from_directory`` does by shuffling before it splits.
 Two paths. Sets too large to hold decoded (``mode="auto"``: more than `MEMORY_LIMIT` bytes or a quarter of the RAM)
 are streamed: each split is an `stream.ImageFiles`, decoded batch by batch in worker processes. Otherwise every image
 (any size; PNG, JPEG, WebP, BMP, GIF, TIFF; grayscale, RGBA and palette images converted to RGB) is read defensively
-(`images.load_image`), resized to the model's input size with the same antialiased `augment.resize` as everywhere
+(`images.load_image`), resized to the model's input size with the same antialiased `images.resize` as everywhere
 else, and stored as one uint8 tensor per split, so training runs exactly like CIFAR, fully in memory. The decoded
 tensors are cached in the data cache dir under a key made of the folder's absolute path, the image size, and every
 file's relative path, size and modification time: a changed folder is decoded again. The cache is optional: a write
@@ -26,10 +26,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gmlp_vision.augment import resize_uint8
 from gmlp_vision.data import Dataset, Split, default_cache_dir, one_line
 from gmlp_vision.errors import DataError, ImageError
-from gmlp_vision.images import IMAGE_EXTENSIONS, load_image
+from gmlp_vision.images import IMAGE_EXTENSIONS, load_image, resize_uint8
 from gmlp_vision.stream import ImageFiles, bad_image_error
 
 log = logging.getLogger(__name__)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
@@ -220,3 +221,19 @@ def tensor_images(images: Tensor, channels: int) -> list[Tensor]:
         weights = torch.tensor(LUMA, device=x.device)[:, None, None]
         x = (x.float() * weights).sum(dim=1, keepdim=True)
     return list(x)
+
+
+def resize(images: Tensor, size: int) -> Tensor:
+    """Bilinear resize to ``size`` x ``size`` with half-pixel centres; a no-op at the same size (the tutorial's case).
+
+    Shrinking is antialiased (a plain bilinear shrink of a photo to 32 px aliases badly); enlarging is plain bilinear.
+    Training, evaluation and prediction all resize through this one function, so they agree exactly.
+    """
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def resize_uint8(image: Tensor, size: int) -> Tensor:
+    """One (C, H, W) image `resize`d to ``size`` x ``size`` and rounded back to uint8: how image files are stored."""
+    return resize(image[None].float(), size)[0].round().clamp(0, 255).to(torch.uint8)

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gmlp_vision.config import Config
+
 
 class KerasAdamW(torch.optim.Optimizer):
     """AdamW exactly as TF-Addons 0.23 computes it (see the module docstring).
@@ -179,3 +181,14 @@ class WeightEMA:
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
         self.module.load_state_dict(state["weights"])
         self.updates = int(state["updates"])
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """The configured optimiser; without ``cfg.decay_norms_biases``, vectors (norms, biases) get no weight decay."""
+    params: list[Any] = list(model.parameters())
+    if not cfg.decay_norms_biases:
+        params = [{"params": [p for p in params if p.ndim > 1]},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]  # fmt: skip
+    if cfg.optimizer == "keras-adamw":
+        return KerasAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -1,7 +1,7 @@
 """Classify image files, PIL images, numpy arrays and tensors with a trained checkpoint.
 
 Every input becomes (C, H, W) pixels with the model's channels (`gmlp_vision.images`: Pillow conversion, alpha
-dropped, decompression-bomb and truncation checks), is resized with `augment.resize` (the one resize training and
+dropped, decompression-bomb and truncation checks), is resized with `images.resize` (the one resize training and
 evaluation use), batched, and run through the model in eval mode; the model normalises with the statistics stored in
 it, so prediction sees exactly what `evaluate` sees.
 """
@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from gmlp_vision.augment import resize
 from gmlp_vision.checkpoint import load_checkpoint
 from gmlp_vision.errors import CheckpointError, ConfigError, ImageError
+from gmlp_vision.evaluate import infer
 from gmlp_vision.images import (
     IMAGE_EXTENSIONS,
     MAX_IMAGE_PIXELS,
@@ -30,10 +30,10 @@ from gmlp_vision.images import (
     expand_inputs,
     load_image,
     pil_to_tensor,
+    resize,
     tensor_images,
 )
 from gmlp_vision.model import GMLP
-from gmlp_vision.train import infer
 
 
 @dataclass(frozen=True)

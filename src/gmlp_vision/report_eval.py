@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from gmlp_vision.errors import ReportError
-from gmlp_vision.train import infer
+from gmlp_vision.evaluate import infer
 
 PLOTS_DIR = "plots"
 MANY_CLASSES = 40  # above this, names no longer fit as ticks: sort by accuracy and tick by rank

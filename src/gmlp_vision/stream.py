@@ -27,9 +27,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from gmlp_vision.augment import resize_uint8
 from gmlp_vision.errors import DataError, ImageError
-from gmlp_vision.images import convert, load_image, open_image, pil_to_tensor
+from gmlp_vision.images import convert, load_image, open_image, pil_to_tensor, resize_uint8
 
 log = logging.getLogger(__name__)
 RATIO = (3 / 4, 4 / 3)  # aspect-ratio range of random-resized crops (the usual one)

@@ -28,21 +28,16 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from gmlp_vision.augment import (
-    augment_batch,
-    mix_batch,
-    random_crop_padded,
-    random_erase,
-    random_resized_crop,
-    resize,
-)
-from gmlp_vision.checkpoint import Checkpoint, load_checkpoint, nonfinite_names, save_checkpoint, unwrap
+from gmlp_vision.augment import augment_batch, mix_batch, random_crop_padded, random_erase, random_resized_crop
+from gmlp_vision.checkpoint import Checkpoint, load_checkpoint, nonfinite_names, save_checkpoint
 from gmlp_vision.config import Config
 from gmlp_vision.data import Dataset, load_dataset
-from gmlp_vision.distributed import SINGLE, Dist, distributed
+from gmlp_vision.distributed import SINGLE, Dist, distributed, maybe_compile, unwrap
 from gmlp_vision.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted
+from gmlp_vision.evaluate import compute_input, evaluate, infer, topk_correct
+from gmlp_vision.images import resize
 from gmlp_vision.model import GMLP
-from gmlp_vision.optim import EarlyStopping, KerasAdamW, Plateau, WeightEMA, scheduled_lr
+from gmlp_vision.optim import EarlyStopping, Plateau, WeightEMA, build_optimizer, scheduled_lr
 from gmlp_vision.policy import rand_augment, trivial_augment
 from gmlp_vision.rundir import (
     RunLock,
@@ -59,6 +54,23 @@ from gmlp_vision.transfer import apply_pretrained, read_pretrained
 
 log = logging.getLogger("gmlp_vision")
 
+# The training API, and what moved out of this module but is still imported from here (evaluation, the optimiser).
+__all__ = [
+    "Result",
+    "augment_for_training",
+    "build_optimizer",
+    "channel_stats",
+    "compute_input",
+    "evaluate",
+    "infer",
+    "lr_at_step",
+    "maybe_compile",
+    "topk_correct",
+    "train",
+    "train_one_epoch",
+    "train_step",
+]
+
 
 @dataclass
 class Result:
@@ -71,11 +83,6 @@ class Result:
     best_epoch: int  # 1-based
     stopped_early: bool
     test_ema: dict[str, float] | None = None  # the weight average's test metrics (--ema)
-
-
-def compute_input(images: Tensor, precision: str) -> Tensor:
-    """Float pixels in the dtype the model should compute in (`GMLP.normalize`): bf16 for ``precision="bf16"``."""
-    return images.to(torch.bfloat16) if precision == "bf16" else images.float()
 
 
 def channel_stats(images: Tensor, chunk: int = 1024) -> tuple[Tensor, Tensor]:
@@ -93,70 +100,6 @@ def channel_stats(images: Tensor, chunk: int = 1024) -> tuple[Tensor, Tensor]:
         n += x.numel() // x.shape[1]
     mean = total / n
     return mean.float(), (total_sq / n - mean * mean).clamp_min(0).float()
-
-
-def topk_correct(logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Counts of correct top-1 and top-5 predictions (top-k over min(5, classes)), over the rows in ``mask``."""
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    hits = top == labels[:, None]
-    if mask is not None:
-        hits &= mask[:, None]
-    return hits[:, 0].sum(), hits.any(dim=1).sum()
-
-
-def maybe_compile(model: nn.Module, cfg: Config) -> nn.Module:
-    """``torch.compile(model)`` when ``cfg.compile`` is set (checkpoints always save the unwrapped module)."""
-    return torch.compile(model) if cfg.compile else model
-
-
-def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """The configured optimiser; without ``cfg.decay_norms_biases``, vectors (norms, biases) get no weight decay."""
-    params: list[Any] = list(model.parameters())
-    if not cfg.decay_norms_biases:
-        params = [{"params": [p for p in params if p.ndim > 1]},
-                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]  # fmt: skip
-    if cfg.optimizer == "keras-adamw":
-        return KerasAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def infer(model: nn.Module, images: Tensor, precision: str = "fp32") -> Tensor:
-    """Float32 logits of ``model`` (as it is: train or eval mode) for raw pixels on its device, resized to fit."""
-    x = resize(images.float(), unwrap(model).cfg.image_size)
-    return model(compute_input(x, precision)).float()
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    images: Tensor,
-    labels: Tensor,
-    *,
-    batch_size: int = 500,
-    precision: str = "fp32",
-    ctx: Dist = SINGLE,
-) -> dict[str, float]:
-    """Mean cross-entropy, top-1 and top-5 accuracy of ``model`` on uint8 ``images`` (moved to the model's device).
-
-    Under torchrun each rank evaluates its contiguous share of the images and the sums are reduced over all ranks.
-    """
-    model = unwrap(model)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, images
-    images, labels = ctx.share(images), ctx.share(labels)
-    for x, y in zip(images.split(batch_size), labels.split(batch_size), strict=True):
-        y = y.to(device)
-        logits = infer(model, x.to(device), precision)
-        c1, c5 = topk_correct(logits, y)
-        loss = F.cross_entropy(logits, y, reduction="sum")
-        sums[:3] += torch.stack([loss.double(), c1.double(), c5.double()])
-    sums[3] = len(labels)
-    model.train(was_training)
-    loss, top1, top5, n = ctx.sum(sums).tolist()
-    n = max(n, 1)
-    return {"loss": loss / n, "acc": top1 / n, "top5": top5 / n}
 
 
 def train_step(
