@@ -3,7 +3,7 @@
 Generates (once, then reused) a folder of JPEG photos-like images in the image-folder layout: ``--images`` training
 files over 10 classes, each ``--width`` x ``--height`` (smooth colour fields with noise and shapes, quality 90, so they
 compress like photos), plus a small ``val/``. Then it times what an epoch of ``gmlp train --folder-mode stream`` reads:
-`gmlp_vision.stream.ImageFiles.batches` over the shuffled training files in batches of ``--batch-size``, for each
+`gmlp_vision.data.stream.ImageFiles.batches` over the shuffled training files in batches of ``--batch-size``, for each
 requested worker count and each mode: ``whole`` (decode the whole file, resize as prediction does) and ``crop`` (the
 random-resized crop taken from the file, JPEGs decoded at a reduced DCT scale). Prints a table and writes JSON.
 
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from gmlp_vision.folders import load_image_folder
+from gmlp_vision.data.folders import load_image_folder
 
 
 def make_folder(root: Path, n: int, width: int, height: int, classes: int = 10) -> Path:

@@ -23,7 +23,11 @@ import torch
 
 from archives import HOSTILE_KINDS, FakeCifar, hostile_pickle, make_cifar, py2_pickle, write_folder, write_tar
 from gmlp_vision import data
-from gmlp_vision.data import DATASETS, DataError, default_cache_dir, download, load_dataset
+from gmlp_vision.data import DATASETS, default_cache_dir, load_dataset
+from gmlp_vision.data import cifar as cifar_mod
+from gmlp_vision.data import digits as digits_mod
+from gmlp_vision.data.cifar import download
+from gmlp_vision.errors import DataError
 
 REAL_CIFAR10 = Path(__file__).parents[1].parent / "shared" / "data" / "cifar-10-python.tar.gz"
 
@@ -226,7 +230,7 @@ def test_verify_md5(cifar10_archive: Path, monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(DataError, match="is a folder"):
         load_dataset("cifar10", folder, verify_md5=True)
     digest = hashlib.md5(cifar10_archive.read_bytes()).hexdigest()
-    monkeypatch.setitem(data._LAYOUTS, "cifar10", dataclasses.replace(data._LAYOUTS["cifar10"], md5=digest))
+    monkeypatch.setitem(cifar_mod._LAYOUTS, "cifar10", dataclasses.replace(cifar_mod._LAYOUTS["cifar10"], md5=digest))
     assert len(load_dataset("cifar10", cifar10_archive, verify_md5=True).train) == 100
 
 
@@ -242,7 +246,7 @@ def test_missing_path_and_unknown_name(tmp_path: Path) -> None:
 
 def test_odd_members(tmp_path: Path, fake_cifar10: FakeCifar, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_tar(tmp_path / "c.tar.gz", fake_cifar10.files())
-    monkeypatch.setattr(data, "_MAX_MEMBER", 1000)
+    monkeypatch.setattr(cifar_mod, "_MAX_MEMBER", 1000)
     with pytest.raises(DataError, match="not a regular file under 1 GB"):
         load_dataset("cifar10", path)
     monkeypatch.undo()
@@ -409,9 +413,9 @@ def test_download_unreachable(tmp_path: Path) -> None:
 def test_load_dataset_downloads_into_cache(server: _Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake = _fake("cifar10")
     blob = server.payload = write_tar(tmp_path / "served.tar.gz", fake.files()).read_bytes()
-    layout = dataclasses.replace(data._LAYOUTS["cifar10"], md5=hashlib.md5(blob).hexdigest())
-    monkeypatch.setitem(data._LAYOUTS, "cifar10", layout)
-    monkeypatch.setattr(data, "_URL", f"{server.url}/good?")
+    layout = dataclasses.replace(cifar_mod._LAYOUTS["cifar10"], md5=hashlib.md5(blob).hexdigest())
+    monkeypatch.setitem(cifar_mod._LAYOUTS, "cifar10", layout)
+    monkeypatch.setattr(cifar_mod, "_URL", f"{server.url}/good?")
     cache = tmp_path / "cache"
     _check_equal(load_dataset("cifar10", cache_dir=cache, progress=False), fake)
     assert (cache / "cifar-10-python.tar.gz").read_bytes() == blob
@@ -422,7 +426,7 @@ def test_load_dataset_downloads_into_cache(server: _Server, tmp_path: Path, monk
 
 
 def _digits_rows() -> list[list[int]]:
-    with gzip.open(data._digits_file(), "rt") as f:
+    with gzip.open(digits_mod._digits_file(), "rt") as f:
         return [[int(float(v)) for v in row] for row in csv.reader(f)]
 
 
@@ -451,9 +455,9 @@ def test_digits() -> None:
 
 
 def test_digits_without_scikit_learn(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = data.importlib.util.find_spec
+    real = digits_mod.importlib.util.find_spec
     monkeypatch.setattr(
-        data.importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a)
+        digits_mod.importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a)
     )
     with pytest.raises(DataError, match="pip install scikit-learn"):
         load_dataset("digits")

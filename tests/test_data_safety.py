@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from archives import FakeCifar, write_tar
-from gmlp_vision import data
+from gmlp_vision.data import cifar as data
 from gmlp_vision.data import load_dataset
 from gmlp_vision.errors import DataError
 

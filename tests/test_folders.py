@@ -8,13 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from gmlp_vision import folders
 from gmlp_vision.augment import random_resized_crop
 from gmlp_vision.checkpoint import load_checkpoint
 from gmlp_vision.cli import main
-from gmlp_vision.data import load_dataset
+from gmlp_vision.data import folders, load_dataset
+from gmlp_vision.data.stream import crop_box, decode_crop
 from gmlp_vision.errors import DataError
-from gmlp_vision.stream import crop_box, decode_crop
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 COLOURS = {"bird": (200, 40, 40), "cat": (40, 200, 40), "dog": (40, 40, 200)}

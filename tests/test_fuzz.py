@@ -28,9 +28,9 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from archives import make_cifar, py2_pickle, write_folder, write_tar
-from gmlp_vision import data
 from gmlp_vision.checkpoint import FORMAT, VERSION, Checkpoint, content_digest, load_checkpoint, save_checkpoint
 from gmlp_vision.config import PRESETS, Config, ModelConfig, config_from_args, from_preset
+from gmlp_vision.data import cifar as data
 from gmlp_vision.data import load_dataset
 from gmlp_vision.errors import CheckpointError, ConfigError, DataError, GmlpError, ImageError
 from gmlp_vision.images import load_image

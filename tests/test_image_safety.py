@@ -17,10 +17,10 @@ from PIL import Image
 
 from gmlp_vision.checkpoint import Checkpoint, save_checkpoint
 from gmlp_vision.config import from_preset
+from gmlp_vision.data.stream import decode_crop
 from gmlp_vision.errors import ImageError
 from gmlp_vision.images import load_image, pil_to_tensor
 from gmlp_vision.model import GMLP
-from gmlp_vision.stream import decode_crop
 
 EPS = (
     b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\nnewpath 0 0 moveto 8 8 lineto stroke\nshowpage\n"

@@ -26,13 +26,9 @@ from gmlp_vision.config import (
     config_from_args,
     explicit_values,
 )
-from gmlp_vision.data import DATASETS
+from gmlp_vision.data import DATASET_KINDS, DATASETS
 from gmlp_vision.distributed import launched
 from gmlp_vision.errors import ConfigError, GmlpError, TrainingInterrupted
-
-# Classes and channels of each built-in dataset, so `gmlp info --preset seed` shows the model the tutorial trains
-# (a folder dataset's classes are known only from its data: info then shows the config's own values).
-DATASET_SHAPES = {"cifar10": (10, 3), "cifar100": (100, 3), "digits": (10, 1)}
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -114,7 +110,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         model, source = ckpt.build_model(), f"checkpoint {args.checkpoint} (epoch {ckpt.epoch}, step {ckpt.step})"
     else:
         cfg = config_from_args(args)
-        classes, chans = DATASET_SHAPES.get(cfg.dataset, (cfg.model.num_classes, cfg.model.in_chans))
+        # The model the dataset's kind trains (a folder's classes are known only from its data: the config's then).
+        kind = DATASET_KINDS[cfg.dataset]
+        classes, chans = kind.num_classes or cfg.model.num_classes, kind.in_chans or cfg.model.in_chans
         cfg = replace(cfg, model=replace(cfg.model, num_classes=classes, in_chans=chans))
         model, source = GMLP(cfg.model), f"preset {cfg.preset} for {cfg.dataset}"
     mc = model.cfg

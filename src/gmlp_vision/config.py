@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from gmlp_vision.data.registry import DATASET_KINDS
 from gmlp_vision.errors import ConfigError
 
 
@@ -110,7 +111,7 @@ class Config:
     dataset: str = _f(
         "cifar100",
         "dataset; folder: --data DIR with train/ and val/ (or test/) class folders",
-        ("cifar10", "cifar100", "digits", "folder"),
+        tuple(DATASET_KINDS),
     )
     data: str | None = _f(
         None, "local archive (.tar.gz) or extracted folder; default: the cache, downloading if needed"
@@ -397,7 +398,7 @@ PRESET_HELP: dict[str, str] = {
 }
 
 # The preset a dataset gets when --dataset is given and --preset is not.
-DATASET_PRESET: dict[str, str] = {"cifar10": "seed", "cifar100": "seed", "digits": "digits", "folder": "seed"}
+DATASET_PRESET: dict[str, str] = {name: kind.preset for name, kind in DATASET_KINDS.items()}
 
 _MODEL_FIELDS = tuple(f.name for f in fields(ModelConfig))
 _RUN_FIELDS = tuple(f.name for f in fields(Config) if f.name != "model")

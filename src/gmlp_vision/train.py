@@ -32,6 +32,7 @@ from gmlp_vision.augment import augment_batch, mix_batch, random_crop_padded, ra
 from gmlp_vision.checkpoint import Checkpoint, load_checkpoint, nonfinite_names, save_checkpoint
 from gmlp_vision.config import Config
 from gmlp_vision.data import Dataset, load_dataset
+from gmlp_vision.data.stream import ImageFiles
 from gmlp_vision.distributed import SINGLE, Dist, distributed, maybe_compile, unwrap
 from gmlp_vision.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted
 from gmlp_vision.evaluate import compute_input, evaluate, infer, topk_correct
@@ -49,7 +50,6 @@ from gmlp_vision.rundir import (
     write_history,
     write_json,
 )
-from gmlp_vision.stream import ImageFiles
 from gmlp_vision.transfer import apply_pretrained, read_pretrained
 
 log = logging.getLogger("gmlp_vision")

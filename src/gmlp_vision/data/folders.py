@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gmlp_vision.data import Dataset, Split, default_cache_dir, one_line
+from gmlp_vision.data.base import Dataset, LoadOptions, Split, default_cache_dir, one_line
+from gmlp_vision.data.stream import ImageFiles, bad_image_error
 from gmlp_vision.errors import DataError, ImageError
 from gmlp_vision.images import IMAGE_EXTENSIONS, load_image, resize_uint8
-from gmlp_vision.stream import ImageFiles, bad_image_error
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 3  # 2: training files in a fixed shuffled order; 3: 16-bit images scaled, not clipped
@@ -93,6 +93,15 @@ def _cache_key(root: Path, size: int, splits: dict[str, dict[str, list[Path]]]) 
                 st = p.stat()
                 h.update(f"|{name}/{cls}/{p.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:24]
+
+
+def load_folder(name: str, path: str | Path | None, options: LoadOptions) -> Dataset:
+    """The registry's loader for ``--dataset folder``: `load_image_folder` with the options that concern it."""
+    if path is None:
+        raise DataError("--dataset folder needs --data DIR (a folder with train/ and val/ or test/)")
+    return load_image_folder(path, options.image_size, cache_dir=options.cache_dir, skip_bad=options.skip_bad,
+                             progress=options.progress, mode=options.folder_mode, workers=options.workers,
+                             crop_scale=options.crop_scale)  # fmt: skip
 
 
 def load_image_folder(

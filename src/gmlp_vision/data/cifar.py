@@ -1,4 +1,4 @@
-"""Datasets as in-memory uint8 tensors: CIFAR-10, CIFAR-100 (official python archives) and scikit-learn's 8x8 digits.
+"""CIFAR-10 and CIFAR-100 from the official python archives, as in-memory uint8 tensors.
 
 CIFAR members are read straight from the ``.tar.gz`` (or an extracted folder), never unpacked to disk, and unpickled
 by a restricted unpickler that resolves only numpy's array reconstruction, so a hostile file runs nothing. Archives are
@@ -7,11 +7,6 @@ reading stops after `_MAX_OTHER_MEMBERS` members that are not CIFAR's (a header 
 ``.tar.gz`` with the official sum. An archive missing from the cache dir is downloaded with an md5 check and an atomic
 write. The train split is the data batches in file order, so the tutorial's validation split (the last 5,000 training
 images, Keras ``validation_split=0.1``) is ``train.images[-5000:]``.
-
-``digits`` is the 1,797 8x8 handwritten digits that ship inside scikit-learn (``sklearn/datasets/data/digits.csv.gz``),
-parsed with numpy without importing scikit-learn. Pixels 0..16 become uint8 ``round(v * 255 / 16)``. The split is
-fixed and stratified: within each class, in file order, samples 4, 9, 14, ... (every 5th) go to test, the rest to
-train, so each class has ``floor(count / 5)`` test images; both splits keep file order.
 """
 
 from __future__ import annotations
@@ -19,7 +14,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.client
-import importlib.util
 import io
 import logging
 import os
@@ -37,11 +31,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from gmlp_vision.data.base import Dataset, LoadOptions, Split, default_cache_dir, one_line
 from gmlp_vision.errors import DataError
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("cifar10", "cifar100", "digits", "folder")
 _MAX_MEMBER = 1 << 30  # the largest official member is ~155 MB: anything over 1 GB is not CIFAR
 _MAX_OTHER_MEMBERS = 1_000  # the official archives hold 8 or 9 members; tarfile keeps each header it reads
 _CHUNK = 1 << 20
@@ -79,117 +73,32 @@ _LAYOUTS = {
 # fmt: on
 
 
-@dataclass(frozen=True, eq=False)
-class Split:
-    """One split: ``images`` (N, C, H, W) uint8, contiguous, channel-major; ``labels`` (N,) int64.
+def load_cifar(name: str, path: str | Path | None, options: LoadOptions) -> Dataset:
+    """CIFAR-10 or CIFAR-100 (``name``) into memory.
 
-    A streamed image folder holds a `stream.ImageFiles` as ``images``: files decoded on demand, with the operations
-    training and evaluation use on the tensor.
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-@dataclass(frozen=True, eq=False)
-class Dataset:
-    """A named dataset: train and test splits plus the class names in label order."""
-
-    name: str
-    train: Split
-    test: Split
-    classes: tuple[str, ...]
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes."""
-        return len(self.classes)
-
-    @property
-    def image_size(self) -> int:
-        """Side of the square images, in pixels."""
-        return int(self.train.images.shape[-1])
-
-    @property
-    def in_chans(self) -> int:
-        """Number of image channels."""
-        return int(self.train.images.shape[1])
-
-
-def default_cache_dir() -> Path:
-    """Return ``$GMLP_DATA`` if set, else ``$XDG_CACHE_HOME/gmlp-vision``, else ``~/.cache/gmlp-vision``."""
-    if os.environ.get("GMLP_DATA"):
-        return Path(os.environ["GMLP_DATA"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gmlp-vision"
-
-
-def load_dataset(
-    name: str,
-    path: str | Path | None = None,
-    *,
-    download: bool = True,
-    verify_md5: bool = False,
-    cache_dir: Path | None = None,
-    progress: bool = True,
-    image_size: int = 32,
-    skip_bad: bool = False,
-    folder_mode: str = "auto",
-    workers: int = 4,
-    crop_scale: float = 0.08,
-) -> Dataset:
-    """Load a dataset: into memory, or for a large image folder as streamed files.
-
-    Args:
-        name: One of ``DATASETS``.
-        path: CIFAR: the official ``.tar.gz``, its extracted folder, or a folder holding either. digits: optionally a
-            ``digits.csv(.gz)`` in scikit-learn's format. None: the archive in the cache dir, or scikit-learn's file.
-            folder: the folder holding ``train/`` and ``val/`` or ``test/`` class folders (required).
-        download: Download a CIFAR archive missing from the cache dir (used only when ``path`` is None).
-        verify_md5: Check a CIFAR ``.tar.gz`` against the official md5 sum.
-        cache_dir: Where archives are looked for and downloaded to; default ``default_cache_dir()``.
-        progress: Show a download (or decoding) progress bar on stderr.
-        image_size: folder: the side images are resized to (CIFAR and digits keep their own size).
-        skip_bad: folder: leave out unreadable images instead of failing (`folders.load_image_folder`).
-        folder_mode, workers, crop_scale: folder: memory or streamed, and how streamed files are decoded.
-
-    Returns:
-        The dataset, both splits as uint8 image (or for a streamed folder `stream.ImageFiles`) and int64 label
-        tensors.
+    ``path``: the official ``.tar.gz``, its extracted folder, or a folder holding either; default the archive in the
+    cache dir, downloaded when it is missing and ``options.download`` allows.
 
     Raises:
-        DataError: An unknown name; missing, corrupt, hostile or wrong-kind data; a failed download.
+        DataError: missing, corrupt, hostile or wrong-kind data; a failed download.
     """
     key = name.lower()
-    if key == "folder":
-        if path is None:
-            raise DataError("--dataset folder needs --data DIR (a folder with train/ and val/ or test/)")
-        from gmlp_vision.folders import load_image_folder  # folders.py builds on this module
-
-        return load_image_folder(path, image_size, cache_dir=cache_dir, skip_bad=skip_bad, progress=progress,
-                                 mode=folder_mode, workers=workers, crop_scale=crop_scale)  # fmt: skip
-    if key == "digits":
-        return _load_digits(_digits_file() if path is None else Path(path).expanduser())
-    if key not in _LAYOUTS:
-        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     layout = _LAYOUTS[key]
     if path is None:
-        source = (cache_dir if cache_dir is not None else default_cache_dir()) / layout.archive
-        if not source.is_file() and not download:
+        source = (options.cache_dir if options.cache_dir is not None else default_cache_dir()) / layout.archive
+        if not source.is_file() and not options.download:
             raise DataError(f"{source} not found and download is off; pass a copy with --data PATH or put it there")
         if not source.is_file():
-            _fetch(_URL + layout.archive, source, layout.md5, progress=progress)
+            download(_URL + layout.archive, source, layout.md5, progress=options.progress)
     else:
         source = Path(path).expanduser()
         if source.is_dir() and _find_root(source, layout) is None and (source / layout.archive).is_file():
             source = source / layout.archive
     if not source.exists():
         raise DataError(f"{source} does not exist; pass the {layout.title} archive {layout.archive} or its folder")
-    if verify_md5 and not source.is_file():
+    if options.verify_md5 and not source.is_file():
         raise DataError(f"{source} is a folder; verifying the md5 needs the official {layout.archive}")
-    if verify_md5 and (digest := _md5(source)) != layout.md5:
+    if options.verify_md5 and (digest := _md5(source)) != layout.md5:
         raise DataError(f"{source} has md5 {digest}, not the official {layout.md5}; download {layout.archive} again")
     files = _read_tar(source, layout) if source.is_file() else _read_folder(source, layout)
     missing = [m for m in layout.members if m not in files]
@@ -203,11 +112,6 @@ def load_dataset(
     train = _split([_batch(files[m], f"{source}:{m}", layout) for m in layout.train])
     test = _split([_batch(files[layout.test], f"{source}:{layout.test}", layout)])
     return Dataset(key, train, test, classes)
-
-
-def one_line(error: BaseException | str) -> str:
-    """``error``'s message on one line, for messages that quote one (tarfile's and torch's hold newlines)."""
-    return " ".join(str(error).split())
 
 
 def download(url: str, dest: Path, md5: str, *, timeout: float = 20.0, progress: bool = True) -> Path:
@@ -261,9 +165,6 @@ def download(url: str, dest: Path, md5: str, *, timeout: float = 20.0, progress:
         raise
     log.info("downloaded %s to %s", url, dest)
     return dest
-
-
-_fetch = download  # load_dataset's `download` flag shadows the function
 
 
 @functools.cache
@@ -392,33 +293,3 @@ def _md5(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _digits_file() -> Path:
-    """Locate scikit-learn's digits.csv.gz without importing scikit-learn (sklearn.datasets pulls in scipy)."""
-    spec = importlib.util.find_spec("sklearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("the digits dataset ships inside scikit-learn, which is missing; pip install scikit-learn")
-    for location in spec.submodule_search_locations:
-        if (file := Path(location) / "datasets" / "data" / "digits.csv.gz").is_file():
-            return file
-    raise DataError(f"scikit-learn in {location} lacks datasets/data/digits.csv.gz; reinstall it")
-
-
-def _load_digits(file: Path) -> Dataset:
-    try:
-        table = np.loadtxt(file, delimiter=",", ndmin=2)
-    except (OSError, ValueError, EOFError, zlib.error) as e:
-        raise DataError(f"{file} is not a readable digits CSV ({type(e).__name__}: {one_line(e)})") from e
-    if table.shape[1] != 65 or not len(table) or np.any(table != np.rint(table)):
-        raise DataError(f"{file} must hold rows of 64 integer pixels and a label, got shape {table.shape}")
-    pixels, target = table[:, :64].astype(np.int64), table[:, 64].astype(np.int64)
-    if pixels.min() < 0 or pixels.max() > 16 or target.min() < 0 or target.max() > 9:
-        raise DataError(f"{file} must hold pixels in 0..16 and labels in 0..9")
-    images = ((pixels * 255 + 8) // 16).astype(np.uint8).reshape(-1, 1, 8, 8)  # round(v * 255 / 16); ties only at 8
-    test = np.zeros(len(target), dtype=bool)
-    for c in range(10):
-        test[np.flatnonzero(target == c)[4::5]] = True  # every 5th sample of each class, in file order
-    train_split = Split(torch.from_numpy(images[~test]), torch.from_numpy(target[~test]))
-    test_split = Split(torch.from_numpy(images[test]), torch.from_numpy(target[test]))
-    return Dataset("digits", train_split, test_split, tuple(str(c) for c in range(10)))

@@ -1,0 +1,12 @@
+"""Datasets as uint8 tensors (or streamed files): the kinds in `registry`, what they produce in `base`.
+
+Modules: `base` (`Split`, `Dataset`, `LoadOptions`, the cache dir), `registry` (one row per kind, `load_dataset`),
+`cifar` (CIFAR-10/100 archives, downloads), `digits` (the embedded 8x8 digits), `folders` (image folders, decoded and
+cached), `stream` (image folders decoded per batch by worker processes).
+"""
+
+from gmlp_vision.data.base import Dataset, LoadOptions, Split, default_cache_dir
+from gmlp_vision.data.registry import DATASET_KINDS, DATASETS, DatasetKind, load_dataset
+
+__all__ = ["DATASETS", "DATASET_KINDS", "Dataset", "DatasetKind", "LoadOptions", "Split", "default_cache_dir",
+           "load_dataset"]  # fmt: skip

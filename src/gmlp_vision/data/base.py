@@ -1,0 +1,76 @@
+"""What every dataset kind produces: `Split` and `Dataset`, the options loaders take, and the data cache folder."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """One split: ``images`` (N, C, H, W) uint8, contiguous, channel-major; ``labels`` (N,) int64.
+
+    A streamed image folder holds a `stream.ImageFiles` as ``images``: files decoded on demand, with the operations
+    training and evaluation use on the tensor.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """A named dataset: train and test splits plus the class names in label order."""
+
+    name: str
+    train: Split
+    test: Split
+    classes: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.classes)
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square images, in pixels."""
+        return int(self.train.images.shape[-1])
+
+    @property
+    def in_chans(self) -> int:
+        """Number of image channels."""
+        return int(self.train.images.shape[1])
+
+
+def default_cache_dir() -> Path:
+    """Return ``$GMLP_DATA`` if set, else ``$XDG_CACHE_HOME/gmlp-vision``, else ``~/.cache/gmlp-vision``."""
+    if os.environ.get("GMLP_DATA"):
+        return Path(os.environ["GMLP_DATA"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gmlp-vision"
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a dataset; each kind's loader reads the options that concern it (`registry.DATASET_KINDS`)."""
+
+    download: bool = True  # CIFAR: download a missing archive into the cache dir (only when no path is given)
+    verify_md5: bool = False  # CIFAR: check a .tar.gz against the official md5 sum
+    cache_dir: Path | None = None  # archives and decoded folders; default `default_cache_dir()`
+    progress: bool = True  # download or decoding progress bar on stderr
+    image_size: int = 32  # folder: the side images are resized to (the other kinds keep their own size)
+    skip_bad: bool = False  # folder: leave out unreadable images instead of failing
+    folder_mode: str = "auto"  # folder: memory, stream or auto
+    workers: int = 4  # folder, streamed: decoding worker processes
+    crop_scale: float = 0.08  # folder, streamed: smallest area fraction of a random-resized crop
+
+
+def one_line(error: BaseException | str) -> str:
+    """``error``'s message on one line, for messages that quote one (tarfile's and torch's hold newlines)."""
+    return " ".join(str(error).split())
