@@ -18,17 +18,11 @@ import torch
 
 from gmlp_vision import __version__
 from gmlp_vision.cli_tools import add_commands, checkpoint_dataset, device_flag, positive_int
-from gmlp_vision.config import (
-    DATASET_PRESET,
-    PRESET_HELP,
-    PRESETS,
-    add_config_arguments,
-    config_from_args,
-    explicit_values,
-)
+from gmlp_vision.config import add_config_arguments, config_from_args, explicit_values
 from gmlp_vision.data import DATASET_KINDS, DATASETS
 from gmlp_vision.distributed import launched
 from gmlp_vision.errors import ConfigError, GmlpError, TrainingInterrupted
+from gmlp_vision.presets import DATASET_PRESET, PRESET_HELP, PRESETS
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
