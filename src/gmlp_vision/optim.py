@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -95,6 +96,46 @@ def scheduled_lr(step: int, total: int, *, lr: float, schedule: str, warmup: int
         return lr
     done = (step - warmup) / max(total - 1 - warmup, 1)
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
+
+
+@dataclass(frozen=True)
+class LrSchedule:
+    """The one place that decides the learning rate of every optimiser step of a run (`scheduled_lr`'s shape).
+
+    A constant schedule leaves the lr to the optimiser outside its warm-up, so that `Plateau`'s halvings stick; the
+    other schedules set it at every step from the step alone, so a resumed run agrees exactly.
+    """
+
+    lr: float
+    schedule: str
+    total: int  # optimiser steps in the whole run
+    warmup: int  # warm-up steps
+    min_lr: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: Config, steps_per_epoch: int) -> LrSchedule:
+        """The schedule of ``cfg`` for epochs of ``steps_per_epoch`` steps."""
+        warmup = round(cfg.warmup_epochs * steps_per_epoch)
+        return cls(cfg.lr, cfg.schedule, cfg.epochs * steps_per_epoch, warmup, cfg.min_lr)
+
+    def lr_at(self, step: int) -> float | None:
+        """The lr of step ``step`` (0-based); None where the optimiser's own lr applies."""
+        if self.schedule == "constant" and not (self.warmup and step <= self.warmup):
+            return None
+        shape = dict(lr=self.lr, schedule=self.schedule, warmup=self.warmup, min_lr=self.min_lr)
+        return scheduled_lr(step, self.total, **shape)
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Set the lr of step ``step`` in every parameter group (nothing where the optimiser's own lr applies)."""
+        lr = self.lr_at(step)
+        if lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+    def reported(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        """The lr step ``step`` runs with, for the history: the scheduled one, else the optimiser's."""
+        lr = self.lr_at(step)
+        return optimizer.param_groups[0]["lr"] if lr is None else lr
 
 
 class Plateau:

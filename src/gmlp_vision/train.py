@@ -38,7 +38,7 @@ from gmlp_vision.errors import CheckpointError, ConfigError, NonFiniteLossError,
 from gmlp_vision.evaluate import compute_input, evaluate, infer, topk_correct
 from gmlp_vision.images import resize
 from gmlp_vision.model import GMLP
-from gmlp_vision.optim import EarlyStopping, Plateau, WeightEMA, build_optimizer, scheduled_lr
+from gmlp_vision.optim import EarlyStopping, LrSchedule, Plateau, WeightEMA, build_optimizer
 from gmlp_vision.policy import rand_augment, trivial_augment
 from gmlp_vision.rundir import (
     RunLock,
@@ -63,7 +63,6 @@ __all__ = [
     "compute_input",
     "evaluate",
     "infer",
-    "lr_at_step",
     "maybe_compile",
     "topk_correct",
     "train",
@@ -245,11 +244,9 @@ def train_one_epoch(
             mine, weight = batches[i][:1], 0.0
         plan.append((i, mine, weight))
     fetched = _fetch(images, [mine for _, mine, _ in plan], cfg, state.step)
+    schedule = LrSchedule.from_config(cfg, len(batches))
     for (i, mine, weight), (x, readable) in zip(plan, fetched, strict=True):
-        lr = lr_at_step(cfg, state.step, len(batches))
-        if lr is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+        schedule.apply(optimizer, state.step)
         y = labels[mine]
         weights = torch.full((len(mine),), weight, device=device)
         if readable is not None:
@@ -281,19 +278,6 @@ def train_one_epoch(
             after_step(state, stop)
     totals = ctx.sum(torch.stack([sums[k] for k in METRICS]))
     return {k: v / n for k, v in zip(METRICS, totals.tolist(), strict=True)}
-
-
-def lr_at_step(cfg: Config, step: int, steps_per_epoch: int) -> float | None:
-    """The scheduled learning rate of optimiser step ``step`` (0-based).
-
-    None where the optimiser's own lr applies: a constant schedule (with its plateau halvings) is set only while
-    warming up.
-    """
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    if cfg.schedule == "constant" and not (warmup and step <= warmup):
-        return None
-    return scheduled_lr(step, cfg.epochs * steps_per_epoch, lr=cfg.lr, schedule=cfg.schedule, warmup=warmup,
-                        min_lr=cfg.min_lr)  # fmt: skip
 
 
 def _fetch(
@@ -440,6 +424,7 @@ def _train(
     train_x, train_y = images[:n_train].to(device), labels[:n_train].to(device)
     val_x, val_y = images[n_train:].to(device), labels[n_train:].to(device)
     steps = math.ceil(n_train / cfg.batch_size)
+    schedule = LrSchedule.from_config(cfg, steps)
     info(
         "training %s on %s: %d train / %d validation images, %d steps per epoch, device %s, run dir %s",
         cfg.preset or "custom config", cfg.dataset, n_train, len(val_y), steps, device, run_dir,
@@ -498,8 +483,7 @@ def _train(
             t0 = time.perf_counter()
             if epoch_state is None:
                 epoch_state = EpochProgress(torch.randperm(n_train, generator=order).to(device), step=step)
-            lr = lr_at_step(cfg, epoch_state.step - epoch_state.batch, steps)  # the epoch's first step's (resumed too)
-            lr = optimizer.param_groups[0]["lr"] if lr is None else lr
+            lr = schedule.reported(optimizer, epoch_state.step - epoch_state.batch)  # the epoch's first step's
             with tqdm(total=steps, initial=epoch_state.batch, desc=f"epoch {epoch + 1}", leave=False,
                       disable=not (cfg.progress and ctx.main)) as bar:  # fmt: skip
                 metrics = train_one_epoch(
