@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import gmlp_vision.train as train_mod
+import gmlp_vision.augment as augment_mod
 from gmlp_vision.augment import mix_batch
 from gmlp_vision.config import from_preset
 from gmlp_vision.errors import ConfigError
@@ -107,7 +107,7 @@ def test_mixup_loss_is_the_mix_of_the_two_targets_losses(monkeypatch):
         seen["mixed"] = mix_batch(*args, **kw)
         return seen["mixed"]
 
-    monkeypatch.setattr(train_mod, "mix_batch", recording)
+    monkeypatch.setattr(augment_mod, "mix_batch", recording)
     losses, logits, _ = step_once(mixup=0.8)
     _, partner, lam = seen["mixed"]
     labels = torch.arange(16) % 10

@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gmlp_vision.config import Config
+from gmlp_vision.policy import rand_augment, trivial_augment
+
 
 def flip_lr(images: Tensor, generator: torch.Generator | None = None, p: float = 0.5) -> Tensor:
     """Mirror each image left-right with probability ``p``."""
@@ -163,3 +166,55 @@ def random_erase(
     box &= (xs < (x0 + w)[:, None, None]) & (u[:, 4] < p)[:, None, None]
     noise = torch.rand(images.shape, device=device, generator=generator) * 255.0
     return torch.where(box[:, None], noise.to(images.dtype), images)
+
+
+# The training pipeline: the one place that turns the augmentation config into ops.
+
+
+def streams_crop(cfg: Config) -> bool:
+    """Whether streamed image files are decoded as random-resized crops (then the batch is not cropped again)."""
+    return cfg.crop == "random-resized"
+
+
+def augment_for_training(x: Tensor, cfg: Config, generator: torch.Generator, *, cropped: bool = False) -> Tensor:
+    """The configured per-image augmentation of a float batch at the input size.
+
+    In timm's order: crop, flip, the tutorial's zoom, the automatic policy, random erasing. Mixup and cutmix work on
+    the whole batch and come after (`mix_for_training`).
+    """
+    if streams_crop(cfg) and not cropped:
+        x = random_resized_crop(x, cfg.crop_scale, generator)
+    elif cfg.crop == "pad":
+        x = random_crop_padded(x, cfg.crop_padding, generator)
+    x = augment_batch(x, flip=cfg.flip, zoom_amount=cfg.zoom, generator=generator)
+    if cfg.policy == "trivial":
+        x = trivial_augment(x, generator)
+    elif cfg.policy == "randaugment":
+        x = rand_augment(x, cfg.policy_ops, cfg.policy_magnitude, generator)
+    if cfg.erase:
+        x = random_erase(x, cfg.erase, generator)
+    return x
+
+
+Targets = tuple[Tensor, Tensor | None, Tensor | float]  # labels, the mixing partner's index, the kept share lam
+
+
+def mix_for_training(x: Tensor, labels: Tensor, cfg: Config, generator: torch.Generator) -> tuple[Tensor, Targets]:
+    """Mixup or cutmix of the batch when the config asks for it; returns the batch and the targets of its loss."""
+    if not (cfg.mixup or cfg.cutmix):
+        return x, (labels, None, 1.0)
+    x, partner, lam = mix_batch(x, cfg.mixup, cfg.cutmix, generator)
+    return x, (labels, partner, lam)
+
+
+def training_loss(logits: Tensor, targets: Targets, cfg: Config) -> Tensor:
+    """Every image's cross-entropy, label-smoothed as configured.
+
+    A mixed batch's target ``lam * y + (1 - lam) * y[partner]`` is taken as the same mix of the two targets' losses.
+    """
+    labels, partner, lam = targets
+    loss = F.cross_entropy(logits, labels, reduction="none", label_smoothing=cfg.label_smoothing)
+    if partner is None:
+        return loss
+    other = F.cross_entropy(logits, labels[partner], reduction="none", label_smoothing=cfg.label_smoothing)
+    return lam * loss + (1.0 - lam) * other

@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from gmlp_vision.augment import augment_batch, mix_batch, random_crop_padded, random_erase, random_resized_crop
+from gmlp_vision.augment import augment_for_training, mix_for_training, streams_crop, training_loss
 from gmlp_vision.checkpoint import Checkpoint, load_checkpoint, nonfinite_names, save_checkpoint
 from gmlp_vision.config import Config
 from gmlp_vision.data import Dataset, load_dataset
@@ -39,7 +38,6 @@ from gmlp_vision.evaluate import compute_input, evaluate, infer, topk_correct
 from gmlp_vision.images import resize
 from gmlp_vision.model import GMLP
 from gmlp_vision.optim import EarlyStopping, LrSchedule, Plateau, WeightEMA, build_optimizer
-from gmlp_vision.policy import rand_augment, trivial_augment
 from gmlp_vision.rundir import (
     RunLock,
     check_same_run,
@@ -138,13 +136,9 @@ def train_step(
     for j, (xb, yb, wb) in enumerate(zip(*(t.tensor_split(parts) for t in (images, labels, weights)), strict=True)):
         with ddp.no_sync() if ddp is not None and j + 1 < parts else nullcontext():
             x = augment_for_training(resize(xb.float(), cfg.model.image_size), cfg, generator, cropped=cropped)
-            if cfg.mixup or cfg.cutmix:
-                x, partner, lam = mix_batch(x, cfg.mixup, cfg.cutmix, generator)
+            x, targets = mix_for_training(x, yb, cfg, generator)
             logits = model(compute_input(x, cfg.precision)).float()
-            loss = F.cross_entropy(logits, yb, reduction="none", label_smoothing=cfg.label_smoothing)
-            if cfg.mixup or cfg.cutmix:  # the target lam * y + (1 - lam) * y[partner], as a mix of two losses
-                other = F.cross_entropy(logits, yb[partner], reduction="none", label_smoothing=cfg.label_smoothing)
-                loss = lam * loss + (1.0 - lam) * other
+            loss = training_loss(logits, targets, cfg)
             (loss * wb).sum().backward()
         losses.append(loss.detach())
         outputs.append(logits.detach())
@@ -152,26 +146,6 @@ def train_step(
         nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
     optimizer.step()
     return (losses[0], outputs[0]) if parts == 1 else (torch.cat(losses), torch.cat(outputs))
-
-
-def augment_for_training(x: Tensor, cfg: Config, generator: torch.Generator, *, cropped: bool = False) -> Tensor:
-    """The configured per-image augmentation of a float batch at the input size.
-
-    In timm's order: crop, flip, the tutorial's zoom, the automatic policy, random erasing. Mixup and cutmix work on
-    the whole batch and come after, in `train_step`.
-    """
-    if cfg.crop == "random-resized" and not cropped:
-        x = random_resized_crop(x, cfg.crop_scale, generator)
-    elif cfg.crop == "pad":
-        x = random_crop_padded(x, cfg.crop_padding, generator)
-    x = augment_batch(x, flip=cfg.flip, zoom_amount=cfg.zoom, generator=generator)
-    if cfg.policy == "trivial":
-        x = trivial_augment(x, generator)
-    elif cfg.policy == "randaugment":
-        x = rand_augment(x, cfg.policy_ops, cfg.policy_magnitude, generator)
-    if cfg.erase:
-        x = random_erase(x, cfg.erase, generator)
-    return x
 
 
 def _ddp(model: nn.Module) -> DistributedDataParallel | None:
@@ -251,7 +225,7 @@ def train_one_epoch(
         weights = torch.full((len(mine),), weight, device=device)
         if readable is not None:
             weights *= readable  # an unreadable streamed file (--skip-bad-images) counts for nothing
-        cropped = readable is not None and cfg.crop == "random-resized"
+        cropped = readable is not None and streams_crop(cfg)
         losses, logits = train_step(model, optimizer, x, y, cfg, generator, weight=weights, cropped=cropped)
         state.batch, state.step = i + 1, state.step + 1
         loss = losses.sum() if readable is None else (losses * readable).sum()
@@ -292,7 +266,7 @@ def _fetch(
         yield from ((images[mine], None) for mine in shares)
         return
     keys = None
-    if cfg.crop == "random-resized":
+    if streams_crop(cfg):
         keys = [[(cfg.seed * 1_000_003 + first_step + n) << 32 | int(i) for i in mine] for n, mine in enumerate(shares)]
     device = shares[0].device if shares else torch.device("cpu")
     for x, readable in images.batches([mine.tolist() for mine in shares], keys):
