@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from gmlp_vision import loop as loop_mod
 from gmlp_vision import train as train_mod
 from gmlp_vision.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from gmlp_vision.cli import main
@@ -89,7 +90,7 @@ def test_weights_that_diverge_later_keep_the_last_finite_checkpoint_which_resume
 
     cfg = from_preset("tiny", epochs=3, progress=False, out=str(tmp_path / "run"), val_split=0.2, batch_size=32,
                       checkpoint_every=1)  # fmt: skip
-    monkeypatch.setattr(train_mod, "train_step", diverging)
+    monkeypatch.setattr(loop_mod, "train_step", diverging)
     with pytest.raises(NonFiniteLossError, match="by step 11 .* keeps the last finite weights"):
         train(cfg, make_dataset())
     last = load_checkpoint(tmp_path / "run" / "last.pt")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gmlp_vision import checkpoint as checkpoint_mod
-from gmlp_vision import train as train_mod
+from gmlp_vision import loop as loop_mod
 from gmlp_vision.checkpoint import load_checkpoint
 from gmlp_vision.cli import main
 from gmlp_vision.config import from_preset
@@ -40,7 +40,7 @@ def interrupt_at(monkeypatch, calls, signum=signal.SIGTERM):
             os.kill(os.getpid(), signum)
         return train_step(*args, **kw)
 
-    monkeypatch.setattr(train_mod, "train_step", step)
+    monkeypatch.setattr(loop_mod, "train_step", step)
 
 
 # The modern recipe's random ops and the weight average must resume exactly too.
@@ -89,7 +89,7 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(m
                 model.head.weight.fill_(float("nan"))
         return train_step(model, *args, **kw)
 
-    monkeypatch.setattr(train_mod, "train_step", poisoned)
+    monkeypatch.setattr(loop_mod, "train_step", poisoned)
     with pytest.raises(NonFiniteLossError, match="became nan at step 11"):
         train(cfg_for(tmp_path, "run"), make_dataset())
     last = load_checkpoint(tmp_path / "run" / "last.pt")
