@@ -13,7 +13,7 @@ PACKAGE = "gmlp_vision"
 # Inference: what predict, export and the reports run. None of it may load the training loop or its pieces.
 INFERENCE = ("gmlp_vision.evaluate", "gmlp_vision.predict", "gmlp_vision.export", "gmlp_vision.report")
 TRAINING = ("gmlp_vision.train", "gmlp_vision.optim", "gmlp_vision.augment", "gmlp_vision.policy",
-            "gmlp_vision.rundir", "gmlp_vision.transfer", "gmlp_vision.loop")  # fmt: skip
+            "gmlp_vision.rundir", "gmlp_vision.transfer", "gmlp_vision.loop", "gmlp_vision.state")  # fmt: skip
 
 
 def module_name(path: Path) -> str:

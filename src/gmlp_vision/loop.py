@@ -214,6 +214,10 @@ class StopRequests:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now
         self.signum = signum
 
+    def requested(self) -> bool:
+        """Whether a stop was asked for."""
+        return self.signum is not None
+
     @contextmanager
     def installed(self) -> Iterator[StopRequests]:
         """Install the handlers for the duration of the block (only possible in the main thread)."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import signal
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -27,14 +26,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from gmlp_vision.augment import augment_for_training
-from gmlp_vision.checkpoint import Checkpoint, load_checkpoint, nonfinite_names, save_checkpoint
+from gmlp_vision.checkpoint import Checkpoint, load_checkpoint
 from gmlp_vision.config import Config
 from gmlp_vision.data import Dataset, load_dataset
 from gmlp_vision.data.stream import ImageFiles
-from gmlp_vision.distributed import Dist, distributed, maybe_compile, unwrap
-from gmlp_vision.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted
+from gmlp_vision.distributed import Dist, distributed, maybe_compile
+from gmlp_vision.errors import ConfigError, NonFiniteLossError
 from gmlp_vision.evaluate import compute_input, evaluate, infer, topk_correct
-from gmlp_vision.loop import METRICS, EpochProgress, StopRequests, train_one_epoch, train_step
+from gmlp_vision.loop import EpochProgress, train_one_epoch, train_step
 from gmlp_vision.model import GMLP
 from gmlp_vision.optim import EarlyStopping, LrSchedule, Plateau, WeightEMA, build_optimizer
 from gmlp_vision.rundir import (
@@ -47,6 +46,7 @@ from gmlp_vision.rundir import (
     write_history,
     write_json,
 )
+from gmlp_vision.state import TrainState, rank_seed
 from gmlp_vision.transfer import apply_pretrained, read_pretrained
 
 log = logging.getLogger("gmlp_vision")
@@ -123,30 +123,60 @@ def train(
     Raises:
         ConfigError: options that cannot work with this data or machine.
         DataError: the dataset cannot be loaded.
-        NonFiniteLossError: the loss became NaN or infinite (the last good ``last.pt`` is kept).
+        NonFiniteLossError: the loss, the weights or the validation loss became NaN or infinite (every checkpoint
+            kept is finite).
         TrainingInterrupted: SIGINT or SIGTERM; ``last.pt`` was saved at the step where training stopped.
         CheckpointError: a checkpoint could not be written (the previous one is intact) or resumed.
     """
     with distributed(cfg.device) as (ctx, device), ExitStack() as held:
-        return _train(cfg, dataset, resume, ctx, device, on_epoch_end, held)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        # Resuming: take the run directory's lock before the data is loaded, so a second writer is told at once.
+        locked = resume and ctx.main and bool(cfg.out) and Path(cfg.out or "").is_dir()
+        if locked:
+            held.enter_context(RunLock(Path(cfg.out or "")))
+        ds = dataset if dataset is not None else ctx.main_first(partial(_load_data, cfg, ctx.main))
+        state, data, partial_epoch = _start(cfg, ds, resume, ctx, device, None if locked else held)
+        stopped = False
+        with state.stops.installed():
+            while state.epoch < state.cfg.epochs:
+                row = _run_epoch(state, data, partial_epoch)
+                partial_epoch = None
+                stopped = _end_epoch(state, row)
+                if on_epoch_end is not None:
+                    on_epoch_end(row, state.net, state.averaged)
+                if stopped:
+                    _say(ctx, "early stopping: no val_loss improvement for %d epochs", cfg.early_stop_patience)
+                    break
+        return _finish(state, data, stopped)
 
 
-def _train(
-    cfg: Config, dataset: Dataset | None, resume: bool, ctx: Dist, device: torch.device,
-    on_epoch_end: EpochCallback | None, held: ExitStack,
-) -> Result:  # fmt: skip
-    info = log.info if ctx.main else (lambda *args: None)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    # Resuming: take the run directory's lock before the data is loaded, so a second writer is told at once.
-    locked = resume and ctx.main and bool(cfg.out) and Path(cfg.out or "").is_dir()
-    if locked:
-        held.enter_context(RunLock(Path(cfg.out or "")))
-    ds = dataset if dataset is not None else ctx.main_first(lambda: load_dataset(
-        cfg.dataset, cfg.data, download=cfg.download, verify_md5=cfg.verify_md5, progress=cfg.progress and ctx.main,
-        image_size=cfg.model.image_size, skip_bad=cfg.skip_bad_images, folder_mode=cfg.folder_mode,
-        workers=cfg.workers, crop_scale=cfg.crop_scale,
-    ))  # fmt: skip
+@dataclass(frozen=True)
+class _Data:
+    """A run's images on the training device: the training part, the validation tail, and their label tensors."""
+
+    train_x: Tensor | ImageFiles
+    train_y: Tensor
+    val_x: Tensor | ImageFiles
+    val_y: Tensor
+
+
+def _say(ctx: Dist, message: str, *args: Any) -> None:
+    """Log on rank 0 only."""
+    if ctx.main:
+        log.info(message, *args)
+
+
+def _load_data(cfg: Config, main: bool) -> Dataset:
+    return load_dataset(cfg.dataset, cfg.data, download=cfg.download, verify_md5=cfg.verify_md5,
+                        progress=cfg.progress and main, image_size=cfg.model.image_size, skip_bad=cfg.skip_bad_images,
+                        folder_mode=cfg.folder_mode, workers=cfg.workers, crop_scale=cfg.crop_scale)  # fmt: skip
+
+
+def _start(
+    cfg: Config, ds: Dataset, resume: bool, ctx: Dist, device: torch.device, held: ExitStack | None
+) -> tuple[TrainState, _Data, EpochProgress | None]:
+    """Everything before the first step: the run directory, the model, optimiser and rules, or the resumed state."""
     # Class count and channels are facts of the data, not choices.
     cfg = replace(cfg, model=replace(cfg.model, num_classes=ds.num_classes, in_chans=ds.in_chans))
     images, labels = ds.train.images, ds.train.labels
@@ -155,174 +185,137 @@ def _train(
     n_train = int(math.floor(len(labels) * (1.0 - cfg.val_split)))  # Keras validation_split
     if n_train < 1:
         raise ConfigError(f"no training images left: {len(labels)} images with --val-split {cfg.val_split}")
-
     # Pretrained weights are read and checked before anything is written: a bad --init leaves no run directory.
     pretrained = read_pretrained(cfg.init, cfg.model) if cfg.init else None
-    run_dir, saved, best_state = ctx.on_main(lambda: _open_run_dir(cfg, resume, None if locked else held))
+    run_dir, saved, best = ctx.on_main(partial(_open_run_dir, cfg, resume, held))
     cfg = replace(cfg, out=str(run_dir))
 
     torch.manual_seed(cfg.seed)
-    model = GMLP(cfg.model)
-    model.set_normalization(*channel_stats(_stats_sample(images, cfg.seed)))  # validation included (Keras adapt)
+    net = GMLP(cfg.model)
+    net.set_normalization(*channel_stats(_stats_sample(images, cfg.seed)))  # validation included (Keras adapt)
     if pretrained is not None and saved is None:  # pretrained weights bring their own normalisation
-        apply_pretrained(model, pretrained)
-    model.to(device)
-    net = model  # the module itself, whatever wraps it below
-    optimizer = build_optimizer(cfg, model)
+        apply_pretrained(net, pretrained)
+    net.to(device)
+    optimizer = build_optimizer(cfg, net)
     plateau = Plateau(optimizer, cfg.plateau_factor, cfg.plateau_patience, cfg.plateau_threshold)
     stopper = EarlyStopping(cfg.early_stop_patience)
     # Augmentation and dropout draw from per-rank streams (rank 0's is the single-process one); the epoch order comes
     # from one CPU generator that every rank seeds the same.
     if ctx.rank:
-        torch.manual_seed(_rank_seed(cfg.seed, ctx.rank))
-    generator = torch.Generator(device).manual_seed(_rank_seed(cfg.seed, ctx.rank))
+        torch.manual_seed(rank_seed(cfg.seed, ctx.rank))
+    generator = torch.Generator(device).manual_seed(rank_seed(cfg.seed, ctx.rank))
     order = torch.Generator().manual_seed(cfg.seed)
-    history: list[dict[str, float]] = []
-    epoch_state: EpochProgress | None = None
-    start_epoch, step = 0, 0
-    if saved is not None:
-        start_epoch, step, history, epoch_state = _restore(saved, model, optimizer, plateau, stopper, generator,
-                                                           order, device, ctx)  # fmt: skip
-        info("resuming %s at epoch %d, step %d", run_dir, start_epoch + 1, step)
-    ema = WeightEMA(net, cfg.ema) if cfg.ema else None
-    if ema is not None and saved is not None:
-        try:
-            ema.load_state_dict(saved.train_state["ema"])
-        except (KeyError, TypeError, RuntimeError) as e:
-            raise CheckpointError(f"cannot resume the weight average from last.pt: {e}") from None
-    if ctx.enabled:
-        ids = [device.index] if device.type == "cuda" else None
-        model = DistributedDataParallel(model, device_ids=ids, **_NO_BUFFER_SYNC)
-    model = maybe_compile(model, cfg)
-
-    train_x, train_y = images[:n_train].to(device), labels[:n_train].to(device)
-    val_x, val_y = images[n_train:].to(device), labels[n_train:].to(device)
     steps = math.ceil(n_train / cfg.batch_size)
-    schedule = LrSchedule.from_config(cfg, steps)
-    info(
-        "training %s on %s: %d train / %d validation images, %d steps per epoch, device %s, run dir %s",
-        cfg.preset or "custom config", cfg.dataset, n_train, len(val_y), steps, device, run_dir,
-    )  # fmt: skip
-    if ctx.enabled:
-        share = math.ceil(cfg.batch_size / ctx.world)
-        info("data parallel over %d processes (%s): each global batch of %d is split into shares of %d or fewer",
-             ctx.world, torch.distributed.get_backend(), cfg.batch_size, share)  # fmt: skip
-
-    def save_last(epoch: int, row: dict[str, float] | None, progress: EpochProgress | None) -> None:
-        rank_state = {
-            "generator": generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-            "sums": {k: v.cpu() for k, v in progress.sums.items()} if progress is not None else {},
-        }
-        ranks = ctx.gather(rank_state)  # every rank's random streams and sums, so each can resume its own
-        train_state = {
-            "optimizer": optimizer.state_dict(),
-            "plateau": plateau.state_dict(),
-            "early_stopping": stopper.state_dict(),
-            "order_generator": order.get_state(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "ranks": ranks,
-            "history": history,
-            "epoch_progress": progress.state_dict() if progress is not None else None,
-        }
-        step_now = progress.step if progress is not None else step
-        _require_finite(run_dir, f"by step {step_now}", net, ema.module if ema is not None else None)
-        ctx.on_main(partial(_save, run_dir / "last.pt", cfg, model, ds, epoch, step_now, row or {}, train_state))
-
-    stops = StopRequests()
-    stopped = False
-    board = None
+    state = TrainState(cfg, run_dir, ds, ctx, net, net, optimizer, plateau, stopper, generator, order,
+                       WeightEMA(net, cfg.ema) if cfg.ema else None, steps)  # fmt: skip
+    partial_epoch = state.load(saved) if saved is not None else None
+    if saved is not None:
+        _say(ctx, "resuming %s at epoch %d, step %d", run_dir, state.epoch + 1, state.step)
+    state.model = _wrap(net, cfg, ctx, device)
+    data = _Data(images[:n_train].to(device), labels[:n_train].to(device), images[n_train:].to(device),
+                 labels[n_train:].to(device))  # fmt: skip
+    state.best = best
     if cfg.tensorboard and ctx.main:
         from gmlp_vision.report import TensorBoardLogger  # optional extra, imported only when asked for
 
-        board = TensorBoardLogger(run_dir)
+        state.board = TensorBoardLogger(run_dir)
+    _say(ctx, "training %s on %s: %d train / %d validation images, %d steps per epoch, device %s, run dir %s",
+         cfg.preset or "custom config", cfg.dataset, n_train, len(data.val_y), steps, device, run_dir)  # fmt: skip
+    return state, data, partial_epoch
 
-    def after_step(progress: EpochProgress, stop: bool) -> None:
-        if ema is not None:
-            ema.update(net)
-        if stop:
-            save_last(epoch, None, progress)
-            signum = stops.signum or signal.SIGTERM  # under torchrun the signal may have reached another rank first
-            raise TrainingInterrupted(
-                f"{signal.Signals(signum).name}: stopped after step {progress.step}; "
-                f"resume with: gmlp train --resume {run_dir}",
-                signum,
-            )
-        if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0 and progress.batch < steps:
-            save_last(epoch, None, progress)
 
-    with stops.installed():
-        for epoch in range(start_epoch, cfg.epochs):
-            t0 = time.perf_counter()
-            if epoch_state is None:
-                epoch_state = EpochProgress(torch.randperm(n_train, generator=order).to(device), step=step)
-            lr = schedule.reported(optimizer, epoch_state.step - epoch_state.batch)  # the epoch's first step's
-            with tqdm(total=steps, initial=epoch_state.batch, desc=f"epoch {epoch + 1}", leave=False,
-                      disable=not (cfg.progress and ctx.main)) as bar:  # fmt: skip
-                metrics = train_one_epoch(
-                    model, optimizer, train_x, train_y, cfg, generator, bar, state=epoch_state, ctx=ctx,
-                    stop_requested=lambda: stops.signum is not None, after_step=after_step,
-                )  # fmt: skip
-            step, epoch_state = epoch_state.step, None
-            averaged = ema.module if ema is not None else None
-            _require_finite(run_dir, f"in epoch {epoch + 1} (by step {step})", net, averaged)
-            row: dict[str, float] = {"epoch": epoch + 1, **metrics}
-            if len(val_y):
-                val = evaluate(model, val_x, val_y, batch_size=cfg.eval_batch_size, precision=cfg.precision, ctx=ctx)
-                if not math.isfinite(val["loss"]):  # finite weights can still overflow the logits
-                    raise NonFiniteLossError(f"the validation loss became {val['loss']} in epoch {epoch + 1}; "
-                                             f"{_kept(run_dir)}")  # fmt: skip
-                row.update({f"val_{k}": v for k, v in val.items()})
-                if ema is not None:
-                    val = evaluate(ema.module, val_x, val_y, batch_size=cfg.eval_batch_size, precision=cfg.precision,
-                                   ctx=ctx)  # fmt: skip
-                    row.update({f"val_ema_{k}": v for k, v in val.items()})
-            row.update(lr=lr, seconds=time.perf_counter() - t0)
-            history.append(row)
-            monitored = row.get("val_loss", row["loss"])  # Keras monitors val_loss; without validation, the train loss
-            if monitored < stopper.best:  # every rank sees the same reduced metrics, so every rank decides the same
-                best_state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
-                ctx.on_main(partial(_save, run_dir / "best.pt", cfg, model, ds, epoch + 1, step, row))
-            stopped = stopper.step(monitored, epoch)  # Keras callback order: EarlyStopping, then ReduceLROnPlateau
-            plateau.step(monitored)
-            save_last(epoch + 1, row, None)
-            if ctx.main:
-                write_history(run_dir, history)
-                if board is not None:
-                    board.log_epoch(row)
-            info(format_epoch(row, cfg.epochs, steps))
-            if on_epoch_end is not None:
-                on_epoch_end(row, net, ema.module if ema is not None else None)
-            if stopped:
-                info("early stopping: no val_loss improvement for %d epochs", cfg.early_stop_patience)
-                break
+def _wrap(net: nn.Module, cfg: Config, ctx: Dist, device: torch.device) -> nn.Module:
+    """The model as training runs it: DDP under torchrun, compiled with ``--compile``."""
+    model = net
+    if ctx.enabled:
+        ids = [device.index] if device.type == "cuda" else None
+        model = DistributedDataParallel(net, device_ids=ids, **_NO_BUFFER_SYNC)
+        share = math.ceil(cfg.batch_size / ctx.world)
+        _say(ctx, "data parallel over %d processes (%s): each global batch of %d is split into shares of %d or fewer",
+             ctx.world, torch.distributed.get_backend(), cfg.batch_size, share)  # fmt: skip
+    return maybe_compile(model, cfg)
 
-    if board is not None:
-        board.close()
-    restore = best_state is not None and (cfg.restore_best == "always" or (stopped and cfg.restore_best == "on-stop"))
+
+def _run_epoch(state: TrainState, data: _Data, resumed: EpochProgress | None) -> dict[str, float]:
+    """Train one epoch (or the rest of a resumed one) and validate; returns the epoch's history row."""
+    cfg, epoch = state.cfg, state.epoch
+    t0 = time.perf_counter()
+    progress = resumed or EpochProgress(torch.randperm(len(data.train_y), generator=state.order).to(
+        data.train_y.device), step=state.step)  # fmt: skip
+    schedule = LrSchedule.from_config(cfg, state.steps_per_epoch)
+    lr = schedule.reported(state.optimizer, progress.step - progress.batch)  # the epoch's first step's
+    with tqdm(total=state.steps_per_epoch, initial=progress.batch, desc=f"epoch {epoch + 1}", leave=False,
+              disable=not (cfg.progress and state.ctx.main)) as bar:  # fmt: skip
+        metrics = train_one_epoch(state.model, state.optimizer, data.train_x, data.train_y, cfg, state.generator, bar,
+                                  state=progress, ctx=state.ctx, stop_requested=state.stops.requested,
+                                  after_step=state.after_step)  # fmt: skip
+    state.epoch, state.step = epoch + 1, progress.step
+    state.require_finite(f"in epoch {epoch + 1} (by step {state.step})")
+    row: dict[str, float] = {"epoch": epoch + 1, **metrics}
+    if len(data.val_y):
+        val = evaluate(state.model, data.val_x, data.val_y, batch_size=cfg.eval_batch_size, precision=cfg.precision,
+                       ctx=state.ctx)  # fmt: skip
+        if not math.isfinite(val["loss"]):  # finite weights can still overflow the logits
+            raise NonFiniteLossError(f"the validation loss became {val['loss']} in epoch {epoch + 1}; {state.kept()}")
+        row.update({f"val_{k}": v for k, v in val.items()})
+        if state.ema is not None:
+            val = evaluate(state.ema.module, data.val_x, data.val_y, batch_size=cfg.eval_batch_size,
+                           precision=cfg.precision, ctx=state.ctx)  # fmt: skip
+            row.update({f"val_ema_{k}": v for k, v in val.items()})
+    row.update(lr=lr, seconds=time.perf_counter() - t0)
+    return row
+
+
+def _end_epoch(state: TrainState, row: dict[str, float]) -> bool:
+    """Keep the row, save best.pt and last.pt, apply the Keras rules; returns whether early stopping ends the run."""
+    state.history.append(row)
+    monitored = row.get("val_loss", row["loss"])  # Keras monitors val_loss; without validation, the train loss
+    if monitored < state.stopper.best:  # every rank sees the same reduced metrics, so every rank decides the same
+        state.best = {k: v.detach().clone() for k, v in state.net.state_dict().items()}
+        state.save("best.pt", state.model, row)
+    stopped = state.stopper.step(monitored, state.epoch - 1)  # Keras callback order: EarlyStopping, then plateau
+    state.plateau.step(monitored)
+    state.save_last(row, None)
+    if state.ctx.main:
+        write_history(state.run_dir, state.history)
+        if state.board is not None:
+            state.board.log_epoch(row)
+    _say(state.ctx, format_epoch(row, state.cfg.epochs, state.steps_per_epoch))
+    return stopped
+
+
+def _finish(state: TrainState, data: _Data, stopped: bool) -> Result:
+    """After the last epoch: the final weights, test metrics, ema.pt, results.json and the report."""
+    cfg, ctx = state.cfg, state.ctx
+    if state.board is not None:
+        state.board.close()
+    best = state.best
+    restore = best is not None and (cfg.restore_best == "always" or (stopped and cfg.restore_best == "on-stop"))
     if restore:
-        unwrap(model).load_state_dict(best_state)
-        info("restored the weights of the best epoch (%d)", stopper.best_epoch + 1)
-    test = evaluate(model, ds.test.images, ds.test.labels, batch_size=cfg.eval_batch_size, precision=cfg.precision,
-                    ctx=ctx)  # fmt: skip
+        state.net.load_state_dict(best)
+        _say(ctx, "restored the weights of the best epoch (%d)", state.stopper.best_epoch + 1)
+    test_x, test_y = state.ds.test.images, state.ds.test.labels
+    test = evaluate(state.model, test_x, test_y, batch_size=cfg.eval_batch_size, precision=cfg.precision, ctx=ctx)
     final = "best.pt" if restore else "last.pt"
-    summary = {"test": test, "final_checkpoint": final, "best_epoch": stopper.best_epoch + 1,
-               "stopped_early": stopped, "epochs_run": len(history)}  # fmt: skip
-    if ema is not None:
-        summary["test_ema"] = evaluate(ema.module, ds.test.images, ds.test.labels, batch_size=cfg.eval_batch_size,
+    summary = {"test": test, "final_checkpoint": final, "best_epoch": state.stopper.best_epoch + 1,
+               "stopped_early": stopped, "epochs_run": len(state.history)}  # fmt: skip
+    if state.ema is not None:
+        summary["test_ema"] = evaluate(state.ema.module, test_x, test_y, batch_size=cfg.eval_batch_size,
                                        precision=cfg.precision, ctx=ctx)  # fmt: skip
-        ctx.on_main(partial(_save, run_dir / "ema.pt", cfg, ema.module, ds, len(history), step, summary["test_ema"]))
+        state.epoch = len(state.history)
+        state.save("ema.pt", state.ema.module, summary["test_ema"])
+    ctx.on_main(partial(_write_results, state, summary))
+    return Result(state.run_dir, state.history, test, final, state.stopper.best_epoch + 1, stopped,
+                  summary.get("test_ema"))  # fmt: skip
 
-    def finish() -> None:
-        write_json(run_dir / "results.json", summary)
-        from gmlp_vision.report import write_report  # report uses infer() from here: imported at use, not at load
 
-        write_report(run_dir, unwrap(model), ds.test.images, ds.test.labels, ds.classes,
-                     batch_size=cfg.eval_batch_size, precision=cfg.precision)  # fmt: skip
+def _write_results(state: TrainState, summary: dict[str, Any]) -> None:
+    from gmlp_vision.report import write_report  # matplotlib loads only when a run ends
 
-    ctx.on_main(finish)
-    return Result(run_dir, history, test, final, stopper.best_epoch + 1, stopped, summary.get("test_ema"))
+    write_json(state.run_dir / "results.json", summary)
+    cfg, test = state.cfg, state.ds.test
+    write_report(state.run_dir, state.net, test.images, test.labels, state.ds.classes, batch_size=cfg.eval_batch_size,
+                 precision=cfg.precision)  # fmt: skip
 
 
 STATS_SAMPLE = 10_000  # streamed folders: images the normalisation statistics are computed from
@@ -342,13 +335,6 @@ _NO_BUFFER_SYNC = (
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
     else {"broadcast_buffers": False}
 )
-
-# Rank r > 0 seeds its augmentation and dropout with seed + r * stride (rank 0 keeps the seed: one process as before).
-RANK_SEED_STRIDE = 1_000_003
-
-
-def _rank_seed(seed: int, rank: int) -> int:
-    return seed + RANK_SEED_STRIDE * rank
 
 
 def _open_run_dir(
@@ -379,89 +365,3 @@ def _open_run_dir(
         prepare_run_dir(run_dir)
     write_json(run_dir / "config.json", replace(cfg, out=str(run_dir)).to_dict())
     return run_dir, saved, best
-
-
-def _require_finite(run_dir: Path, where: str, *models: nn.Module | None) -> None:
-    """Stop the run when a model's weights hold NaN or inf (one device sync): they must never be saved or reported.
-
-    Raises:
-        NonFiniteLossError: naming the step and the checkpoint that stays (every saved one is finite).
-    """
-    for model in models:
-        bad = nonfinite_names(unwrap(model).state_dict()) if model is not None else []
-        if bad:
-            raise NonFiniteLossError(
-                f"the weights became NaN or infinite {where} ({len(bad)} tensors, e.g. {bad[0]}); {_kept(run_dir)}"
-            )
-
-
-def _kept(run_dir: Path) -> str:
-    """What a run stopped for NaN or inf leaves behind, and what to try."""
-    if not (run_dir / "last.pt").exists():
-        return "no checkpoint was written; a lower --lr or --clip-grad may help"
-    last = run_dir / "last.pt"
-    return f"{last} keeps the last finite weights; go on from them with --init {last} and a lower --lr or --clip-grad"
-
-
-def _restore(
-    saved: Checkpoint,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    plateau: Plateau,
-    stopper: EarlyStopping,
-    generator: torch.Generator,
-    order: torch.Generator,
-    device: torch.device,
-    ctx: Dist,
-) -> tuple[int, int, list[dict[str, float]], EpochProgress | None]:
-    """Load a ``last.pt`` into the fresh training objects; returns epoch, step, history and a partial epoch.
-
-    Each rank takes back its own random streams and running sums. Resumed on another number of processes, the
-    weights, optimiser and epoch order carry on exactly; the sums move to rank 0 (only their total counts) and
-    augmentation and dropout continue with new streams (a warning says so).
-    """
-    ts = saved.train_state
-    try:
-        model.load_state_dict(saved.model_state)
-        optimizer.load_state_dict(ts["optimizer"])
-        plateau.load_state_dict(ts["plateau"])
-        stopper.load_state_dict(ts["early_stopping"])
-        if "ranks" not in ts:
-            raise CheckpointError("last.pt comes from an earlier development version; this one cannot resume it")
-        order.set_state(ts["order_generator"])
-        ranks = ts["ranks"]
-        if len(ranks) == ctx.world:
-            mine = ranks[ctx.rank]
-            generator.set_state(mine["generator"])
-            torch.set_rng_state(mine["torch_rng"])
-            if mine["cuda_rng"] and device.type == "cuda":
-                torch.cuda.set_rng_state_all(mine["cuda_rng"])
-            sums = mine["sums"]
-        else:
-            if ctx.main:
-                log.warning("last.pt was saved by %d processes and is resumed by %d: augmentation and dropout "
-                            "continue with new random streams", len(ranks), ctx.world)  # fmt: skip
-            reseed = _rank_seed(saved.config.seed, ctx.rank) + 7919 * saved.step
-            generator.manual_seed(reseed)
-            torch.manual_seed(reseed)
-            sums = {k: sum(r["sums"][k] for r in ranks) for k in METRICS} if ctx.main and ranks[0]["sums"] else {}
-        part = ts.get("epoch_progress")
-        progress = None
-        if part is not None:
-            sums = {k: v.to(device) for k, v in sums.items()}
-            progress = EpochProgress(part["perm"].to(device), int(part["batch"]), int(part["step"]), sums)
-        return saved.epoch, saved.step, list(ts["history"]), progress
-    except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        raise CheckpointError(f"cannot resume from last.pt: {str(e).splitlines()[0]}") from None
-
-
-def _save(
-    path: Path, cfg: Config, model: nn.Module, ds: Dataset, epoch: int, step: int, metrics: dict[str, float],
-    train_state: dict[str, Any] | None = None,
-) -> None:  # fmt: skip
-    ckpt = Checkpoint(cfg, unwrap(model).state_dict(), ds.classes, epoch, step, metrics, train_state or {})
-    try:
-        save_checkpoint(path, ckpt)
-    except OSError as e:
-        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
-        raise CheckpointError(f"could not write {path}: {e.strerror or e}; {kept}") from None

@@ -1,0 +1,206 @@
+"""A run's training state: what goes from step to step, what ``last.pt`` holds, and how a run resumes from it.
+
+`TrainState` holds the model, optimiser, plateau and early-stopping rules, the weight average, every random stream
+and the history. ``save_last`` writes all of it (each rank's random streams gathered to rank 0), ``load`` puts it
+back, so an interrupted run continues bit for bit; ``after_step`` is what the epoch loop calls after every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gmlp_vision.checkpoint import Checkpoint, nonfinite_names, save_checkpoint
+from gmlp_vision.config import Config
+from gmlp_vision.data import Dataset
+from gmlp_vision.distributed import Dist, unwrap
+from gmlp_vision.errors import CheckpointError, NonFiniteLossError, TrainingInterrupted
+from gmlp_vision.loop import METRICS, EpochProgress, StopRequests
+from gmlp_vision.optim import EarlyStopping, Plateau, WeightEMA
+
+log = logging.getLogger("gmlp_vision")
+
+# Rank r > 0 seeds its augmentation and dropout with seed + r * stride (rank 0 keeps the seed: one process as before).
+RANK_SEED_STRIDE = 1_000_003
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s augmentation and dropout streams."""
+    return seed + RANK_SEED_STRIDE * rank
+
+
+@dataclass
+class TrainState:
+    """Everything a run carries from one step to the next; ``epoch`` and ``step`` count what is done."""
+
+    cfg: Config
+    run_dir: Path
+    ds: Dataset
+    ctx: Dist
+    net: nn.Module  # the model itself
+    model: nn.Module  # the same, possibly wrapped for data parallelism or compilation
+    optimizer: torch.optim.Optimizer
+    plateau: Plateau
+    stopper: EarlyStopping
+    generator: torch.Generator  # this rank's augmentation stream
+    order: torch.Generator  # the epoch order: the same on every rank
+    ema: WeightEMA | None = None
+    steps_per_epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    epoch: int = 0
+    step: int = 0
+    stops: StopRequests = field(default_factory=StopRequests)
+    best: dict[str, torch.Tensor] | None = None  # the best epoch's weights so far (a resumed run: its best.pt's)
+    board: Any = None  # the TensorBoard logger (--tensorboard, rank 0)
+
+    @property
+    def averaged(self) -> nn.Module | None:
+        """The weight average's model (``--ema``), else None."""
+        return self.ema.module if self.ema is not None else None
+
+    def save(self, name: str, module: nn.Module, metrics: dict[str, float], train_state: Any = None) -> None:
+        """Write ``module``'s weights as ``RUN_DIR/name`` (rank 0 only), with the run's epoch and step.
+
+        Raises:
+            CheckpointError: the file could not be written (the previous one is intact).
+        """
+        ckpt = Checkpoint(self.cfg, unwrap(module).state_dict(), self.ds.classes, self.epoch, self.step, metrics,
+                          train_state or {})  # fmt: skip
+        self.ctx.on_main(partial(_write, self.run_dir / name, ckpt))
+
+    def save_last(self, row: dict[str, float] | None, progress: EpochProgress | None) -> None:
+        """Write ``last.pt``: the weights and everything needed to resume (``progress``: a part-done epoch)."""
+        device = self.generator.device
+        rank_state = {
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+            "sums": {k: v.cpu() for k, v in progress.sums.items()} if progress is not None else {},
+        }
+        ranks = self.ctx.gather(rank_state)  # every rank's random streams and sums, so each can resume its own
+        train_state = {
+            "optimizer": self.optimizer.state_dict(),
+            "plateau": self.plateau.state_dict(),
+            "early_stopping": self.stopper.state_dict(),
+            "order_generator": self.order.get_state(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "ranks": ranks,
+            "history": self.history,
+            "epoch_progress": progress.state_dict() if progress is not None else None,
+        }
+        step = progress.step if progress is not None else self.step
+        self.require_finite(f"by step {step}")
+        done = self.step
+        self.step = step
+        try:
+            self.save("last.pt", self.model, row or {}, train_state)
+        finally:
+            self.step = done
+
+    def require_finite(self, where: str) -> None:
+        """Stop the run when the weights (or their average) hold NaN or inf: they are never saved or reported.
+
+        Raises:
+            NonFiniteLossError: naming where, and the checkpoint that stays (every saved one is finite).
+        """
+        for module in (self.net, self.averaged):
+            bad = nonfinite_names(unwrap(module).state_dict()) if module is not None else []
+            if bad:
+                raise NonFiniteLossError(
+                    f"the weights became NaN or infinite {where} ({len(bad)} tensors, e.g. {bad[0]}); {self.kept()}"
+                )
+
+    def kept(self) -> str:
+        """What a run stopped for NaN or inf leaves behind, and what to try."""
+        last = self.run_dir / "last.pt"
+        if not last.exists():
+            return "no checkpoint was written; a lower --lr or --clip-grad may help"
+        return (
+            f"{last} keeps the last finite weights; go on from them with --init {last} and a lower --lr or --clip-grad"
+        )
+
+    def after_step(self, progress: EpochProgress, stop: bool) -> None:
+        """After every step: update the weight average; save and stop on request; save every N steps if asked.
+
+        Raises:
+            TrainingInterrupted: SIGINT or SIGTERM asked to stop; ``last.pt`` was saved at this step.
+        """
+        if self.ema is not None:
+            self.ema.update(self.net)
+        if stop:
+            self.save_last(None, progress)
+            # Under torchrun the signal may have reached another rank first.
+            signum = self.stops.signum or signal.SIGTERM
+            raise TrainingInterrupted(
+                f"{signal.Signals(signum).name}: stopped after step {progress.step}; "
+                f"resume with: gmlp train --resume {self.run_dir}",
+                signum,
+            )
+        every = self.cfg.checkpoint_every
+        if every and progress.step % every == 0 and progress.batch < self.steps_per_epoch:
+            self.save_last(None, progress)
+
+    def load(self, saved: Checkpoint) -> EpochProgress | None:
+        """Take back a ``last.pt``: weights, optimiser, rules, streams, history; returns a part-done epoch, if any.
+
+        Each rank takes back its own random streams and running sums. Resumed on another number of processes, the
+        weights, optimiser and epoch order carry on exactly; the sums move to rank 0 (only their total counts) and
+        augmentation and dropout continue with new streams (a warning says so).
+
+        Raises:
+            CheckpointError: the file cannot be resumed.
+        """
+        ts = saved.train_state
+        try:
+            self.net.load_state_dict(saved.model_state)
+            self.optimizer.load_state_dict(ts["optimizer"])
+            self.plateau.load_state_dict(ts["plateau"])
+            self.stopper.load_state_dict(ts["early_stopping"])
+            if "ranks" not in ts:
+                raise CheckpointError("last.pt comes from an earlier development version; this one cannot resume it")
+            self.order.set_state(ts["order_generator"])
+            sums = self._load_streams(ts["ranks"], saved)
+            part = ts.get("epoch_progress")
+            self.epoch, self.step, self.history = saved.epoch, saved.step, list(ts["history"])
+            if self.ema is not None:
+                self.ema.load_state_dict(ts["ema"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise CheckpointError(f"cannot resume from last.pt: {str(e).splitlines()[0]}") from None
+        if part is None:
+            return None
+        device = self.generator.device
+        sums = {k: v.to(device) for k, v in sums.items()}
+        return EpochProgress(part["perm"].to(device), int(part["batch"]), int(part["step"]), sums)
+
+    def _load_streams(self, ranks: list[dict[str, Any]], saved: Checkpoint) -> dict[str, torch.Tensor]:
+        """This rank's random streams back (new ones on another number of ranks); returns its running sums."""
+        ctx = self.ctx
+        if len(ranks) == ctx.world:
+            mine = ranks[ctx.rank]
+            self.generator.set_state(mine["generator"])
+            torch.set_rng_state(mine["torch_rng"])
+            if mine["cuda_rng"] and self.generator.device.type == "cuda":
+                torch.cuda.set_rng_state_all(mine["cuda_rng"])
+            return mine["sums"]
+        if ctx.main:
+            log.warning("last.pt was saved by %d processes and is resumed by %d: augmentation and dropout "
+                        "continue with new random streams", len(ranks), ctx.world)  # fmt: skip
+        reseed = rank_seed(saved.config.seed, ctx.rank) + 7919 * saved.step
+        self.generator.manual_seed(reseed)
+        torch.manual_seed(reseed)
+        return {k: sum(r["sums"][k] for r in ranks) for k in METRICS} if ctx.main and ranks[0]["sums"] else {}
+
+
+def _write(path: Path, ckpt: Checkpoint) -> None:
+    try:
+        save_checkpoint(path, ckpt)
+    except OSError as e:
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+        raise CheckpointError(f"could not write {path}: {e.strerror or e}; {kept}") from None
