@@ -174,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse: 0 for --help/--version, 2 for usage errors (it already printed why)
         return int(e.code or 0)
     rank = launched().rank  # under torchrun only rank 0 logs; every rank reports its own errors
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s",
-                        stream=sys.stdout, force=True)  # fmt: skip
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", stream=sys.stdout, force=True
+    )
     prog = "gmlp" if rank == 0 else f"gmlp [rank {rank}]"
     try:
         return args.func(args)

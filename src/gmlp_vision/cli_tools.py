@@ -44,8 +44,16 @@ def checkpoint_dataset(ckpt: Any, args: argparse.Namespace) -> Any:
     cfg = ckpt.config
     dataset = args.dataset or cfg.dataset
     data = args.data if args.data is not None else (cfg.data if dataset == cfg.dataset else None)
-    ds = load_dataset(dataset, data, download=args.download, progress=not args.quiet, image_size=cfg.model.image_size,
-                      skip_bad=cfg.skip_bad_images, folder_mode=cfg.folder_mode, workers=cfg.workers)  # fmt: skip
+    ds = load_dataset(
+        dataset,
+        data,
+        download=args.download,
+        progress=not args.quiet,
+        image_size=cfg.model.image_size,
+        skip_bad=cfg.skip_bad_images,
+        folder_mode=cfg.folder_mode,
+        workers=cfg.workers,
+    )
     if ds.num_classes != cfg.model.num_classes or ds.in_chans != cfg.model.in_chans:
         raise ConfigError(
             f"the checkpoint's model has {cfg.model.num_classes} classes and {cfg.model.in_chans} channels; "
@@ -86,8 +94,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(ckpt_path)
     model = ckpt.build_model("cpu")
     mc = model.cfg
-    images = torch.randint(0, 256, (CHECK_IMAGES, mc.in_chans, mc.image_size, mc.image_size),
-                           generator=torch.Generator().manual_seed(0), dtype=torch.uint8)  # fmt: skip
+    images = torch.randint(
+        0,
+        256,
+        (CHECK_IMAGES, mc.in_chans, mc.image_size, mc.image_size),
+        generator=torch.Generator().manual_seed(0),
+        dtype=torch.uint8,
+    )
     if args.format == "safetensors":
         out_dir = Path(args.out) if args.out else export.default_export_dir(ckpt_path)
         weights = export.export_safetensors(ckpt_path, out_dir)
@@ -95,8 +108,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         if args.check:
             with torch.no_grad():
                 diff = (export.load_safetensors(out_dir)(images.float()) - model(images.float())).abs().max().item()
-            print(f"check: reloaded weights vs the checkpoint on {CHECK_IMAGES} random images: max abs logit "
-                  f"difference {diff:.3g}")  # fmt: skip
+            print(
+                f"check: reloaded weights vs the checkpoint on {CHECK_IMAGES} random images: max abs logit "
+                f"difference {diff:.3g}"
+            )
             if diff != 0.0:
                 raise export.ExportError(f"{weights} does not reproduce the checkpoint's logits exactly")
         return 0
@@ -107,15 +122,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"wrote {out} ({_mb(out)}): input 'pixels' float32 {shape} raw 0..255, output 'logits' (B, {mc.num_classes})")
     if args.check:
         diff = export.check_onnx(out, model, images)
-        print(f"check: onnxruntime vs PyTorch on {CHECK_IMAGES} random images: max abs logit difference {diff:.3g} "
-              "(limit 1e-4)")  # fmt: skip
+        print(
+            f"check: onnxruntime vs PyTorch on {CHECK_IMAGES} random images: max abs logit difference {diff:.3g} "
+            "(limit 1e-4)"
+        )
     if args.quantize:
         quantized = export.quantize_onnx(out, out.with_name(f"{out.stem}.int8.onnx"))
         print(f"wrote {quantized} ({_mb(quantized)}): int8 weights, dynamic activation quantisation, for CPU")
         if args.check:
             diff = export.check_onnx(quantized, model, images, atol=None)
-            print(f"check: int8 vs PyTorch fp32: max abs logit difference {diff:.3g} (quantisation error, no limit; "
-                  "accuracy: benchmarks/bench_export.py)")  # fmt: skip
+            print(
+                f"check: int8 vs PyTorch fp32: max abs logit difference {diff:.3g} (quantisation error, no limit; "
+                "accuracy: benchmarks/bench_export.py)"
+            )
     return 0
 
 
@@ -134,8 +153,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(resolve_checkpoint(run_dir))
     ds = checkpoint_dataset(ckpt, args)
     model = ckpt.build_model(resolve_device(args.device))
-    for path in evaluation_report(run_dir, model, ds.test.images, ds.test.labels, ckpt.classes,
-                                  batch_size=args.batch_size, precision=ckpt.config.precision):  # fmt: skip
+    for path in evaluation_report(
+        run_dir,
+        model,
+        ds.test.images,
+        ds.test.labels,
+        ckpt.classes,
+        batch_size=args.batch_size,
+        precision=ckpt.config.precision,
+    ):
         print(f"wrote {path}")
     return 0
 
@@ -162,8 +188,12 @@ def add_commands(sub: Any, dataset_names: Sequence[str]) -> None:
 
     p = sub.add_parser("report", help="draw a run's plots: training curves and test-set evaluation, in RUN_DIR/plots")
     p.add_argument("run_dir", help="the run directory")
-    p.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
-                   help="also classify the test split: confusion matrix, per-class accuracy, mistakes")  # fmt: skip
+    p.add_argument(
+        "--evaluate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also classify the test split: confusion matrix, per-class accuracy, mistakes",
+    )
     p.add_argument("--dataset", choices=tuple(dataset_names), help="dataset (default: the one it was trained on)")
     p.add_argument("--data", help="local archive or folder (default: the training run's, or the cache)")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True, help="download if missing")

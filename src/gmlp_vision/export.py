@@ -68,8 +68,12 @@ def _legacy_exporter() -> dict[str, Any]:
 def _set_metadata(proto: Any, model: GMLP, classes: tuple[str, ...]) -> None:
     from gmlp_vision import __version__
 
-    values = {"classes": json.dumps(list(classes)), "image_size": str(model.cfg.image_size),
-              "in_chans": str(model.cfg.in_chans), "producer": f"gmlp-vision {__version__}"}  # fmt: skip
+    values = {
+        "classes": json.dumps(list(classes)),
+        "image_size": str(model.cfg.image_size),
+        "in_chans": str(model.cfg.in_chans),
+        "producer": f"gmlp-vision {__version__}",
+    }
     del proto.metadata_props[:]
     for key, value in values.items():
         proto.metadata_props.add(key=key, value=value)
@@ -118,9 +122,17 @@ def export_onnx(checkpoint: str | Path, out_path: str | Path, *, opset: int = 17
             # constant, which is right for a graph whose input size is fixed.
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(model, (example,), str(tmp), opset_version=opset, input_names=["pixels"],
-                              output_names=["logits"], dynamic_axes=axes, do_constant_folding=True,
-                              **_legacy_exporter())  # fmt: skip
+            torch.onnx.export(
+                model,
+                (example,),
+                str(tmp),
+                opset_version=opset,
+                input_names=["pixels"],
+                output_names=["logits"],
+                dynamic_axes=axes,
+                do_constant_folding=True,
+                **_legacy_exporter(),
+            )
         proto = onnx.load(str(tmp))
     finally:
         tmp.unlink(missing_ok=True)
@@ -223,8 +235,13 @@ def export_safetensors(checkpoint: str | Path, out_dir: str | Path) -> Path:
     weights = out_dir / "model.safetensors"
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(weights), metadata={"format": SAFETENSORS_FORMAT})
-    config = {"format": SAFETENSORS_FORMAT, "version": SAFETENSORS_VERSION, "model": dataclasses.asdict(model.cfg),
-              "classes": list(ckpt.classes), "precision": ckpt.config.precision}  # fmt: skip
+    config = {
+        "format": SAFETENSORS_FORMAT,
+        "version": SAFETENSORS_VERSION,
+        "model": dataclasses.asdict(model.cfg),
+        "classes": list(ckpt.classes),
+        "precision": ckpt.config.precision,
+    }
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return weights
 

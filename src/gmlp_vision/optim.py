@@ -228,8 +228,10 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     """The configured optimiser; without ``cfg.decay_norms_biases``, vectors (norms, biases) get no weight decay."""
     params: list[Any] = list(model.parameters())
     if not cfg.decay_norms_biases:
-        params = [{"params": [p for p in params if p.ndim > 1]},
-                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]  # fmt: skip
+        params = [
+            {"params": [p for p in params if p.ndim > 1]},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ]
     if cfg.optimizer == "keras-adamw":
         return KerasAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -22,13 +22,36 @@ import torch.nn.functional as F
 from torch import Tensor
 
 OPS = (
-    "identity", "autocontrast", "equalize", "rotate", "solarize", "color", "posterize", "contrast", "brightness",
-    "sharpness", "shear_x", "shear_y", "translate_x", "translate_y",
-)  # fmt: skip
+    "identity",
+    "autocontrast",
+    "equalize",
+    "rotate",
+    "solarize",
+    "color",
+    "posterize",
+    "contrast",
+    "brightness",
+    "sharpness",
+    "shear_x",
+    "shear_y",
+    "translate_x",
+    "translate_y",
+)
 GEOMETRIC = frozenset({"rotate", "shear_x", "shear_y", "translate_x", "translate_y"})
 # Strength at magnitude 1: degrees, shear slope, fraction of the image side, enhance factor offset, bits removed.
-MAX = {"rotate": 30.0, "shear_x": 0.3, "shear_y": 0.3, "translate_x": 0.45, "translate_y": 0.45, "color": 0.9,
-       "contrast": 0.9, "brightness": 0.9, "sharpness": 0.9, "posterize": 4.0, "solarize": 256.0}  # fmt: skip
+MAX = {
+    "rotate": 30.0,
+    "shear_x": 0.3,
+    "shear_y": 0.3,
+    "translate_x": 0.45,
+    "translate_y": 0.45,
+    "color": 0.9,
+    "contrast": 0.9,
+    "brightness": 0.9,
+    "sharpness": 0.9,
+    "posterize": 4.0,
+    "solarize": 256.0,
+}
 
 
 def trivial_augment(images: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -162,6 +185,13 @@ def _equalize(x: Tensor, _: Tensor) -> Tensor:
     return torch.where((step > 0)[..., None], out, x.round()).to(x.dtype)
 
 
-_COLOUR = {"autocontrast": _autocontrast, "equalize": _equalize, "solarize": _solarize, "color": _color,
-           "posterize": _posterize, "contrast": _contrast, "brightness": _brightness,
-           "sharpness": _sharpness}  # fmt: skip
+_COLOUR = {
+    "autocontrast": _autocontrast,
+    "equalize": _equalize,
+    "solarize": _solarize,
+    "color": _color,
+    "posterize": _posterize,
+    "contrast": _contrast,
+    "brightness": _brightness,
+    "sharpness": _sharpness,
+}

@@ -83,37 +83,112 @@ PRESETS: dict[str, dict[str, Any]] = {
 # The recipe is the paper's DeiT-style one as far as it is built here: AdamW, lr 1e-3 for batch 1024, weight decay 0.05
 # (not on norms and biases), 5 warm-up epochs then cosine, label smoothing 0.1, mixup 0.8 / cutmix 1.0, random-resized
 # crops and flips, RandAugment (2 ops, magnitude 9) and random erasing with probability 0.25.
-_PAPER = dict(image_size=224, patch_size=16, depth=30, dropout=0.0, head_dropout=0.0, gelu="exact", shortcut="input",
-              spatial_init="near-zero", final_norm=True, optimizer="adamw", lr=1e-3, weight_decay=0.05,
-              decay_norms_biases=False, schedule="cosine", warmup_epochs=5.0, min_lr=1e-5, label_smoothing=0.1,
-              crop="random-resized", mixup=0.8, cutmix=1.0, policy="randaugment", policy_ops=2,
-              policy_magnitude=9.0, erase=0.25, flip=True, zoom=0.0, batch_size=1024, epochs=300,
-              plateau_patience=0, early_stop_patience=0)  # fmt: skip
-PRESETS.update({
-    "gmlp-ti": dict(_PAPER, embed_dim=128, ffn_dim=768, drop_path=0.0),
-    "gmlp-s": dict(_PAPER, embed_dim=256, ffn_dim=1536, drop_path=0.05),
-    "gmlp-b": dict(_PAPER, embed_dim=512, ffn_dim=3072, drop_path=0.2),
-})  # fmt: skip
+_PAPER = dict(
+    image_size=224,
+    patch_size=16,
+    depth=30,
+    dropout=0.0,
+    head_dropout=0.0,
+    gelu="exact",
+    shortcut="input",
+    spatial_init="near-zero",
+    final_norm=True,
+    optimizer="adamw",
+    lr=1e-3,
+    weight_decay=0.05,
+    decay_norms_biases=False,
+    schedule="cosine",
+    warmup_epochs=5.0,
+    min_lr=1e-5,
+    label_smoothing=0.1,
+    crop="random-resized",
+    mixup=0.8,
+    cutmix=1.0,
+    policy="randaugment",
+    policy_ops=2,
+    policy_magnitude=9.0,
+    erase=0.25,
+    flip=True,
+    zoom=0.0,
+    batch_size=1024,
+    epochs=300,
+    plateau_patience=0,
+    early_stop_patience=0,
+)
+PRESETS.update(
+    {
+        "gmlp-ti": dict(_PAPER, embed_dim=128, ffn_dim=768, drop_path=0.0),
+        "gmlp-s": dict(_PAPER, embed_dim=256, ffn_dim=1536, drop_path=0.05),
+        "gmlp-b": dict(_PAPER, embed_dim=512, ffn_dim=3072, drop_path=0.2),
+    }
+)
 
 # CIFAR presets, chosen by the runs in docs/experiments.md. Both use the paper's block (input shortcut, near-zero
 # spatial init, final norm), 32 px and patch 4 (64 tokens), no dropout, AdamW without decay on norms and biases, a
 # warm-up then a schedule that ends at (nearly) zero, label smoothing, reflect-padded random crops and flips, and all
 # 50,000 training images (no validation split: the test split is evaluated at the end).
-_CIFAR = dict(image_size=32, patch_size=4, dropout=0.0, head_dropout=0.0, gelu="tanh", shortcut="input",
-              spatial_init="near-zero", final_norm=True, optimizer="adamw", weight_decay=0.05, decay_norms_biases=False,
-              label_smoothing=0.1, crop="pad", crop_padding=4, flip=True, zoom=0.0, val_split=0.0, plateau_patience=0,
-              early_stop_patience=0, restore_best="never")  # fmt: skip
-PRESETS.update({
-    # The CPU record: the tutorial's width (128 / 256) with 6 blocks instead of 4 (333k parameters), bf16, no dropout,
-    # 16 epochs of one-cycle: about 13 minutes of training on 2 cores, a weight average beside it.
-    "cifar10-fast": dict(_CIFAR, embed_dim=128, ffn_dim=256, depth=6, precision="bf16", batch_size=128, lr=2e-3,
-                         schedule="onecycle", warmup_epochs=2.0, epochs=16, ema=0.998),
-    # The accuracy preset for a GPU: 4.1M parameters (at 100 classes), 12 blocks of width 192 / 1152, 300 epochs with
-    # the regularisation a long run needs: TrivialAugment, mixup / cutmix, random erasing, stochastic depth, EMA.
-    "cifar100-strong": dict(_CIFAR, embed_dim=192, ffn_dim=1152, depth=12, drop_path=0.1, precision="bf16",
-                            batch_size=256, lr=2e-3, schedule="cosine", warmup_epochs=10.0, min_lr=1e-5, epochs=300,
-                            policy="trivial", mixup=0.8, cutmix=1.0, erase=0.25, ema=0.9995),
-})  # fmt: skip
+_CIFAR = dict(
+    image_size=32,
+    patch_size=4,
+    dropout=0.0,
+    head_dropout=0.0,
+    gelu="tanh",
+    shortcut="input",
+    spatial_init="near-zero",
+    final_norm=True,
+    optimizer="adamw",
+    weight_decay=0.05,
+    decay_norms_biases=False,
+    label_smoothing=0.1,
+    crop="pad",
+    crop_padding=4,
+    flip=True,
+    zoom=0.0,
+    val_split=0.0,
+    plateau_patience=0,
+    early_stop_patience=0,
+    restore_best="never",
+)
+PRESETS.update(
+    {
+        # The CPU record: the tutorial's width (128 / 256) with 6 blocks instead of 4 (333k parameters), bf16, no
+        # dropout, 16 epochs of one-cycle: about 13 minutes of training on 2 cores, a weight average beside it.
+        "cifar10-fast": dict(
+            _CIFAR,
+            embed_dim=128,
+            ffn_dim=256,
+            depth=6,
+            precision="bf16",
+            batch_size=128,
+            lr=2e-3,
+            schedule="onecycle",
+            warmup_epochs=2.0,
+            epochs=16,
+            ema=0.998,
+        ),
+        # The accuracy preset for a GPU: 4.1M parameters (at 100 classes), 12 blocks of width 192 / 1152, 300 epochs
+        # with the regularisation a long run needs: TrivialAugment, mixup / cutmix, random erasing, drop path, EMA.
+        "cifar100-strong": dict(
+            _CIFAR,
+            embed_dim=192,
+            ffn_dim=1152,
+            depth=12,
+            drop_path=0.1,
+            precision="bf16",
+            batch_size=256,
+            lr=2e-3,
+            schedule="cosine",
+            warmup_epochs=10.0,
+            min_lr=1e-5,
+            epochs=300,
+            policy="trivial",
+            mixup=0.8,
+            cutmix=1.0,
+            erase=0.25,
+            ema=0.9995,
+        ),
+    }
+)
 
 PRESET_HELP: dict[str, str] = {
     "seed": "the Keras tutorial exactly (CIFAR-100, 236,004 parameters, 78.91 % top-5 reported)",

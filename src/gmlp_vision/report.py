@@ -51,8 +51,15 @@ def _curves(ax: Any, rows: list[dict[str, float]], series: Sequence[tuple[str, s
         points = [(r["epoch"], r[key] * scale) for r in rows if key in r]
         if points:
             xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, label=label, color=colour, linestyle=style, marker="o" if len(rows) <= 30 else None,
-                    markersize=3)  # fmt: skip
+            ax.plot(
+                xs,
+                ys,
+                label=label,
+                color=colour,
+                linestyle=style,
+                marker="o" if len(rows) <= 30 else None,
+                markersize=3,
+            )
 
 
 def _mark_best(ax: Any, rows: list[dict[str, float]]) -> None:
@@ -99,8 +106,12 @@ def plot_history(run_dir: str | Path) -> list[Path]:
 
     fig = new_figure(7, 4.5)
     ax = fig.add_subplot()
-    series = [("acc", "top-1 train", "C0", "-"), ("val_acc", "top-1 validation", "C0", "--"),
-              ("top5", "top-5 train", "C2", "-"), ("val_top5", "top-5 validation", "C2", "--")]  # fmt: skip
+    series = [
+        ("acc", "top-1 train", "C0", "-"),
+        ("val_acc", "top-1 validation", "C0", "--"),
+        ("top5", "top-5 train", "C2", "-"),
+        ("val_top5", "top-5 validation", "C2", "--"),
+    ]
     _curves(ax, rows, series, 100.0)
     _mark_best(ax, rows)
     _decorate(ax, f"Accuracy: {name}", "accuracy (%)", rows)
@@ -142,8 +153,9 @@ def write_report(
         ReportError: the run directory has no readable history.
     """
     written = plot_history(run_dir)
-    written += evaluation_report(run_dir, model, test_images, test_labels, classes, batch_size=batch_size,
-                                 precision=precision)  # fmt: skip
+    written += evaluation_report(
+        run_dir, model, test_images, test_labels, classes, batch_size=batch_size, precision=precision
+    )
     return written
 
 

@@ -118,13 +118,14 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path) -> Path:
 
     text_ax = fig.add_subplot(grid[1])
     text_ax.axis("off")
-    lines = [f"{_short(classes[t], 16):>16s} → {_short(classes[p], 16):<16s} {n:5d} {100 * s:5.1f}%"
-             for t, p, n, s in confused_pairs(cm)[:PAIRS_SHOWN]]  # fmt: skip
+    lines = [
+        f"{_short(classes[t], 16):>16s} → {_short(classes[p], 16):<16s} {n:5d} {100 * s:5.1f}%"
+        for t, p, n, s in confused_pairs(cm)[:PAIRS_SHOWN]
+    ]
     text_ax.set_title("Most confused pairs", loc="left", fontsize=11)
     header = f"{'true':>16s} → {'predicted':<16s} {'count':>5s} {'share':>6s}\n"
     text = header + "\n".join(lines) if lines else "no mistakes"
-    text_ax.text(0, 1, text, va="top", family="monospace", fontsize=9,
-                 transform=text_ax.transAxes)  # fmt: skip
+    text_ax.text(0, 1, text, va="top", family="monospace", fontsize=9, transform=text_ax.transAxes)
     return save_figure(fig, path)
 
 
@@ -158,9 +159,14 @@ def plot_per_class(cm: np.ndarray, classes: Sequence[str], path: Path) -> Path:
 
 
 def plot_misclassified(
-    images: Tensor, labels: Tensor, preds: Tensor, confidence: Tensor, classes: Sequence[str], path: Path,
+    images: Tensor,
+    labels: Tensor,
+    preds: Tensor,
+    confidence: Tensor,
+    classes: Sequence[str],
+    path: Path,
     max_images: int = 36,
-) -> Path:  # fmt: skip
+) -> Path:
     """A grid of the most confident mistakes, each enlarged with nearest-neighbour pixels, true and predicted labels."""
     wrong = torch.nonzero(preds != labels).flatten()
     chosen = wrong[confidence[wrong].argsort(descending=True)][:max_images].tolist()
@@ -244,7 +250,7 @@ def evaluation_report(
             out / "confused_pairs.csv",
             ("true_index", "true", "predicted_index", "predicted", "count", "percent_of_true"),
             pairs,
-        ),  # fmt: skip
+        ),
         plot_per_class(cm, classes, out / "per_class_accuracy.png"),
         _write_csv(out / "per_class.csv", ("index", "class", "images", "correct", "accuracy"), per_class),
         plot_misclassified(images, labels, preds, confidence, classes, out / "misclassified.png", max_images),

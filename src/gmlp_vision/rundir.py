@@ -13,10 +13,15 @@ import json
 import math
 import os
 import socket
+from contextlib import ExitStack
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
+from gmlp_vision.checkpoint import Checkpoint, load_checkpoint
 from gmlp_vision.config import Config, load_config_file
 from gmlp_vision.errors import CheckpointError, ConfigError, RunDirBusy
 
@@ -41,7 +46,7 @@ RESUMABLE_OVERRIDES = frozenset(
         "accum_steps",
         "workers",
         "folder_mode",
-    }  # fmt: skip
+    }
 )
 
 
@@ -138,8 +143,12 @@ def format_epoch(row: dict[str, float], epochs: int, steps: int) -> str:
     """A Keras-like epoch line: ``Epoch 3/100 - 352/352 - 15s - loss: ... - val_top5-acc: ... - lr: 0.003``."""
     names = (("loss", "loss"), ("acc", "acc"), ("top5", "top5-acc"))
     parts = [f"Epoch {int(row['epoch'])}/{epochs}", f"{steps}/{steps}", f"{row['seconds']:.0f}s"]
-    parts += [f"{prefix}{name}: {row[prefix + key]:.4f}" for prefix in ("", "val_", "val_ema_") for key, name in names
-              if prefix + key in row]  # fmt: skip
+    parts += [
+        f"{prefix}{name}: {row[prefix + key]:.4f}"
+        for prefix in ("", "val_", "val_ema_")
+        for key, name in names
+        if prefix + key in row
+    ]
     parts.append(f"lr: {row['lr']:.4g}")
     return " - ".join(parts)
 
@@ -184,3 +193,33 @@ def remove_stale_temps(run_dir: Path) -> None:
     """Delete temp files a killed process may have left while writing (``.last.pt.*.tmp`` and the like)."""
     for tmp in run_dir.glob(".*.tmp"):
         tmp.unlink(missing_ok=True)
+
+
+def open_run_dir(
+    cfg: Config, resume: bool, held: ExitStack | None
+) -> tuple[Path, Checkpoint | None, dict[str, Tensor] | None]:
+    """Rank 0's part of starting a run: the locked run directory with its config.json, and what to resume from.
+
+    Args:
+        held: where to keep the run directory's lock until training ends (None: the caller holds it already).
+    """
+    saved = best = None
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+    if held is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        held.enter_context(RunLock(run_dir))  # before anything in it is read, deleted or written
+    if resume:
+        remove_stale_temps(run_dir)
+        if (run_dir / "last.pt").exists():
+            saved = load_checkpoint(run_dir / "last.pt")
+            check_same_run(cfg, saved.config, run_dir / "last.pt")
+            if (run_dir / "best.pt").exists():
+                best_ckpt = load_checkpoint(run_dir / "best.pt")
+                check_same_run(cfg, best_ckpt.config, run_dir / "best.pt")
+                best = best_ckpt.model_state
+            # A kill between last.pt and history.csv left the CSV one epoch behind.
+            write_history(run_dir, list(saved.train_state.get("history", [])))
+    else:
+        prepare_run_dir(run_dir)
+    write_json(run_dir / "config.json", replace(cfg, out=str(run_dir)).to_dict())
+    return run_dir, saved, best

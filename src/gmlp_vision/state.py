@@ -71,8 +71,9 @@ class TrainState:
         Raises:
             CheckpointError: the file could not be written (the previous one is intact).
         """
-        ckpt = Checkpoint(self.cfg, unwrap(module).state_dict(), self.ds.classes, self.epoch, self.step, metrics,
-                          train_state or {})  # fmt: skip
+        ckpt = Checkpoint(
+            self.cfg, unwrap(module).state_dict(), self.ds.classes, self.epoch, self.step, metrics, train_state or {}
+        )
         self.ctx.on_main(partial(_write, self.run_dir / name, ckpt))
 
     def save_last(self, row: dict[str, float] | None, progress: EpochProgress | None) -> None:
@@ -190,8 +191,12 @@ class TrainState:
                 torch.cuda.set_rng_state_all(mine["cuda_rng"])
             return mine["sums"]
         if ctx.main:
-            log.warning("last.pt was saved by %d processes and is resumed by %d: augmentation and dropout "
-                        "continue with new random streams", len(ranks), ctx.world)  # fmt: skip
+            log.warning(
+                "last.pt was saved by %d processes and is resumed by %d: augmentation and dropout "
+                "continue with new random streams",
+                len(ranks),
+                ctx.world,
+            )
         reseed = rank_seed(saved.config.seed, ctx.rank) + 7919 * saved.step
         self.generator.manual_seed(reseed)
         torch.manual_seed(reseed)

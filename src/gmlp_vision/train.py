@@ -26,26 +26,16 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from gmlp_vision.augment import augment_for_training
-from gmlp_vision.checkpoint import Checkpoint, load_checkpoint
 from gmlp_vision.config import Config
 from gmlp_vision.data import Dataset, load_dataset
-from gmlp_vision.data.stream import ImageFiles
+from gmlp_vision.data.stream import ImageFiles, stats_sample
 from gmlp_vision.distributed import Dist, distributed, maybe_compile
 from gmlp_vision.errors import ConfigError, NonFiniteLossError
 from gmlp_vision.evaluate import compute_input, evaluate, infer, topk_correct
 from gmlp_vision.loop import EpochProgress, train_one_epoch, train_step
 from gmlp_vision.model import GMLP
 from gmlp_vision.optim import EarlyStopping, LrSchedule, Plateau, WeightEMA, build_optimizer
-from gmlp_vision.rundir import (
-    RunLock,
-    check_same_run,
-    default_run_dir,
-    format_epoch,
-    prepare_run_dir,
-    remove_stale_temps,
-    write_history,
-    write_json,
-)
+from gmlp_vision.rundir import RunLock, format_epoch, open_run_dir, write_history, write_json
 from gmlp_vision.state import TrainState, rank_seed
 from gmlp_vision.transfer import apply_pretrained, read_pretrained
 
@@ -168,9 +158,18 @@ def _say(ctx: Dist, message: str, *args: Any) -> None:
 
 
 def _load_data(cfg: Config, main: bool) -> Dataset:
-    return load_dataset(cfg.dataset, cfg.data, download=cfg.download, verify_md5=cfg.verify_md5,
-                        progress=cfg.progress and main, image_size=cfg.model.image_size, skip_bad=cfg.skip_bad_images,
-                        folder_mode=cfg.folder_mode, workers=cfg.workers, crop_scale=cfg.crop_scale)  # fmt: skip
+    return load_dataset(
+        cfg.dataset,
+        cfg.data,
+        download=cfg.download,
+        verify_md5=cfg.verify_md5,
+        progress=cfg.progress and main,
+        image_size=cfg.model.image_size,
+        skip_bad=cfg.skip_bad_images,
+        folder_mode=cfg.folder_mode,
+        workers=cfg.workers,
+        crop_scale=cfg.crop_scale,
+    )
 
 
 def _start(
@@ -187,12 +186,12 @@ def _start(
         raise ConfigError(f"no training images left: {len(labels)} images with --val-split {cfg.val_split}")
     # Pretrained weights are read and checked before anything is written: a bad --init leaves no run directory.
     pretrained = read_pretrained(cfg.init, cfg.model) if cfg.init else None
-    run_dir, saved, best = ctx.on_main(partial(_open_run_dir, cfg, resume, held))
+    run_dir, saved, best = ctx.on_main(partial(open_run_dir, cfg, resume, held))
     cfg = replace(cfg, out=str(run_dir))
 
     torch.manual_seed(cfg.seed)
     net = GMLP(cfg.model)
-    net.set_normalization(*channel_stats(_stats_sample(images, cfg.seed)))  # validation included (Keras adapt)
+    net.set_normalization(*channel_stats(stats_sample(images, cfg.seed)))  # validation included (Keras adapt)
     if pretrained is not None and saved is None:  # pretrained weights bring their own normalisation
         apply_pretrained(net, pretrained)
     net.to(device)
@@ -206,21 +205,47 @@ def _start(
     generator = torch.Generator(device).manual_seed(rank_seed(cfg.seed, ctx.rank))
     order = torch.Generator().manual_seed(cfg.seed)
     steps = math.ceil(n_train / cfg.batch_size)
-    state = TrainState(cfg, run_dir, ds, ctx, net, net, optimizer, plateau, stopper, generator, order,
-                       WeightEMA(net, cfg.ema) if cfg.ema else None, steps)  # fmt: skip
+    state = TrainState(
+        cfg,
+        run_dir,
+        ds,
+        ctx,
+        net,
+        net,
+        optimizer,
+        plateau,
+        stopper,
+        generator,
+        order,
+        WeightEMA(net, cfg.ema) if cfg.ema else None,
+        steps,
+    )
     partial_epoch = state.load(saved) if saved is not None else None
     if saved is not None:
         _say(ctx, "resuming %s at epoch %d, step %d", run_dir, state.epoch + 1, state.step)
     state.model = _wrap(net, cfg, ctx, device)
-    data = _Data(images[:n_train].to(device), labels[:n_train].to(device), images[n_train:].to(device),
-                 labels[n_train:].to(device))  # fmt: skip
+    data = _Data(
+        images[:n_train].to(device),
+        labels[:n_train].to(device),
+        images[n_train:].to(device),
+        labels[n_train:].to(device),
+    )
     state.best = best
     if cfg.tensorboard and ctx.main:
         from gmlp_vision.report import TensorBoardLogger  # optional extra, imported only when asked for
 
         state.board = TensorBoardLogger(run_dir)
-    _say(ctx, "training %s on %s: %d train / %d validation images, %d steps per epoch, device %s, run dir %s",
-         cfg.preset or "custom config", cfg.dataset, n_train, len(data.val_y), steps, device, run_dir)  # fmt: skip
+    _say(
+        ctx,
+        "training %s on %s: %d train / %d validation images, %d steps per epoch, device %s, run dir %s",
+        cfg.preset or "custom config",
+        cfg.dataset,
+        n_train,
+        len(data.val_y),
+        steps,
+        device,
+        run_dir,
+    )
     return state, data, partial_epoch
 
 
@@ -231,8 +256,14 @@ def _wrap(net: nn.Module, cfg: Config, ctx: Dist, device: torch.device) -> nn.Mo
         ids = [device.index] if device.type == "cuda" else None
         model = DistributedDataParallel(net, device_ids=ids, **_NO_BUFFER_SYNC)
         share = math.ceil(cfg.batch_size / ctx.world)
-        _say(ctx, "data parallel over %d processes (%s): each global batch of %d is split into shares of %d or fewer",
-             ctx.world, torch.distributed.get_backend(), cfg.batch_size, share)  # fmt: skip
+        _say(
+            ctx,
+            "data parallel over %d processes (%s): each global batch of %d is split into shares of %d or fewer",
+            ctx.world,
+            torch.distributed.get_backend(),
+            cfg.batch_size,
+            share,
+        )
     return maybe_compile(model, cfg)
 
 
@@ -240,27 +271,50 @@ def _run_epoch(state: TrainState, data: _Data, resumed: EpochProgress | None) ->
     """Train one epoch (or the rest of a resumed one) and validate; returns the epoch's history row."""
     cfg, epoch = state.cfg, state.epoch
     t0 = time.perf_counter()
-    progress = resumed or EpochProgress(torch.randperm(len(data.train_y), generator=state.order).to(
-        data.train_y.device), step=state.step)  # fmt: skip
+    progress = resumed or EpochProgress(
+        torch.randperm(len(data.train_y), generator=state.order).to(data.train_y.device), step=state.step
+    )
     schedule = LrSchedule.from_config(cfg, state.steps_per_epoch)
     lr = schedule.reported(state.optimizer, progress.step - progress.batch)  # the epoch's first step's
-    with tqdm(total=state.steps_per_epoch, initial=progress.batch, desc=f"epoch {epoch + 1}", leave=False,
-              disable=not (cfg.progress and state.ctx.main)) as bar:  # fmt: skip
-        metrics = train_one_epoch(state.model, state.optimizer, data.train_x, data.train_y, cfg, state.generator, bar,
-                                  state=progress, ctx=state.ctx, stop_requested=state.stops.requested,
-                                  after_step=state.after_step)  # fmt: skip
+    with tqdm(
+        total=state.steps_per_epoch,
+        initial=progress.batch,
+        desc=f"epoch {epoch + 1}",
+        leave=False,
+        disable=not (cfg.progress and state.ctx.main),
+    ) as bar:
+        metrics = train_one_epoch(
+            state.model,
+            state.optimizer,
+            data.train_x,
+            data.train_y,
+            cfg,
+            state.generator,
+            bar,
+            state=progress,
+            ctx=state.ctx,
+            stop_requested=state.stops.requested,
+            after_step=state.after_step,
+        )
     state.epoch, state.step = epoch + 1, progress.step
     state.require_finite(f"in epoch {epoch + 1} (by step {state.step})")
     row: dict[str, float] = {"epoch": epoch + 1, **metrics}
     if len(data.val_y):
-        val = evaluate(state.model, data.val_x, data.val_y, batch_size=cfg.eval_batch_size, precision=cfg.precision,
-                       ctx=state.ctx)  # fmt: skip
+        val = evaluate(
+            state.model, data.val_x, data.val_y, batch_size=cfg.eval_batch_size, precision=cfg.precision, ctx=state.ctx
+        )
         if not math.isfinite(val["loss"]):  # finite weights can still overflow the logits
             raise NonFiniteLossError(f"the validation loss became {val['loss']} in epoch {epoch + 1}; {state.kept()}")
         row.update({f"val_{k}": v for k, v in val.items()})
         if state.ema is not None:
-            val = evaluate(state.ema.module, data.val_x, data.val_y, batch_size=cfg.eval_batch_size,
-                           precision=cfg.precision, ctx=state.ctx)  # fmt: skip
+            val = evaluate(
+                state.ema.module,
+                data.val_x,
+                data.val_y,
+                batch_size=cfg.eval_batch_size,
+                precision=cfg.precision,
+                ctx=state.ctx,
+            )
             row.update({f"val_ema_{k}": v for k, v in val.items()})
     row.update(lr=lr, seconds=time.perf_counter() - t0)
     return row
@@ -297,16 +351,23 @@ def _finish(state: TrainState, data: _Data, stopped: bool) -> Result:
     test_x, test_y = state.ds.test.images, state.ds.test.labels
     test = evaluate(state.model, test_x, test_y, batch_size=cfg.eval_batch_size, precision=cfg.precision, ctx=ctx)
     final = "best.pt" if restore else "last.pt"
-    summary = {"test": test, "final_checkpoint": final, "best_epoch": state.stopper.best_epoch + 1,
-               "stopped_early": stopped, "epochs_run": len(state.history)}  # fmt: skip
+    summary = {
+        "test": test,
+        "final_checkpoint": final,
+        "best_epoch": state.stopper.best_epoch + 1,
+        "stopped_early": stopped,
+        "epochs_run": len(state.history),
+    }
     if state.ema is not None:
-        summary["test_ema"] = evaluate(state.ema.module, test_x, test_y, batch_size=cfg.eval_batch_size,
-                                       precision=cfg.precision, ctx=ctx)  # fmt: skip
+        summary["test_ema"] = evaluate(
+            state.ema.module, test_x, test_y, batch_size=cfg.eval_batch_size, precision=cfg.precision, ctx=ctx
+        )
         state.epoch = len(state.history)
         state.save("ema.pt", state.ema.module, summary["test_ema"])
     ctx.on_main(partial(_write_results, state, summary))
-    return Result(state.run_dir, state.history, test, final, state.stopper.best_epoch + 1, stopped,
-                  summary.get("test_ema"))  # fmt: skip
+    return Result(
+        state.run_dir, state.history, test, final, state.stopper.best_epoch + 1, stopped, summary.get("test_ema")
+    )
 
 
 def _write_results(state: TrainState, summary: dict[str, Any]) -> None:
@@ -314,18 +375,15 @@ def _write_results(state: TrainState, summary: dict[str, Any]) -> None:
 
     write_json(state.run_dir / "results.json", summary)
     cfg, test = state.cfg, state.ds.test
-    write_report(state.run_dir, state.net, test.images, test.labels, state.ds.classes, batch_size=cfg.eval_batch_size,
-                 precision=cfg.precision)  # fmt: skip
-
-
-STATS_SAMPLE = 10_000  # streamed folders: images the normalisation statistics are computed from
-
-
-def _stats_sample(images: Tensor | ImageFiles, seed: int) -> Tensor | ImageFiles:
-    """All training images in memory; a fixed random sample of `STATS_SAMPLE` streamed files."""
-    if isinstance(images, Tensor) or len(images) <= STATS_SAMPLE:
-        return images
-    return images.subset(torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:STATS_SAMPLE])
+    write_report(
+        state.run_dir,
+        state.net,
+        test.images,
+        test.labels,
+        state.ds.classes,
+        batch_size=cfg.eval_batch_size,
+        precision=cfg.precision,
+    )
 
 
 # The model's buffers (normalisation statistics) are the same on every rank: no broadcast before each forward.
@@ -335,33 +393,3 @@ _NO_BUFFER_SYNC = (
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
     else {"broadcast_buffers": False}
 )
-
-
-def _open_run_dir(
-    cfg: Config, resume: bool, held: ExitStack | None
-) -> tuple[Path, Checkpoint | None, dict[str, Tensor] | None]:
-    """Rank 0's part of starting a run: the locked run directory with its config.json, and what to resume from.
-
-    Args:
-        held: where to keep the run directory's lock until training ends (None: the caller holds it already).
-    """
-    saved = best = None
-    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
-    if held is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        held.enter_context(RunLock(run_dir))  # before anything in it is read, deleted or written
-    if resume:
-        remove_stale_temps(run_dir)
-        if (run_dir / "last.pt").exists():
-            saved = load_checkpoint(run_dir / "last.pt")
-            check_same_run(cfg, saved.config, run_dir / "last.pt")
-            if (run_dir / "best.pt").exists():
-                best_ckpt = load_checkpoint(run_dir / "best.pt")
-                check_same_run(cfg, best_ckpt.config, run_dir / "best.pt")
-                best = best_ckpt.model_state
-            # A kill between last.pt and history.csv left the CSV one epoch behind.
-            write_history(run_dir, list(saved.train_state.get("history", [])))
-    else:
-        prepare_run_dir(run_dir)
-    write_json(run_dir / "config.json", replace(cfg, out=str(run_dir)).to_dict())
-    return run_dir, saved, best

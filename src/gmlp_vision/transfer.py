@@ -72,8 +72,13 @@ def resample_spatial(weight: Tensor, bias: Tensor, grid: int) -> tuple[Tensor, T
 
     def plane(x: Tensor) -> Tensor:  # (rows, g*g) -> (rows, grid*grid): resample the last axis as an image
         rows = x.shape[0]
-        x = F.interpolate(x.float().reshape(rows, 1, old, old), size=(grid, grid), mode="bilinear",
-                          align_corners=False, antialias=grid < old)  # fmt: skip
+        x = F.interpolate(
+            x.float().reshape(rows, 1, old, old),
+            size=(grid, grid),
+            mode="bilinear",
+            align_corners=False,
+            antialias=grid < old,
+        )
         return x.reshape(rows, grid * grid)
 
     w = plane(weight) * (old * old) / (grid * grid)  # input positions: keep each output's total input
@@ -146,9 +151,11 @@ def read_pretrained(path: str | Path, cfg: ModelConfig) -> Pretrained:
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in state if k in own and state[k].shape != own[k])
     if missing or unexpected or wrong:
-        detail = "; ".join(f"{what}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
-                           for what, names in (("missing", missing), ("unexpected", unexpected),
-                                               ("other shape", wrong)) if names)  # fmt: skip
+        detail = "; ".join(
+            f"{what}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+            for what, names in (("missing", missing), ("unexpected", unexpected), ("other shape", wrong))
+            if names
+        )
         raise CheckpointError(f"--init {path}: the weights do not fit this architecture ({detail})")
     return Pretrained(Path(path), state, mean, std, fresh)
 

@@ -8,5 +8,13 @@ cached), `stream` (image folders decoded per batch by worker processes).
 from gmlp_vision.data.base import Dataset, LoadOptions, Split, default_cache_dir
 from gmlp_vision.data.registry import DATASET_KINDS, DATASETS, DatasetKind, load_dataset
 
-__all__ = ["DATASETS", "DATASET_KINDS", "Dataset", "DatasetKind", "LoadOptions", "Split", "default_cache_dir",
-           "load_dataset"]  # fmt: skip
+__all__ = [
+    "DATASETS",
+    "DATASET_KINDS",
+    "Dataset",
+    "DatasetKind",
+    "LoadOptions",
+    "Split",
+    "default_cache_dir",
+    "load_dataset",
+]

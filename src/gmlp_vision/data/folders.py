@@ -99,9 +99,16 @@ def load_folder(name: str, path: str | Path | None, options: LoadOptions) -> Dat
     """The registry's loader for ``--dataset folder``: `load_image_folder` with the options that concern it."""
     if path is None:
         raise DataError("--dataset folder needs --data DIR (a folder with train/ and val/ or test/)")
-    return load_image_folder(path, options.image_size, cache_dir=options.cache_dir, skip_bad=options.skip_bad,
-                             progress=options.progress, mode=options.folder_mode, workers=options.workers,
-                             crop_scale=options.crop_scale)  # fmt: skip
+    return load_image_folder(
+        path,
+        options.image_size,
+        cache_dir=options.cache_dir,
+        skip_bad=options.skip_bad,
+        progress=options.progress,
+        mode=options.folder_mode,
+        workers=options.workers,
+        crop_scale=options.crop_scale,
+    )
 
 
 def load_image_folder(
@@ -149,12 +156,19 @@ def load_image_folder(
     train_paths, eval_paths = _shuffled(_labelled(train_files, classes)), _labelled(eval_files, classes)
     decoded = (len(train_paths) + len(eval_paths)) * 3 * image_size**2
     if mode == "stream" or (mode == "auto" and decoded > min(MEMORY_LIMIT, _physical_memory() // 4)):
-        log.info("streaming %s: %d training and %d %s images, decoded by %d worker processes",
-                 root, len(train_paths), len(eval_paths), eval_dir.name, workers)  # fmt: skip
+        log.info(
+            "streaming %s: %d training and %d %s images, decoded by %d worker processes",
+            root,
+            len(train_paths),
+            len(eval_paths),
+            eval_dir.name,
+            workers,
+        )
         splits = []
         for paths in (train_paths, eval_paths):
-            files = ImageFiles([str(p) for p, _ in paths], image_size, workers=workers, skip_bad=skip_bad,
-                               min_scale=crop_scale)  # fmt: skip
+            files = ImageFiles(
+                [str(p) for p, _ in paths], image_size, workers=workers, skip_bad=skip_bad, min_scale=crop_scale
+            )
             splits.append(Split(files, torch.tensor([label for _, label in paths], dtype=torch.int64)))
         return Dataset("folder", splits[0], splits[1], tuple(classes))
     cache = (cache_dir if cache_dir is not None else default_cache_dir()) / "folders"

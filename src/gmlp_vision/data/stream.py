@@ -169,10 +169,13 @@ class ImageFiles:
                 for b, ks in zip(index_batches, keys, strict=True)
             ]
         loader = DataLoader(
-            _Decoder(self.paths, self.size, self.min_scale), batch_sampler=items, num_workers=self.workers,
-            pin_memory=torch.cuda.is_available(), prefetch_factor=4 if self.workers else None,
+            _Decoder(self.paths, self.size, self.min_scale),
+            batch_sampler=items,
+            num_workers=self.workers,
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=4 if self.workers else None,
             generator=torch.Generator().manual_seed(0),  # its own: drawing worker seeds must not move the global RNG
-        )  # fmt: skip
+        )
         for images, errors in loader:
             ok = torch.tensor([not e for e in errors], dtype=torch.bool)
             for error in filter(None, errors):
@@ -188,3 +191,13 @@ class ImageFiles:
         if error and not self.skip_bad:
             raise bad_image_error(error)
         return image
+
+
+STATS_SAMPLE = 10_000  # streamed folders: images the normalisation statistics are computed from
+
+
+def stats_sample(images: Tensor | ImageFiles, seed: int) -> Tensor | ImageFiles:
+    """All training images in memory; a fixed random sample of `STATS_SAMPLE` streamed files."""
+    if isinstance(images, Tensor) or len(images) <= STATS_SAMPLE:
+        return images
+    return images.subset(torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:STATS_SAMPLE])
