@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from gmlp_vision.config import Config, ModelConfig
-from gmlp_vision.errors import CheckpointError, ConfigError, NonFiniteLossError
+from gmlp_vision.errors import CheckpointError, ConfigError, NonFiniteLossError, first_line
 from gmlp_vision.model import GMLP
 
 FORMAT = "gmlp-vision-checkpoint"
@@ -255,8 +255,7 @@ def checkpoint_from_payload(raw: Any, path: str | Path) -> Checkpoint:
             train_state=raw.get("train_state") or {},
         )
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError, ConfigError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise CheckpointError(f"{path} is damaged or incomplete: {reason}") from None
+        raise CheckpointError(f"{path} is damaged or incomplete: {first_line(e)}") from None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GMLP, Checkpoint]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gmlp_vision.data.registry import DATASET_KINDS
-from gmlp_vision.errors import ConfigError
+from gmlp_vision.errors import ConfigError, first_line, shown
 from gmlp_vision.presets import DATASET_PRESET, PRESETS, preset_overrides
 
 
@@ -222,9 +222,9 @@ class Config:
         _check_types(self)
         _check_choices(self)
         if self.preset is not None and self.preset not in PRESETS:
-            raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}"[:200])
+            raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}, got {shown(self.preset)}")
         if not 0 <= self.seed < 2**32:
-            raise ConfigError(f"--seed must be in 0..{2**32 - 1}, got {self.seed}"[:200])
+            raise ConfigError(f"--seed must be in 0..{2**32 - 1}, got {shown(self.seed)}")
         if not 0.0 <= self.val_split < 1.0:
             raise ConfigError(f"--val-split must be in [0, 1), got {self.val_split}")
         for name in ("epochs", "batch_size", "accum_steps", "eval_batch_size"):
@@ -295,7 +295,7 @@ def check_device(name: str) -> str:
         ConfigError: anything else (meta, mps, a typo), naming the flag.
     """
     if not (name in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d{1,3}", name)):
-        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}"[:200])
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {shown(name)}")
     return name
 
 
@@ -339,18 +339,16 @@ def _check_types(obj: Any) -> None:
         ok = type(value) is kind and (kind is not float or math.isfinite(value))
         if not ok:
             what = _KIND_WORDS[kind] + (" or null" if optional else "")
-            raise ConfigError(f"{_flag(name)} must be {what}, got {value!r}"[:200])
+            raise ConfigError(f"{_flag(name)} must be {what}, got {shown(value)}")
         if kind is int and name != "seed" and abs(value) > MAX_INT:  # torch sizes and counts are 32-bit somewhere
-            raise ConfigError(f"{_flag(name)} must be at most {MAX_INT:,d}, got {value}"[:200])
+            raise ConfigError(f"{_flag(name)} must be at most {MAX_INT:,d}, got {shown(value)}")
 
 
 def _check_choices(obj: Any) -> None:
     for f in fields(obj):
         choices = f.metadata.get("choices")
         if choices and getattr(obj, f.name) not in choices:
-            raise ConfigError(
-                f"{_flag(f.name)} must be one of {', '.join(choices)}, got {getattr(obj, f.name)!r}"[:200]
-            )
+            raise ConfigError(f"{_flag(f.name)} must be one of {', '.join(choices)}, got {shown(getattr(obj, f.name))}")
 
 
 def _flatten(values: dict[str, Any]) -> dict[str, Any]:
@@ -365,8 +363,9 @@ def _flatten(values: dict[str, Any]) -> dict[str, Any]:
 def _from_flat(flat: dict[str, Any]) -> Config:
     unknown = set(flat) - set(_MODEL_FIELDS) - set(_RUN_FIELDS)
     if unknown:
-        names = ", ".join(k if k.isidentifier() else repr(k) for k in sorted(map(str, unknown)))
-        raise ConfigError(f"unknown config keys: {names}"[:200])
+        keys = sorted(map(str, unknown))
+        names = ", ".join(k if k.isidentifier() and len(k) <= 60 else shown(k) for k in keys[:5])
+        raise ConfigError(f"unknown config keys: {names}{' ...' if len(keys) > 5 else ''}")
     try:
         model = ModelConfig(**{k: v for k, v in flat.items() if k in _MODEL_FIELDS})
         return Config(model=model, **{k: v for k, v in flat.items() if k in _RUN_FIELDS})
@@ -425,7 +424,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if preset is None:
         dataset = given.get("dataset", from_file.get("dataset", Config.dataset))
         if not isinstance(dataset, str) or dataset not in DATASET_PRESET:
-            raise ConfigError(f"--dataset must be one of {', '.join(DATASET_PRESET)}, got {dataset!r}"[:200])
+            raise ConfigError(f"--dataset must be one of {', '.join(DATASET_PRESET)}, got {shown(dataset)}")
         preset = DATASET_PRESET[dataset]
     return _from_flat({**preset_overrides(preset), **from_file, **given, "preset": preset})
 
@@ -449,7 +448,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"config file {path} is larger than {CONFIG_FILE_LIMIT >> 20} MiB; not a run config")
         values = json.loads(data)
     except (OSError, ValueError, RecursionError) as e:
-        raise ConfigError(f"cannot read config file {path}: {e}"[:300]) from None
+        raise ConfigError(f"cannot read config file {path}: {first_line(e)}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a JSON object")
     return _flatten(values)

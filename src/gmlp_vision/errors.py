@@ -43,3 +43,20 @@ class TrainingInterrupted(GmlpError):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.signum = signum
+
+
+def one_line(error: BaseException | str) -> str:
+    """``error``'s whole message on one line, for messages that quote one (tarfile's and torch's hold newlines)."""
+    return " ".join(str(error).split())
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of ``error``'s message, at most ``limit`` characters (its type's name when it has none)."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """``repr(value)`` for a message, shortened with "..." past ``limit`` characters (a hostile file's values)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

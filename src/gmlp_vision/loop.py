@@ -115,7 +115,7 @@ def train_one_epoch(
     *,
     state: EpochProgress | None = None,
     ctx: Dist = SINGLE,
-    stop_requested: Callable[[], bool] = lambda: False,
+    stop_requested: Callable[[], bool] | None = None,
     after_step: Callable[[EpochProgress, bool], None] | None = None,
 ) -> dict[str, float]:
     """One pass over ``images`` (uint8, on the device) in shuffled batches; returns mean loss, top-1 and top-5.
@@ -126,7 +126,8 @@ def train_one_epoch(
     Args:
         state: continue a partly done epoch (its permutation, position and running sums) instead of starting one
             (default: a permutation drawn from ``generator``).
-        stop_requested: polled after every step; under torchrun the ranks agree on it (every 50 steps on GPUs).
+        stop_requested: polled after every step (default: never stop); under torchrun the ranks agree on it (every
+            50 steps on GPUs).
         after_step: called after every step with the epoch's progress and whether to stop there.
 
     Raises:
@@ -167,7 +168,7 @@ def train_one_epoch(
                 sums["acc"] += c1
                 sums["top5"] += c5
         check = state.step % check_every == 0 or i + 1 == len(batches)
-        stop = stop_requested()
+        stop = stop_requested is not None and stop_requested()
         if ctx.enabled:
             bad, stop = ctx.any(nonfinite, stop) if check else (False, False)
         else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from gmlp_vision.data.registry import DATASET_KINDS
-from gmlp_vision.errors import ConfigError
+from gmlp_vision.errors import ConfigError, shown
 
 # A preset is a short list of overrides; the comment says why.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -208,7 +208,7 @@ DATASET_PRESET: dict[str, str] = {name: kind.preset for name, kind in DATASET_KI
 def preset_overrides(name: str) -> dict[str, Any]:
     """The overrides of preset ``name``, plus the preset's own name."""
     if not isinstance(name, str) or name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}"[:200])
+        raise ConfigError(f"unknown preset {shown(name)}; choose from {', '.join(PRESETS)}")
     return {**PRESETS[name], "preset": name}
 
 

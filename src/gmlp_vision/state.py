@@ -21,7 +21,7 @@ from gmlp_vision.checkpoint import Checkpoint, nonfinite_names, save_checkpoint
 from gmlp_vision.config import Config
 from gmlp_vision.data import Dataset
 from gmlp_vision.distributed import Dist, unwrap
-from gmlp_vision.errors import CheckpointError, NonFiniteLossError, TrainingInterrupted
+from gmlp_vision.errors import CheckpointError, NonFiniteLossError, TrainingInterrupted, first_line
 from gmlp_vision.loop import METRICS, EpochProgress, StopRequests
 from gmlp_vision.optim import EarlyStopping, Plateau, WeightEMA
 
@@ -65,14 +65,17 @@ class TrainState:
         """The weight average's model (``--ema``), else None."""
         return self.ema.module if self.ema is not None else None
 
-    def save(self, name: str, module: nn.Module, metrics: dict[str, float], train_state: Any = None) -> None:
-        """Write ``module``'s weights as ``RUN_DIR/name`` (rank 0 only), with the run's epoch and step.
+    def save(
+        self, name: str, module: nn.Module, metrics: dict[str, float], train_state: Any = None, step: int | None = None
+    ) -> None:
+        """Write ``module``'s weights as ``RUN_DIR/name`` (rank 0 only), with the run's epoch and step (or ``step``).
 
         Raises:
             CheckpointError: the file could not be written (the previous one is intact).
         """
+        step = self.step if step is None else step
         ckpt = Checkpoint(
-            self.cfg, unwrap(module).state_dict(), self.ds.classes, self.epoch, self.step, metrics, train_state or {}
+            self.cfg, unwrap(module).state_dict(), self.ds.classes, self.epoch, step, metrics, train_state or {}
         )
         self.ctx.on_main(partial(_write, self.run_dir / name, ckpt))
 
@@ -98,12 +101,7 @@ class TrainState:
         }
         step = progress.step if progress is not None else self.step
         self.require_finite(f"by step {step}")
-        done = self.step
-        self.step = step
-        try:
-            self.save("last.pt", self.model, row or {}, train_state)
-        finally:
-            self.step = done
+        self.save("last.pt", self.model, row or {}, train_state, step)
 
     def require_finite(self, where: str) -> None:
         """Stop the run when the weights (or their average) hold NaN or inf: they are never saved or reported.
@@ -173,7 +171,7 @@ class TrainState:
             if self.ema is not None:
                 self.ema.load_state_dict(ts["ema"])
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            raise CheckpointError(f"cannot resume from last.pt: {str(e).splitlines()[0]}") from None
+            raise CheckpointError(f"cannot resume from last.pt: {first_line(e)}") from None
         if part is None:
             return None
         device = self.generator.device

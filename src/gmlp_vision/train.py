@@ -28,6 +28,7 @@ from tqdm import tqdm
 from gmlp_vision.augment import augment_for_training
 from gmlp_vision.config import Config
 from gmlp_vision.data import Dataset, load_dataset
+from gmlp_vision.data.base import channel_stats
 from gmlp_vision.data.stream import ImageFiles, stats_sample
 from gmlp_vision.distributed import Dist, distributed, maybe_compile
 from gmlp_vision.errors import ConfigError, NonFiniteLossError
@@ -69,23 +70,6 @@ class Result:
     best_epoch: int  # 1-based
     stopped_early: bool
     test_ema: dict[str, float] | None = None  # the weight average's test metrics (--ema)
-
-
-def channel_stats(images: Tensor, chunk: int = 1024) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and population variance of (N, C, H, W) uint8 pixels, accumulated in float64.
-
-    Works through ``chunk`` images at a time, so the temporaries stay small (a few MB) whatever the dataset size.
-    """
-    total = torch.zeros(images.shape[1], dtype=torch.float64)
-    total_sq = torch.zeros_like(total)
-    n = 0
-    for part in images.split(chunk):
-        x = part.float()  # exact for 0..255; squares are exact in fp32 too
-        total += x.sum(dim=(0, 2, 3), dtype=torch.float64)
-        total_sq += (x * x).sum(dim=(0, 2, 3), dtype=torch.float64)
-        n += x.numel() // x.shape[1]
-    mean = total / n
-    return mean.float(), (total_sq / n - mean * mean).clamp_min(0).float()
 
 
 EpochCallback = Callable[[dict[str, float], nn.Module, "nn.Module | None"], None]
@@ -188,24 +172,60 @@ def _start(
     pretrained = read_pretrained(cfg.init, cfg.model) if cfg.init else None
     run_dir, saved, best = ctx.on_main(partial(open_run_dir, cfg, resume, held))
     cfg = replace(cfg, out=str(run_dir))
+    net = _new_model(cfg, images, pretrained if saved is None else None, device)
+    state = _new_state(cfg, run_dir, ds, ctx, net, math.ceil(n_train / cfg.batch_size))
+    partial_epoch = state.load(saved) if saved is not None else None
+    if saved is not None:
+        _say(ctx, "resuming %s at epoch %d, step %d", run_dir, state.epoch + 1, state.step)
+    state.model, state.best = _wrap(net, cfg, ctx, device), best
+    data = _Data(
+        images[:n_train].to(device),
+        labels[:n_train].to(device),
+        images[n_train:].to(device),
+        labels[n_train:].to(device),
+    )
+    if cfg.tensorboard and ctx.main:
+        from gmlp_vision.report import TensorBoardLogger  # optional extra, imported only when asked for
 
+        state.board = TensorBoardLogger(run_dir)
+    message = "training %s on %s: %d train / %d validation images, %d steps per epoch, device %s, run dir %s"
+    _say(
+        ctx,
+        message,
+        cfg.preset or "custom config",
+        cfg.dataset,
+        n_train,
+        len(data.val_y),
+        state.steps_per_epoch,
+        device,
+        run_dir,
+    )
+    return state, data, partial_epoch
+
+
+def _new_model(cfg: Config, images: Tensor | ImageFiles, pretrained: Any, device: torch.device) -> GMLP:
+    """The model, seeded, with the training images' normalisation (or ``pretrained`` weights), on ``device``."""
     torch.manual_seed(cfg.seed)
     net = GMLP(cfg.model)
     net.set_normalization(*channel_stats(stats_sample(images, cfg.seed)))  # validation included (Keras adapt)
-    if pretrained is not None and saved is None:  # pretrained weights bring their own normalisation
+    if pretrained is not None:  # pretrained weights bring their own normalisation
         apply_pretrained(net, pretrained)
-    net.to(device)
+    return net.to(device)
+
+
+def _new_state(cfg: Config, run_dir: Path, ds: Dataset, ctx: Dist, net: GMLP, steps: int) -> TrainState:
+    """A fresh state: optimiser, rules, random streams and the weight average around ``net``."""
     optimizer = build_optimizer(cfg, net)
     plateau = Plateau(optimizer, cfg.plateau_factor, cfg.plateau_patience, cfg.plateau_threshold)
-    stopper = EarlyStopping(cfg.early_stop_patience)
     # Augmentation and dropout draw from per-rank streams (rank 0's is the single-process one); the epoch order comes
     # from one CPU generator that every rank seeds the same.
     if ctx.rank:
         torch.manual_seed(rank_seed(cfg.seed, ctx.rank))
+    device = next(net.parameters()).device
     generator = torch.Generator(device).manual_seed(rank_seed(cfg.seed, ctx.rank))
     order = torch.Generator().manual_seed(cfg.seed)
-    steps = math.ceil(n_train / cfg.batch_size)
-    state = TrainState(
+    ema = WeightEMA(net, cfg.ema) if cfg.ema else None
+    return TrainState(
         cfg,
         run_dir,
         ds,
@@ -214,39 +234,12 @@ def _start(
         net,
         optimizer,
         plateau,
-        stopper,
+        EarlyStopping(cfg.early_stop_patience),
         generator,
         order,
-        WeightEMA(net, cfg.ema) if cfg.ema else None,
+        ema,
         steps,
     )
-    partial_epoch = state.load(saved) if saved is not None else None
-    if saved is not None:
-        _say(ctx, "resuming %s at epoch %d, step %d", run_dir, state.epoch + 1, state.step)
-    state.model = _wrap(net, cfg, ctx, device)
-    data = _Data(
-        images[:n_train].to(device),
-        labels[:n_train].to(device),
-        images[n_train:].to(device),
-        labels[n_train:].to(device),
-    )
-    state.best = best
-    if cfg.tensorboard and ctx.main:
-        from gmlp_vision.report import TensorBoardLogger  # optional extra, imported only when asked for
-
-        state.board = TensorBoardLogger(run_dir)
-    _say(
-        ctx,
-        "training %s on %s: %d train / %d validation images, %d steps per epoch, device %s, run dir %s",
-        cfg.preset or "custom config",
-        cfg.dataset,
-        n_train,
-        len(data.val_y),
-        steps,
-        device,
-        run_dir,
-    )
-    return state, data, partial_epoch
 
 
 def _wrap(net: nn.Module, cfg: Config, ctx: Dist, device: torch.device) -> nn.Module:

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from gmlp_vision.checkpoint import FORMAT, checkpoint_from_payload
 from gmlp_vision.config import ModelConfig
-from gmlp_vision.errors import CheckpointError
+from gmlp_vision.errors import CheckpointError, first_line
 from gmlp_vision.model import GMLP
 
 log = logging.getLogger("gmlp_vision")
@@ -104,7 +104,7 @@ def read_state(path: str | Path) -> tuple[dict[str, Tensor], Tensor | None, Tens
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or hostile files raise many kinds; one clear line for all
-        raise CheckpointError(f"--init {path}: not a readable weights file ({str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"--init {path}: not a readable weights file ({first_line(e)})") from None
     if isinstance(state, dict) and state.get("format") == FORMAT:
         state = checkpoint_from_payload(state, path).model_state
     for key in ("state_dict", "model"):  # common wrappers of plain PyTorch checkpoints

@@ -1,4 +1,4 @@
-"""What every dataset kind produces: `Split` and `Dataset`, the options loaders take, and the data cache folder."""
+"""What every dataset kind produces (`Split`, `Dataset`), the options loaders take, the cache, pixel statistics."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,6 +72,18 @@ class LoadOptions:
     crop_scale: float = 0.08  # folder, streamed: smallest area fraction of a random-resized crop
 
 
-def one_line(error: BaseException | str) -> str:
-    """``error``'s message on one line, for messages that quote one (tarfile's and torch's hold newlines)."""
-    return " ".join(str(error).split())
+def channel_stats(images: Tensor, chunk: int = 1024) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and population variance of (N, C, H, W) uint8 pixels, accumulated in float64.
+
+    Works through ``chunk`` images at a time, so the temporaries stay small (a few MB) whatever the dataset size.
+    """
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    n = 0
+    for part in images.split(chunk):
+        x = part.float()  # exact for 0..255; squares are exact in fp32 too
+        total += x.sum(dim=(0, 2, 3), dtype=torch.float64)
+        total_sq += (x * x).sum(dim=(0, 2, 3), dtype=torch.float64)
+        n += x.numel() // x.shape[1]
+    mean = total / n
+    return mean.float(), (total_sq / n - mean * mean).clamp_min(0).float()

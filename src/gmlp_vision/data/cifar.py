@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from gmlp_vision.data.base import Dataset, LoadOptions, Split, default_cache_dir, one_line
-from gmlp_vision.errors import DataError
+from gmlp_vision.data.base import Dataset, LoadOptions, Split, default_cache_dir
+from gmlp_vision.errors import DataError, one_line
 
 log = logging.getLogger(__name__)
 

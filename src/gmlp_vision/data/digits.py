@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gmlp_vision.data.base import Dataset, LoadOptions, Split, one_line
-from gmlp_vision.errors import DataError
+from gmlp_vision.data.base import Dataset, LoadOptions, Split
+from gmlp_vision.errors import DataError, one_line
 
 
 def load_digits(name: str, path: str | Path | None, options: LoadOptions) -> Dataset:

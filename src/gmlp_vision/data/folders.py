@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gmlp_vision.data.base import Dataset, LoadOptions, Split, default_cache_dir, one_line
+from gmlp_vision.data.base import Dataset, LoadOptions, Split, default_cache_dir
 from gmlp_vision.data.stream import ImageFiles, bad_image_error
-from gmlp_vision.errors import DataError, ImageError
+from gmlp_vision.errors import DataError, ImageError, one_line
 from gmlp_vision.images import IMAGE_EXTENSIONS, load_image, resize_uint8
 
 log = logging.getLogger(__name__)
