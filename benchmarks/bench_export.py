@@ -61,7 +61,7 @@ def main() -> None:
     path = resolve_checkpoint(args.checkpoint)
     ckpt = load_checkpoint(path)
     model = ckpt.build_model("cpu")
-    ds = load_dataset(ckpt.config.dataset, args.data or ckpt.config.data, download=False, progress=False)
+    ds = load_dataset(ckpt.config.data.dataset, args.data or ckpt.config.data.data, download=False, progress=False)
     images, labels = ds.test.images.float(), ds.test.labels
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export.export_onnx(path, Path(tmp) / "model.onnx")
@@ -91,7 +91,7 @@ def main() -> None:
                 "batch256_images_per_s": 256e3 / statistics.median(bat),
             })  # fmt: skip
 
-    print(f"{ckpt.config.dataset} test split ({len(labels)} images), model {path}, {args.threads} thread(s)")
+    print(f"{ckpt.config.data.dataset} test split ({len(labels)} images), model {path}, {args.threads} thread(s)")
     print(f"{'engine':18s} {'top-1':>7s} {'agree':>7s} {'max |dlogit|':>13s} {'1-image ms':>11s} {'p90':>6s} "
           f"{'img/s @256':>11s}")  # fmt: skip
     for r in rows:

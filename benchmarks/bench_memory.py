@@ -58,18 +58,18 @@ def run(steps: int, max_seconds: float, threads: int, precision: str, full: bool
             stats = getattr(gmlp_train, "channel_stats", None)
             if stats is not None:
                 model.set_normalization(*stats(ds.train.images))
-            optimizer = build_optimizer(cfg, model)
-            model = maybe_compile(model, cfg)
+            optimizer = build_optimizer(cfg.optim, model)
+            model = maybe_compile(model, cfg.run.compile)
             model.train()
             generator = torch.Generator().manual_seed(0)
             x, y = ds.train.images[:-VAL], ds.train.labels[:-VAL]
             done = 0
-            for idx in torch.randperm(len(y), generator=generator).split(cfg.batch_size)[:steps]:
+            for idx in torch.randperm(len(y), generator=generator).split(cfg.optim.batch_size)[:steps]:
                 train_step(model, optimizer, x[idx], y[idx], cfg, generator)
                 done += 1
                 if done >= 3 and time.perf_counter() - t0 > max_seconds:
                     break
-            evaluate(model, ds.train.images[-VAL:], ds.train.labels[-VAL:], batch_size=cfg.eval_batch_size,
+            evaluate(model, ds.train.images[-VAL:], ds.train.labels[-VAL:], batch_size=cfg.run.eval_batch_size,
                      precision=precision)  # fmt: skip
             first = "channel_stats + " if stats is not None else ""
             ran = f"{first}train_step x{done} + evaluate({VAL:,} images) on full-size tensors"

@@ -72,8 +72,8 @@ def bench_mode(precision: str, compiled: bool, threads: int, budget: Budget, lat
         cfg = seed_config(precision, compiled, threads)
         out["train_flops_per_image"] = train_flops_per_image(cfg)
         model = new_model(cfg)
-        optimizer = build_optimizer(cfg, model)
-        model = maybe_compile(model, cfg)
+        optimizer = build_optimizer(cfg.optim, model)
+        model = maybe_compile(model, cfg.run.compile)
         model.train()
         generator = torch.Generator().manual_seed(0)
         data = torch.Generator().manual_seed(1)
@@ -112,7 +112,7 @@ def _train_without_dropout(
     """Training img/s of the seed model with both dropouts at 0, without augmentation."""
     cfg = seed_config(precision, False, threads, dropout=0.0, head_dropout=0.0, flip=False, zoom=0.0)
     model = new_model(cfg)
-    optimizer = build_optimizer(cfg, model)
+    optimizer = build_optimizer(cfg.optim, model)
     model.train()
 
     def step() -> None:

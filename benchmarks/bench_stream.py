@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from gmlp_vision.data.base import LoadOptions
 from gmlp_vision.data.folders import load_image_folder
 
 
@@ -53,7 +54,7 @@ def make_folder(root: Path, n: int, width: int, height: int, classes: int = 10) 
 
 
 def time_epoch(root: Path, size: int, workers: int, batch_size: int, crop: bool, limit: int) -> dict[str, float]:
-    ds = load_image_folder(root, size, mode="stream", workers=workers, progress=False)
+    ds = load_image_folder(root, LoadOptions(image_size=size, folder_mode="stream", workers=workers, progress=False))
     files = ds.train.images
     order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0))[:limit]
     batches = [b.tolist() for b in order.split(batch_size)]

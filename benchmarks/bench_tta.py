@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from gmlp_vision.config import add_config_arguments, config_from_args
+from gmlp_vision.cli.flags import add_config_arguments, config_from_args
 from gmlp_vision.data import load_dataset
 from gmlp_vision.train import evaluate, train
 
@@ -47,13 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out = getattr(args, "out", None) or tempfile.mkdtemp(prefix="tta-")
     args.dataset, args.val_split, args.progress, args.download = "cifar10", 0.0, False, False
     cfg = config_from_args(args)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    print(f"preset {cfg.preset}, {cfg.epochs} epochs, precision {cfg.precision}, threads {torch.get_num_threads()}, "
-          f"run dir {cfg.out}", flush=True)  # fmt: skip
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    threads = torch.get_num_threads()
+    print(f"preset {cfg.preset}, {cfg.optim.epochs} epochs, precision {cfg.run.precision}, threads {threads}, "
+          f"run dir {cfg.run.out}", flush=True)  # fmt: skip
 
     t0 = time.perf_counter()
-    ds = load_dataset("cifar10", cfg.data, download=False, progress=False, image_size=cfg.model.image_size)
+    ds = load_dataset("cifar10", cfg.data.data, download=False, progress=False, image_size=cfg.model.image_size)
     excluded = 0.0  # seconds spent on this benchmark's own test evaluations
     rows: list[dict[str, float]] = []
 
@@ -61,10 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal excluded
         t = time.perf_counter()
         seconds = t - t0 - excluded
-        test = evaluate(model, ds.test.images, ds.test.labels, precision=cfg.precision)
+        test = evaluate(model, ds.test.images, ds.test.labels, precision=cfg.run.precision)
         entry = {"epoch": row["epoch"], "seconds": seconds, "train_loss": row["loss"], "test_acc": test["acc"]}
         if ema is not None:
-            entry["test_ema_acc"] = evaluate(ema, ds.test.images, ds.test.labels, precision=cfg.precision)["acc"]
+            entry["test_ema_acc"] = evaluate(ema, ds.test.images, ds.test.labels, precision=cfg.run.precision)["acc"]
         rows.append(entry)
         ema_text = f"  ema {100 * entry['test_ema_acc']:.2f} %" if ema is not None else ""
         print(f"epoch {int(row['epoch']):3d}  {seconds:7.1f} s  train loss {row['loss']:.4f}  "

@@ -51,7 +51,7 @@ def main() -> None:
     overrides = dict(dropout=0.0, head_dropout=0.0) if args.no_dropout else {}
     cfg = seed_config(args.precision, False, args.threads, **overrides)
     model = new_model(cfg)
-    optimizer = build_optimizer(cfg, model)
+    optimizer = build_optimizer(cfg.optim, model)
     generator = torch.Generator().manual_seed(0)
     images, labels = random_uint8(128, generator), torch.randint(0, 100, (128,), generator=generator)
     for _ in range(5):

@@ -63,3 +63,105 @@ def test_no_import_cycles():
 def test_inference_never_imports_training_code(module):
     loaded = reachable(import_graph(), module)
     assert not loaded & set(TRAINING), f"{module} imports {', '.join(sorted(loaded & set(TRAINING)))}"
+
+
+# Limits on the code's size and shape (issue 13): a module a newcomer can read, functions that fit on a screen, no
+# parameter lists that hide a missing object, and a training loop with no closures.
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60  # from `def` to the last line, docstring included
+MAX_PUBLIC_PARAMETERS = 8  # all but self/cls, keyword-only ones included
+MAX_FMT_SKIPS = 5
+MAX_IMPORT_LEVELS = 9  # the longest chain of package imports, counting the module that starts it
+LOOP_MODULES = ("train", "loop", "state", "augment", "optim")
+
+
+def sources() -> dict[str, tuple[str, ast.Module]]:
+    return {module_name(p): (p.read_text(), ast.parse(p.read_text())) for p in sorted((SRC / PACKAGE).rglob("*.py"))}
+
+
+def functions(tree: ast.AST) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
+    return [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+
+
+def parameters(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
+    a = fn.args
+    names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)] + [x.arg for x in (a.vararg, a.kwarg) if x]
+    return [n for n in names if n not in ("self", "cls")]
+
+
+def test_limits_see_the_package():
+    found = sources()
+    assert len(found) > 30 and "gmlp_vision.train" in found
+    assert sum(len(functions(tree)) for _, tree in found.values()) > 200
+
+
+def test_no_module_is_too_long():
+    long = {name: len(text.splitlines()) for name, (text, _) in sources().items()}
+    over = {name: n for name, n in long.items() if n > MAX_MODULE_LINES}
+    assert not over, f"modules over {MAX_MODULE_LINES} lines: {over}"
+
+
+def test_no_function_is_too_long():
+    over = {
+        f"{name}.{fn.name}": fn.end_lineno - fn.lineno + 1
+        for name, (_, tree) in sources().items()
+        for fn in functions(tree)
+        if fn.end_lineno - fn.lineno + 1 > MAX_FUNCTION_LINES
+    }
+    assert not over, f"functions over {MAX_FUNCTION_LINES} lines: {over}"
+
+
+def test_no_public_function_takes_too_many_parameters():
+    over = {
+        f"{name}.{fn.name}": len(parameters(fn))
+        for name, (_, tree) in sources().items()
+        for fn in functions(tree)
+        if not fn.name.startswith("_") and len(parameters(fn)) > MAX_PUBLIC_PARAMETERS
+    }
+    assert not over, f"public functions with more than {MAX_PUBLIC_PARAMETERS} parameters: {over}"
+
+
+@pytest.mark.parametrize("module", LOOP_MODULES)
+def test_no_closures_in_the_training_loop(module):
+    _, tree = sources()[f"{PACKAGE}.{module}"]
+    nested = sorted(
+        f"{fn.name}: {type(inner).__name__} at line {inner.lineno}"
+        for fn in functions(tree)
+        for inner in ast.walk(fn)
+        if inner is not fn and isinstance(inner, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
+    )
+    assert not nested, f"{module}.py defines functions inside functions: {nested}"
+
+
+def test_the_formatter_lays_out_the_code():
+    skips = sum(text.count("# fmt: skip") + text.count("# fmt: off") for text, _ in sources().values())
+    assert skips <= MAX_FMT_SKIPS
+
+
+def import_levels(graph: dict[str, set[str]]) -> dict[str, int]:
+    """Each module's level: 1 for a module that imports no package module, else 1 + the highest level it imports.
+
+    A package's ``__init__`` only re-exports, so importing it counts as importing what it re-exports; ``__main__`` is
+    the ``python -m`` door to the CLI, not a level of its own.
+    """
+    packages = {name for name in graph if (SRC / name.replace(".", "/")).is_dir()}
+
+    def through_packages(names: set[str]) -> set[str]:
+        return set().union(*(through_packages(graph[n]) if n in packages else {n} for n in names))
+
+    modules = {
+        k: through_packages(v) - {k} for k, v in graph.items() if k not in packages and k != f"{PACKAGE}.__main__"
+    }
+    levels: dict[str, int] = {}
+    while len(levels) < len(modules):  # the graph has no cycles (test_no_import_cycles): each pass places some
+        for name, deps in modules.items():
+            if name not in levels and deps <= levels.keys():
+                levels[name] = 1 + max((levels[d] for d in deps), default=0)
+    return levels
+
+
+def test_imports_stack_in_few_levels():
+    levels = import_levels(import_graph())
+    assert levels[f"{PACKAGE}.errors"] == 1 and levels[f"{PACKAGE}.cli.main"] > levels[f"{PACKAGE}.train"]
+    top = sorted(levels.items(), key=lambda kv: -kv[1])[:6]
+    assert max(levels.values()) <= MAX_IMPORT_LEVELS, f"the deepest modules and their levels: {top}"

@@ -63,7 +63,7 @@ def config(out: Path, **values):
 
 def launch(cfg, launcher: list[str], env: dict[str, str] | None = None, resume: bool = False) -> subprocess.Popen:
     """``torchrun <launcher> -m gmlp_vision train <cfg as flags>`` in the background."""
-    args = ["--resume", cfg.out, "--epochs", str(cfg.epochs)] if resume else to_flags(cfg)
+    args = ["--resume", cfg.run.out, "--epochs", str(cfg.optim.epochs)] if resume else to_flags(cfg)
     cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "gmlp_vision", "train", *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -150,13 +150,13 @@ def test_two_processes_stopped_by_sigterm_resume_to_the_same_weights(tmp_path):
     launcher = ["--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
     proc = launch(cut, launcher)
     deadline = time.monotonic() + 120
-    while not (Path(cut.out) / "history.csv").exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not (Path(cut.run.out) / "history.csv").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks, which must stop after the same step
     log, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0, log
-    stopped = load_checkpoint(Path(cut.out) / "last.pt")
-    assert 0 < stopped.step < load_checkpoint(Path(straight.out) / "last.pt").step, log
+    stopped = load_checkpoint(Path(cut.run.out) / "last.pt")
+    assert 0 < stopped.step < load_checkpoint(Path(straight.run.out) / "last.pt").step, log
 
     torchrun(cut, resume=True)
-    assert max_difference(weights(Path(cut.out)), weights(Path(straight.out))) == 0.0
+    assert max_difference(weights(Path(cut.run.out)), weights(Path(straight.run.out))) == 0.0

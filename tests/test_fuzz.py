@@ -29,7 +29,8 @@ from hypothesis import strategies as st
 
 from archives import make_cifar, py2_pickle, write_folder, write_tar
 from gmlp_vision.checkpoint import FORMAT, VERSION, Checkpoint, content_digest, load_checkpoint, save_checkpoint
-from gmlp_vision.config import PRESETS, Config, ModelConfig, config_from_args, from_preset
+from gmlp_vision.cli.flags import config_from_args
+from gmlp_vision.config import GROUP_OF, GROUPS, PRESETS, Config, DataConfig, ModelConfig, from_preset
 from gmlp_vision.data import cifar as data
 from gmlp_vision.data import load_dataset
 from gmlp_vision.errors import CheckpointError, ConfigError, DataError, GmlpError, ImageError
@@ -219,11 +220,15 @@ def test_long_pickles(blob):
     check_pickle(blob)
 
 
-# Config JSON fields: every field of `Config` and `ModelConfig` given arbitrary JSON values.
+# Config JSON fields: every field of `Config` and its groups given arbitrary JSON values.
 
-FIELDS = {f.name: f for cls in (Config, ModelConfig) for f in dataclasses.fields(cls) if f.name != "model"}
-HINTS = {cls: {k: v for k, v in typing.get_type_hints(cls).items() if k != "model"} for cls in (Config, ModelConfig)}
-FIELD_HINTS = {**HINTS[Config], **HINTS[ModelConfig]}
+CLASSES = (Config, *GROUPS.values())
+FIELDS = {f.name: f for cls in CLASSES for f in dataclasses.fields(cls) if f.name not in GROUPS or cls is DataConfig}
+HINTS = {
+    cls: {k: v for k, v in typing.get_type_hints(cls).items() if k in FIELDS and not (cls is Config and k in GROUPS)}
+    for cls in CLASSES
+}
+FIELD_HINTS = {k: v for hints in HINTS.values() for k, v in hints.items()}
 MODEL_NAMES = sorted(f.name for f in dataclasses.fields(ModelConfig))
 RUN_NAMES = sorted(set(FIELDS) - set(MODEL_NAMES))
 # Half the draws are 401-digit integers: too large for a float, and too long to quote whole in a message.
@@ -271,12 +276,17 @@ def field_values(names: list[str]) -> st.SearchStrategy[dict[str, Any]]:
 
 @st.composite
 def config_values(draw: st.DrawFn) -> dict[str, Any]:
-    """A config.json object: flat fields, sometimes an unknown key, sometimes a nested ``"model"`` (or a non-object)."""
+    """A config.json object: flat fields, or nested ``"model"`` (or a non-object), or each field in its group (0.2)."""
     values = draw(field_values(RUN_NAMES + MODEL_NAMES))
     if draw(st.integers(0, 9)) == 0:
         values[draw(st.text(max_size=12))] = draw(JSON_VALUES)
     if draw(st.integers(0, 3)) == 0:
         values["model"] = draw(field_values(MODEL_NAMES) | JSON_VALUES)
+    elif draw(st.integers(0, 2)) == 0:
+        grouped: dict[str, Any] = {k: v for k, v in values.items() if k not in GROUP_OF}  # preset, unknown keys
+        for name in set(values) & set(GROUP_OF):
+            grouped.setdefault(GROUP_OF[name], {})[name] = values[name]
+        values = grouped
     return values
 
 
@@ -291,8 +301,8 @@ def _type_ok(value: Any, hint: Any) -> bool:
 
 
 def check_config_types(cfg: Config) -> None:
-    assert isinstance(cfg, Config) and isinstance(cfg.model, ModelConfig)
-    for obj in (cfg, cfg.model):
+    assert isinstance(cfg, Config) and all(isinstance(getattr(cfg, g), cls) for g, cls in GROUPS.items())
+    for obj in (cfg, *(getattr(cfg, g) for g in GROUPS)):
         for name, hint in HINTS[type(obj)].items():
             assert _type_ok(getattr(obj, name), hint), f"{name} = {getattr(obj, name)!r} is not a {hint}"
 
@@ -357,7 +367,8 @@ def checkpoint_configs(draw: st.DrawFn) -> str:
     names = draw(st.lists(st.sampled_from(SIZE_NAMES), max_size=3, unique=True))
     raw["model"].update({n: draw(SIZE_TIERS[draw(st.sampled_from(sorted(SIZE_TIERS)))]) for n in names})
     if draw(st.integers(0, 3)) == 0:  # mostly sizes alone, so that a bad run field does not hide them
-        raw.update(draw(field_values(RUN_NAMES)))
+        for name, value in draw(field_values(RUN_NAMES)).items():
+            (raw[GROUP_OF[name]] if name in GROUP_OF else raw)[name] = value
     return json.dumps(raw, allow_nan=True)
 
 

@@ -135,8 +135,8 @@ def test_training_augmentation_applies_the_configured_ops():
     x = photos(16, 32)
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     plain = from_preset("tiny", flip=False, zoom=0.0)
-    assert torch.equal(augment_for_training(x, plain, g()), x)
+    assert torch.equal(augment_for_training(x, plain.augment, g()), x)
     for change in (dict(crop="pad"), dict(policy="trivial"), dict(policy="randaugment"), dict(erase=1.0)):
         cfg = from_preset("tiny", flip=False, zoom=0.0, **change)
-        out = augment_for_training(x, cfg, g())
+        out = augment_for_training(x, cfg.augment, g())
         assert out.shape == x.shape and not torch.equal(out, x), change

@@ -41,7 +41,7 @@ def test_a_schedule_and_plateau_halving_cannot_both_set_the_lr():
 def test_no_decay_on_norms_and_biases():
     cfg = from_preset("tiny", num_classes=10, decay_norms_biases=False, optimizer="adamw", weight_decay=0.05)
     model = GMLP(cfg.model)
-    decayed, plain = build_optimizer(cfg, model).param_groups
+    decayed, plain = build_optimizer(cfg.optim, model).param_groups
     assert decayed["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(p.ndim == 2 for p in decayed["params"]) and {names[id(p)] for p in plain["params"]} >= {
@@ -54,7 +54,7 @@ def step_once(**values):
     cfg = from_preset("tiny", num_classes=10, flip=False, zoom=0.0, dropout=0.0, head_dropout=0.0, drop_path=0.0,
                       **values)  # fmt: skip
     model = GMLP(cfg.model)
-    optimizer = build_optimizer(cfg, model)
+    optimizer = build_optimizer(cfg.optim, model)
     seen = {}
     real_step = optimizer.step
 

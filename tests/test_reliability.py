@@ -137,7 +137,7 @@ def test_resume_refuses_flags_that_change_the_run(tmp_path, capsys):
     train(cfg_for(tmp_path, "run", epochs=1), make_dataset())
     with pytest.raises(ConfigError, match="--depth"):
         resume_config(tmp_path / "run", {"depth": 8, "epochs": 3})
-    assert resume_config(tmp_path / "run", {"epochs": 3}).epochs == 3
+    assert resume_config(tmp_path / "run", {"epochs": 3}).optim.epochs == 3
     assert main(["train", "--resume", str(tmp_path / "run"), "--lr", "0.1"]) == 2
     assert "--lr" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2

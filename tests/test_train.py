@@ -8,6 +8,7 @@ from gmlp_vision import train as train_mod
 from gmlp_vision.checkpoint import load_checkpoint
 from gmlp_vision.config import from_preset
 from gmlp_vision.model import GMLP
+from gmlp_vision.state import TrainState
 from gmlp_vision.train import channel_stats, evaluate, train, train_one_epoch
 from synthetic import make_dataset
 
@@ -52,9 +53,10 @@ def test_one_batch_can_be_overfit():
     )
     model = GMLP(cfg.model)
     model.set_normalization(*channel_stats(ds.train.images))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    state = TrainState(cfg, model, torch.optim.Adam(model.parameters(), lr=3e-3), torch.Generator().manual_seed(0))
     for _ in range(60):
-        metrics = train_one_epoch(model, opt, ds.train.images, ds.train.labels, cfg, torch.Generator().manual_seed(0))
+        metrics = train_one_epoch(state, ds.train.images, ds.train.labels)
+    assert state.step == 60
     assert metrics["acc"] == 1.0
     assert metrics["loss"] < 0.05
 

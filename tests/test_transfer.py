@@ -125,7 +125,7 @@ def test_fine_tuning_at_another_resolution_keeps_the_body_and_trains_a_new_head(
                       epochs=1, progress=False, out=str(tmp_path / "run"), flip=False, zoom=0.0, dropout=0.0,
                       head_dropout=0.0, drop_path=0.0)  # fmt: skip
     model = GMLP(cfg.model)
-    assert load_pretrained(model, cfg.init) == ["head.weight", "head.bias"]  # 1000 classes here, 3 there
+    assert load_pretrained(model, cfg.run.init) == ["head.weight", "head.bias"]  # 1000 classes here, 3 there
     assert model.blocks[0].sgu.proj.weight.shape == (4, 4)  # 16 px / patch 8: a 2 x 2 grid
     assert torch.equal(model.blocks[1].fc1.weight, state["blocks.1.mlp_channels.fc1.weight"])
     expected = resample_spatial(state["blocks.1.mlp_channels.gate.proj.weight"],

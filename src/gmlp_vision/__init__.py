@@ -5,7 +5,7 @@ from gmlp_vision.config import PRESETS, Config, ModelConfig, from_preset
 from gmlp_vision.model import GMLP
 from gmlp_vision.predict import Classifier
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "GMLP",
     "Classifier",

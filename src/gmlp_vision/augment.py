@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gmlp_vision.config import Config
+from gmlp_vision.config.groups import AugmentConfig
 from gmlp_vision.policy import rand_augment, trivial_augment
 
 
@@ -171,50 +171,52 @@ def random_erase(
 # The training pipeline: the one place that turns the augmentation config into ops.
 
 
-def streams_crop(cfg: Config) -> bool:
+def streams_crop(aug: AugmentConfig) -> bool:
     """Whether streamed image files are decoded as random-resized crops (then the batch is not cropped again)."""
-    return cfg.crop == "random-resized"
+    return aug.crop == "random-resized"
 
 
-def augment_for_training(x: Tensor, cfg: Config, generator: torch.Generator, *, cropped: bool = False) -> Tensor:
+def augment_for_training(x: Tensor, aug: AugmentConfig, generator: torch.Generator, *, cropped: bool = False) -> Tensor:
     """The configured per-image augmentation of a float batch at the input size.
 
     In timm's order: crop, flip, the tutorial's zoom, the automatic policy, random erasing. Mixup and cutmix work on
     the whole batch and come after (`mix_for_training`).
     """
-    if streams_crop(cfg) and not cropped:
-        x = random_resized_crop(x, cfg.crop_scale, generator)
-    elif cfg.crop == "pad":
-        x = random_crop_padded(x, cfg.crop_padding, generator)
-    x = augment_batch(x, flip=cfg.flip, zoom_amount=cfg.zoom, generator=generator)
-    if cfg.policy == "trivial":
+    if streams_crop(aug) and not cropped:
+        x = random_resized_crop(x, aug.crop_scale, generator)
+    elif aug.crop == "pad":
+        x = random_crop_padded(x, aug.crop_padding, generator)
+    x = augment_batch(x, flip=aug.flip, zoom_amount=aug.zoom, generator=generator)
+    if aug.policy == "trivial":
         x = trivial_augment(x, generator)
-    elif cfg.policy == "randaugment":
-        x = rand_augment(x, cfg.policy_ops, cfg.policy_magnitude, generator)
-    if cfg.erase:
-        x = random_erase(x, cfg.erase, generator)
+    elif aug.policy == "randaugment":
+        x = rand_augment(x, aug.policy_ops, aug.policy_magnitude, generator)
+    if aug.erase:
+        x = random_erase(x, aug.erase, generator)
     return x
 
 
 Targets = tuple[Tensor, Tensor | None, Tensor | float]  # labels, the mixing partner's index, the kept share lam
 
 
-def mix_for_training(x: Tensor, labels: Tensor, cfg: Config, generator: torch.Generator) -> tuple[Tensor, Targets]:
+def mix_for_training(
+    x: Tensor, labels: Tensor, aug: AugmentConfig, generator: torch.Generator
+) -> tuple[Tensor, Targets]:
     """Mixup or cutmix of the batch when the config asks for it; returns the batch and the targets of its loss."""
-    if not (cfg.mixup or cfg.cutmix):
+    if not (aug.mixup or aug.cutmix):
         return x, (labels, None, 1.0)
-    x, partner, lam = mix_batch(x, cfg.mixup, cfg.cutmix, generator)
+    x, partner, lam = mix_batch(x, aug.mixup, aug.cutmix, generator)
     return x, (labels, partner, lam)
 
 
-def training_loss(logits: Tensor, targets: Targets, cfg: Config) -> Tensor:
+def training_loss(logits: Tensor, targets: Targets, label_smoothing: float = 0.0) -> Tensor:
     """Every image's cross-entropy, label-smoothed as configured.
 
     A mixed batch's target ``lam * y + (1 - lam) * y[partner]`` is taken as the same mix of the two targets' losses.
     """
     labels, partner, lam = targets
-    loss = F.cross_entropy(logits, labels, reduction="none", label_smoothing=cfg.label_smoothing)
+    loss = F.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing)
     if partner is None:
         return loss
-    other = F.cross_entropy(logits, labels[partner], reduction="none", label_smoothing=cfg.label_smoothing)
+    other = F.cross_entropy(logits, labels[partner], reduction="none", label_smoothing=label_smoothing)
     return lam * loss + (1.0 - lam) * other

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from gmlp_vision.config import Config, check_device
+from gmlp_vision.config.checks import check_device
 from gmlp_vision.errors import ConfigError, GmlpError
 
 T = TypeVar("T")
@@ -179,6 +179,6 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def maybe_compile(model: nn.Module, cfg: Config) -> nn.Module:
-    """``torch.compile(model)`` when ``cfg.compile`` is set (checkpoints always save the unwrapped module)."""
-    return torch.compile(model) if cfg.compile else model
+def maybe_compile(model: nn.Module, compile: bool) -> nn.Module:
+    """``torch.compile(model)`` with ``--compile``; checkpoints always save the unwrapped module."""
+    return torch.compile(model) if compile else model

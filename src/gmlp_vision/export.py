@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from gmlp_vision.checkpoint import check_weights_fit, load_checkpoint
-from gmlp_vision.config import ModelConfig
+from gmlp_vision.config.groups import ModelConfig
 from gmlp_vision.errors import CheckpointError, ConfigError, ExportError
 from gmlp_vision.evaluate import infer
 from gmlp_vision.images import resize
@@ -240,7 +240,7 @@ def export_safetensors(checkpoint: str | Path, out_dir: str | Path) -> Path:
         "version": SAFETENSORS_VERSION,
         "model": dataclasses.asdict(model.cfg),
         "classes": list(ckpt.classes),
-        "precision": ckpt.config.precision,
+        "precision": ckpt.config.run.precision,
     }
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return weights

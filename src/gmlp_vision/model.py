@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gmlp_vision.config import ModelConfig
+from gmlp_vision.config.groups import ModelConfig
 
 
 def linear(x: Tensor, layer: nn.Linear) -> Tensor:

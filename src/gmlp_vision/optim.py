@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gmlp_vision.config import Config
+from gmlp_vision.config.groups import OptimConfig
 
 
 class KerasAdamW(torch.optim.Optimizer):
@@ -113,10 +113,10 @@ class LrSchedule:
     min_lr: float = 0.0
 
     @classmethod
-    def from_config(cls, cfg: Config, steps_per_epoch: int) -> LrSchedule:
-        """The schedule of ``cfg`` for epochs of ``steps_per_epoch`` steps."""
-        warmup = round(cfg.warmup_epochs * steps_per_epoch)
-        return cls(cfg.lr, cfg.schedule, cfg.epochs * steps_per_epoch, warmup, cfg.min_lr)
+    def from_config(cls, optim: OptimConfig, steps_per_epoch: int) -> LrSchedule:
+        """The schedule of ``optim`` for epochs of ``steps_per_epoch`` steps."""
+        warmup = round(optim.warmup_epochs * steps_per_epoch)
+        return cls(optim.lr, optim.schedule, optim.epochs * steps_per_epoch, warmup, optim.min_lr)
 
     def lr_at(self, step: int) -> float | None:
         """The lr of step ``step`` (0-based); None where the optimiser's own lr applies."""
@@ -224,14 +224,14 @@ class WeightEMA:
         self.updates = int(state["updates"])
 
 
-def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """The configured optimiser; without ``cfg.decay_norms_biases``, vectors (norms, biases) get no weight decay."""
+def build_optimizer(optim: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The configured optimiser; without ``optim.decay_norms_biases``, vectors (norms, biases) get no weight decay."""
     params: list[Any] = list(model.parameters())
-    if not cfg.decay_norms_biases:
+    if not optim.decay_norms_biases:
         params = [
             {"params": [p for p in params if p.ndim > 1]},
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
         ]
-    if cfg.optimizer == "keras-adamw":
-        return KerasAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if optim.optimizer == "keras-adamw":
+        return KerasAdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)

@@ -135,7 +135,7 @@ class Classifier:
         """
         ckpt = load_checkpoint(resolve_checkpoint(path))
         model = ckpt.build_model(device)
-        return cls(model, ckpt.classes, precision=precision or ckpt.config.precision, batch_size=batch_size)
+        return cls(model, ckpt.classes, precision=precision or ckpt.config.run.precision, batch_size=batch_size)
 
     @property
     def device(self) -> torch.device:

@@ -14,7 +14,6 @@ import math
 import os
 import socket
 from contextlib import ExitStack
-from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,7 @@ RESUMABLE_OVERRIDES = frozenset(
 
 def default_run_dir(cfg: Config) -> Path:
     """``runs/<dataset>-<preset>-<YYYYmmdd-HHMMSS>``."""
-    return Path("runs") / f"{cfg.dataset}-{cfg.preset or 'custom'}-{datetime.now():%Y%m%d-%H%M%S}"
+    return Path("runs") / f"{cfg.data.dataset}-{cfg.preset or 'custom'}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def prepare_run_dir(path: Path) -> Path:
@@ -204,7 +203,7 @@ def open_run_dir(
         held: where to keep the run directory's lock until training ends (None: the caller holds it already).
     """
     saved = best = None
-    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+    run_dir = Path(cfg.run.out) if cfg.run.out else default_run_dir(cfg)
     if held is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         held.enter_context(RunLock(run_dir))  # before anything in it is read, deleted or written
@@ -221,5 +220,5 @@ def open_run_dir(
             write_history(run_dir, list(saved.train_state.get("history", [])))
     else:
         prepare_run_dir(run_dir)
-    write_json(run_dir / "config.json", replace(cfg, out=str(run_dir)).to_dict())
+    write_json(run_dir / "config.json", cfg.replace(out=str(run_dir)).to_dict())
     return run_dir, saved, best

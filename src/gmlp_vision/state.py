@@ -1,28 +1,31 @@
 """A run's training state: what goes from step to step, what ``last.pt`` holds, and how a run resumes from it.
 
 `TrainState` holds the model, optimiser, plateau and early-stopping rules, the weight average, every random stream
-and the history. ``save_last`` writes all of it (each rank's random streams gathered to rank 0), ``load`` puts it
-back, so an interrupted run continues bit for bit; ``after_step`` is what the epoch loop calls after every step.
+and the history; `EpochProgress` where the current epoch stands. ``save_last`` writes all of it (each rank's random
+streams gathered to rank 0), ``load`` puts it back, so an interrupted run continues bit for bit; ``after_step`` is what
+the epoch loop (`loop.train_one_epoch`) calls after every step, and `StopRequests` turns signals into a clean stop.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from gmlp_vision.checkpoint import Checkpoint, nonfinite_names, save_checkpoint
 from gmlp_vision.config import Config
 from gmlp_vision.data import Dataset
-from gmlp_vision.distributed import Dist, unwrap
+from gmlp_vision.distributed import SINGLE, Dist, unwrap
 from gmlp_vision.errors import CheckpointError, NonFiniteLossError, TrainingInterrupted, first_line
-from gmlp_vision.loop import METRICS, EpochProgress, StopRequests
 from gmlp_vision.optim import EarlyStopping, Plateau, WeightEMA
 
 log = logging.getLogger("gmlp_vision")
@@ -37,21 +40,67 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 @dataclass
+class EpochProgress:
+    """Where an epoch stands after some of its steps: enough to continue it exactly after a restart."""
+
+    perm: Tensor  # this epoch's order of the training images (the same on every rank)
+    batch: int = 0  # batches done in this epoch
+    step: int = 0  # optimiser steps done in the whole run
+    sums: dict[str, Tensor] = field(default_factory=dict)  # this rank's running loss / top-1 / top-5 sums
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102 (the sums are per rank: saved with each rank's RNG state)
+        return {"perm": self.perm.cpu(), "batch": self.batch, "step": self.step}
+
+
+METRICS = ("loss", "acc", "top5")
+
+
+class StopRequests:
+    """Turns the first SIGINT/SIGTERM into a request to stop after the current step; a second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        self.signum = signum
+
+    def requested(self) -> bool:
+        """Whether a stop was asked for."""
+        return self.signum is not None
+
+    @contextmanager
+    def installed(self) -> Iterator[StopRequests]:
+        """Install the handlers for the duration of the block (only possible in the main thread)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+@dataclass
 class TrainState:
-    """Everything a run carries from one step to the next; ``epoch`` and ``step`` count what is done."""
+    """Everything a run carries from one step to the next; ``epoch`` and ``step`` count what is done.
+
+    Built from the config, the model, its optimiser and this rank's random stream; the plateau and early-stopping
+    rules, the epoch order and the weight average (``--ema``) follow from the config. ``run_dir`` and ``ds`` are where
+    checkpoints go and the data they name; a state without them trains but cannot save.
+    """
 
     cfg: Config
-    run_dir: Path
-    ds: Dataset
-    ctx: Dist
     net: nn.Module  # the model itself
-    model: nn.Module  # the same, possibly wrapped for data parallelism or compilation
     optimizer: torch.optim.Optimizer
-    plateau: Plateau
-    stopper: EarlyStopping
-    generator: torch.Generator  # this rank's augmentation stream
-    order: torch.Generator  # the epoch order: the same on every rank
-    ema: WeightEMA | None = None
+    generator: torch.Generator  # this rank's augmentation and dropout stream
+    model: nn.Module | None = None  # the same, possibly wrapped for data parallelism or compilation (default: net)
+    ctx: Dist = SINGLE
+    run_dir: Path | None = None
+    ds: Dataset | None = None
     steps_per_epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     epoch: int = 0
@@ -59,6 +108,18 @@ class TrainState:
     stops: StopRequests = field(default_factory=StopRequests)
     best: dict[str, torch.Tensor] | None = None  # the best epoch's weights so far (a resumed run: its best.pt's)
     board: Any = None  # the TensorBoard logger (--tensorboard, rank 0)
+    plateau: Plateau = field(init=False)
+    stopper: EarlyStopping = field(init=False)
+    order: torch.Generator = field(init=False)  # the epoch order: the same on every rank
+    ema: WeightEMA | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        optim = self.cfg.optim
+        self.model = self.net if self.model is None else self.model
+        self.plateau = Plateau(self.optimizer, optim.plateau_factor, optim.plateau_patience, optim.plateau_threshold)
+        self.stopper = EarlyStopping(optim.early_stop_patience)
+        self.order = torch.Generator().manual_seed(self.cfg.run.seed)
+        self.ema = WeightEMA(self.net, optim.ema) if optim.ema else None
 
     @property
     def averaged(self) -> nn.Module | None:
@@ -73,6 +134,8 @@ class TrainState:
         Raises:
             CheckpointError: the file could not be written (the previous one is intact).
         """
+        if self.run_dir is None or self.ds is None:
+            raise ValueError("this TrainState has no run directory and dataset to save with")
         step = self.step if step is None else step
         ckpt = Checkpoint(
             self.cfg, unwrap(module).state_dict(), self.ds.classes, self.epoch, step, metrics, train_state or {}
@@ -118,8 +181,8 @@ class TrainState:
 
     def kept(self) -> str:
         """What a run stopped for NaN or inf leaves behind, and what to try."""
-        last = self.run_dir / "last.pt"
-        if not last.exists():
+        last = self.run_dir / "last.pt" if self.run_dir is not None else None
+        if last is None or not last.exists():
             return "no checkpoint was written; a lower --lr or --clip-grad may help"
         return (
             f"{last} keeps the last finite weights; go on from them with --init {last} and a lower --lr or --clip-grad"
@@ -142,7 +205,7 @@ class TrainState:
                 f"resume with: gmlp train --resume {self.run_dir}",
                 signum,
             )
-        every = self.cfg.checkpoint_every
+        every = self.cfg.run.checkpoint_every
         if every and progress.step % every == 0 and progress.batch < self.steps_per_epoch:
             self.save_last(None, progress)
 
@@ -195,7 +258,7 @@ class TrainState:
                 len(ranks),
                 ctx.world,
             )
-        reseed = rank_seed(saved.config.seed, ctx.rank) + 7919 * saved.step
+        reseed = rank_seed(saved.config.run.seed, ctx.rank) + 7919 * saved.step
         self.generator.manual_seed(reseed)
         torch.manual_seed(reseed)
         return {k: sum(r["sums"][k] for r in ranks) for k in METRICS} if ctx.main and ranks[0]["sums"] else {}

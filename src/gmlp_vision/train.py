@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,18 +26,18 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from gmlp_vision.augment import augment_for_training
-from gmlp_vision.config import Config
+from gmlp_vision.config import Config, train_command
 from gmlp_vision.data import Dataset, load_dataset
 from gmlp_vision.data.base import channel_stats
 from gmlp_vision.data.stream import ImageFiles, stats_sample
 from gmlp_vision.distributed import Dist, distributed, maybe_compile
 from gmlp_vision.errors import ConfigError, NonFiniteLossError
 from gmlp_vision.evaluate import compute_input, evaluate, infer, topk_correct
-from gmlp_vision.loop import EpochProgress, train_one_epoch, train_step
+from gmlp_vision.loop import train_one_epoch, train_step
 from gmlp_vision.model import GMLP
-from gmlp_vision.optim import EarlyStopping, LrSchedule, Plateau, WeightEMA, build_optimizer
+from gmlp_vision.optim import LrSchedule, build_optimizer
 from gmlp_vision.rundir import RunLock, format_epoch, open_run_dir, write_history, write_json
-from gmlp_vision.state import TrainState, rank_seed
+from gmlp_vision.state import EpochProgress, TrainState, rank_seed
 from gmlp_vision.transfer import apply_pretrained, read_pretrained
 
 log = logging.getLogger("gmlp_vision")
@@ -85,8 +85,8 @@ def train(
 
     Args:
         cfg: the resolved run configuration.
-        dataset: an already loaded dataset (default: load ``cfg.dataset`` from ``cfg.data`` or the cache).
-        resume: continue the run in ``cfg.out`` from its ``last.pt`` (exactly: weights, optimiser, schedules,
+        dataset: an already loaded dataset (default: load ``cfg.data.dataset`` from ``cfg.data.data`` or the cache).
+        resume: continue the run in ``cfg.run.out`` from its ``last.pt`` (exactly: weights, optimiser, schedules,
             position in the epoch, every RNG), or start it there if it never saved one.
         on_epoch_end: called on every rank after each epoch's row is complete, with the row, the model and the
             weight average (``--ema``; else None), both unwrapped; e.g. to evaluate on the test set on the way.
@@ -102,25 +102,25 @@ def train(
         TrainingInterrupted: SIGINT or SIGTERM; ``last.pt`` was saved at the step where training stopped.
         CheckpointError: a checkpoint could not be written (the previous one is intact) or resumed.
     """
-    with distributed(cfg.device) as (ctx, device), ExitStack() as held:
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+    with distributed(cfg.run.device) as (ctx, device), ExitStack() as held:
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
         # Resuming: take the run directory's lock before the data is loaded, so a second writer is told at once.
-        locked = resume and ctx.main and bool(cfg.out) and Path(cfg.out or "").is_dir()
+        locked = resume and ctx.main and bool(cfg.run.out) and Path(cfg.run.out or "").is_dir()
         if locked:
-            held.enter_context(RunLock(Path(cfg.out or "")))
+            held.enter_context(RunLock(Path(cfg.run.out or "")))
         ds = dataset if dataset is not None else ctx.main_first(partial(_load_data, cfg, ctx.main))
         state, data, partial_epoch = _start(cfg, ds, resume, ctx, device, None if locked else held)
         stopped = False
         with state.stops.installed():
-            while state.epoch < state.cfg.epochs:
+            while state.epoch < state.cfg.optim.epochs:
                 row = _run_epoch(state, data, partial_epoch)
                 partial_epoch = None
                 stopped = _end_epoch(state, row)
                 if on_epoch_end is not None:
                     on_epoch_end(row, state.net, state.averaged)
                 if stopped:
-                    _say(ctx, "early stopping: no val_loss improvement for %d epochs", cfg.early_stop_patience)
+                    _say(ctx, "early stopping: no val_loss improvement for %d epochs", cfg.optim.early_stop_patience)
                     break
         return _finish(state, data, stopped)
 
@@ -143,16 +143,16 @@ def _say(ctx: Dist, message: str, *args: Any) -> None:
 
 def _load_data(cfg: Config, main: bool) -> Dataset:
     return load_dataset(
-        cfg.dataset,
-        cfg.data,
-        download=cfg.download,
-        verify_md5=cfg.verify_md5,
-        progress=cfg.progress and main,
+        cfg.data.dataset,
+        cfg.data.data,
+        download=cfg.data.download,
+        verify_md5=cfg.data.verify_md5,
+        progress=cfg.run.progress and main,
         image_size=cfg.model.image_size,
-        skip_bad=cfg.skip_bad_images,
-        folder_mode=cfg.folder_mode,
-        workers=cfg.workers,
-        crop_scale=cfg.crop_scale,
+        skip_bad=cfg.data.skip_bad_images,
+        folder_mode=cfg.data.folder_mode,
+        workers=cfg.data.workers,
+        crop_scale=cfg.augment.crop_scale,
     )
 
 
@@ -161,19 +161,19 @@ def _start(
 ) -> tuple[TrainState, _Data, EpochProgress | None]:
     """Everything before the first step: the run directory, the model, optimiser and rules, or the resumed state."""
     # Class count and channels are facts of the data, not choices.
-    cfg = replace(cfg, model=replace(cfg.model, num_classes=ds.num_classes, in_chans=ds.in_chans))
+    cfg = cfg.replace(num_classes=ds.num_classes, in_chans=ds.in_chans)
     images, labels = ds.train.images, ds.train.labels
-    if cfg.train_limit:
-        images, labels = images[: cfg.train_limit], labels[: cfg.train_limit]
-    n_train = int(math.floor(len(labels) * (1.0 - cfg.val_split)))  # Keras validation_split
+    if cfg.data.train_limit:
+        images, labels = images[: cfg.data.train_limit], labels[: cfg.data.train_limit]
+    n_train = int(math.floor(len(labels) * (1.0 - cfg.data.val_split)))  # Keras validation_split
     if n_train < 1:
-        raise ConfigError(f"no training images left: {len(labels)} images with --val-split {cfg.val_split}")
+        raise ConfigError(f"no training images left: {len(labels)} images with --val-split {cfg.data.val_split}")
     # Pretrained weights are read and checked before anything is written: a bad --init leaves no run directory.
-    pretrained = read_pretrained(cfg.init, cfg.model) if cfg.init else None
+    pretrained = read_pretrained(cfg.run.init, cfg.model) if cfg.run.init else None
     run_dir, saved, best = ctx.on_main(partial(open_run_dir, cfg, resume, held))
-    cfg = replace(cfg, out=str(run_dir))
+    cfg = cfg.replace(out=str(run_dir))
     net = _new_model(cfg, images, pretrained if saved is None else None, device)
-    state = _new_state(cfg, run_dir, ds, ctx, net, math.ceil(n_train / cfg.batch_size))
+    state = _new_state(cfg, run_dir, ds, ctx, net, math.ceil(n_train / cfg.optim.batch_size))
     partial_epoch = state.load(saved) if saved is not None else None
     if saved is not None:
         _say(ctx, "resuming %s at epoch %d, step %d", run_dir, state.epoch + 1, state.step)
@@ -184,7 +184,7 @@ def _start(
         images[n_train:].to(device),
         labels[n_train:].to(device),
     )
-    if cfg.tensorboard and ctx.main:
+    if cfg.run.tensorboard and ctx.main:
         from gmlp_vision.report import TensorBoardLogger  # optional extra, imported only when asked for
 
         state.board = TensorBoardLogger(run_dir)
@@ -193,7 +193,7 @@ def _start(
         ctx,
         message,
         cfg.preset or "custom config",
-        cfg.dataset,
+        cfg.data.dataset,
         n_train,
         len(data.val_y),
         state.steps_per_epoch,
@@ -205,41 +205,24 @@ def _start(
 
 def _new_model(cfg: Config, images: Tensor | ImageFiles, pretrained: Any, device: torch.device) -> GMLP:
     """The model, seeded, with the training images' normalisation (or ``pretrained`` weights), on ``device``."""
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.run.seed)
     net = GMLP(cfg.model)
-    net.set_normalization(*channel_stats(stats_sample(images, cfg.seed)))  # validation included (Keras adapt)
+    net.set_normalization(*channel_stats(stats_sample(images, cfg.run.seed)))  # validation included (Keras adapt)
     if pretrained is not None:  # pretrained weights bring their own normalisation
         apply_pretrained(net, pretrained)
     return net.to(device)
 
 
 def _new_state(cfg: Config, run_dir: Path, ds: Dataset, ctx: Dist, net: GMLP, steps: int) -> TrainState:
-    """A fresh state: optimiser, rules, random streams and the weight average around ``net``."""
-    optimizer = build_optimizer(cfg, net)
-    plateau = Plateau(optimizer, cfg.plateau_factor, cfg.plateau_patience, cfg.plateau_threshold)
+    """A fresh state around ``net``: its optimiser and this rank's random stream (the rules follow from ``cfg``)."""
+    optimizer = build_optimizer(cfg.optim, net)
     # Augmentation and dropout draw from per-rank streams (rank 0's is the single-process one); the epoch order comes
-    # from one CPU generator that every rank seeds the same.
+    # from one CPU generator that every rank seeds the same (`TrainState.order`).
     if ctx.rank:
-        torch.manual_seed(rank_seed(cfg.seed, ctx.rank))
+        torch.manual_seed(rank_seed(cfg.run.seed, ctx.rank))
     device = next(net.parameters()).device
-    generator = torch.Generator(device).manual_seed(rank_seed(cfg.seed, ctx.rank))
-    order = torch.Generator().manual_seed(cfg.seed)
-    ema = WeightEMA(net, cfg.ema) if cfg.ema else None
-    return TrainState(
-        cfg,
-        run_dir,
-        ds,
-        ctx,
-        net,
-        net,
-        optimizer,
-        plateau,
-        EarlyStopping(cfg.early_stop_patience),
-        generator,
-        order,
-        ema,
-        steps,
-    )
+    generator = torch.Generator(device).manual_seed(rank_seed(cfg.run.seed, ctx.rank))
+    return TrainState(cfg, net, optimizer, generator, ctx=ctx, run_dir=run_dir, ds=ds, steps_per_epoch=steps)
 
 
 def _wrap(net: nn.Module, cfg: Config, ctx: Dist, device: torch.device) -> nn.Module:
@@ -248,16 +231,16 @@ def _wrap(net: nn.Module, cfg: Config, ctx: Dist, device: torch.device) -> nn.Mo
     if ctx.enabled:
         ids = [device.index] if device.type == "cuda" else None
         model = DistributedDataParallel(net, device_ids=ids, **_NO_BUFFER_SYNC)
-        share = math.ceil(cfg.batch_size / ctx.world)
+        share = math.ceil(cfg.optim.batch_size / ctx.world)
         _say(
             ctx,
             "data parallel over %d processes (%s): each global batch of %d is split into shares of %d or fewer",
             ctx.world,
             torch.distributed.get_backend(),
-            cfg.batch_size,
+            cfg.optim.batch_size,
             share,
         )
-    return maybe_compile(model, cfg)
+    return maybe_compile(model, cfg.run.compile)
 
 
 def _run_epoch(state: TrainState, data: _Data, resumed: EpochProgress | None) -> dict[str, float]:
@@ -267,34 +250,27 @@ def _run_epoch(state: TrainState, data: _Data, resumed: EpochProgress | None) ->
     progress = resumed or EpochProgress(
         torch.randperm(len(data.train_y), generator=state.order).to(data.train_y.device), step=state.step
     )
-    schedule = LrSchedule.from_config(cfg, state.steps_per_epoch)
+    schedule = LrSchedule.from_config(cfg.optim, state.steps_per_epoch)
     lr = schedule.reported(state.optimizer, progress.step - progress.batch)  # the epoch's first step's
     with tqdm(
         total=state.steps_per_epoch,
         initial=progress.batch,
         desc=f"epoch {epoch + 1}",
         leave=False,
-        disable=not (cfg.progress and state.ctx.main),
+        disable=not (cfg.run.progress and state.ctx.main),
     ) as bar:
-        metrics = train_one_epoch(
-            state.model,
-            state.optimizer,
-            data.train_x,
-            data.train_y,
-            cfg,
-            state.generator,
-            bar,
-            state=progress,
-            ctx=state.ctx,
-            stop_requested=state.stops.requested,
-            after_step=state.after_step,
-        )
-    state.epoch, state.step = epoch + 1, progress.step
+        metrics = train_one_epoch(state, data.train_x, data.train_y, progress, bar)
+    state.epoch = epoch + 1
     state.require_finite(f"in epoch {epoch + 1} (by step {state.step})")
     row: dict[str, float] = {"epoch": epoch + 1, **metrics}
     if len(data.val_y):
         val = evaluate(
-            state.model, data.val_x, data.val_y, batch_size=cfg.eval_batch_size, precision=cfg.precision, ctx=state.ctx
+            state.model,
+            data.val_x,
+            data.val_y,
+            batch_size=cfg.run.eval_batch_size,
+            precision=cfg.run.precision,
+            ctx=state.ctx,
         )
         if not math.isfinite(val["loss"]):  # finite weights can still overflow the logits
             raise NonFiniteLossError(f"the validation loss became {val['loss']} in epoch {epoch + 1}; {state.kept()}")
@@ -304,8 +280,8 @@ def _run_epoch(state: TrainState, data: _Data, resumed: EpochProgress | None) ->
                 state.ema.module,
                 data.val_x,
                 data.val_y,
-                batch_size=cfg.eval_batch_size,
-                precision=cfg.precision,
+                batch_size=cfg.run.eval_batch_size,
+                precision=cfg.run.precision,
                 ctx=state.ctx,
             )
             row.update({f"val_ema_{k}": v for k, v in val.items()})
@@ -327,7 +303,7 @@ def _end_epoch(state: TrainState, row: dict[str, float]) -> bool:
         write_history(state.run_dir, state.history)
         if state.board is not None:
             state.board.log_epoch(row)
-    _say(state.ctx, format_epoch(row, state.cfg.epochs, state.steps_per_epoch))
+    _say(state.ctx, format_epoch(row, state.cfg.optim.epochs, state.steps_per_epoch))
     return stopped
 
 
@@ -337,12 +313,16 @@ def _finish(state: TrainState, data: _Data, stopped: bool) -> Result:
     if state.board is not None:
         state.board.close()
     best = state.best
-    restore = best is not None and (cfg.restore_best == "always" or (stopped and cfg.restore_best == "on-stop"))
+    restore = best is not None and (
+        cfg.optim.restore_best == "always" or (stopped and cfg.optim.restore_best == "on-stop")
+    )
     if restore:
         state.net.load_state_dict(best)
         _say(ctx, "restored the weights of the best epoch (%d)", state.stopper.best_epoch + 1)
     test_x, test_y = state.ds.test.images, state.ds.test.labels
-    test = evaluate(state.model, test_x, test_y, batch_size=cfg.eval_batch_size, precision=cfg.precision, ctx=ctx)
+    test = evaluate(
+        state.model, test_x, test_y, batch_size=cfg.run.eval_batch_size, precision=cfg.run.precision, ctx=ctx
+    )
     final = "best.pt" if restore else "last.pt"
     summary = {
         "test": test,
@@ -350,10 +330,11 @@ def _finish(state: TrainState, data: _Data, stopped: bool) -> Result:
         "best_epoch": state.stopper.best_epoch + 1,
         "stopped_early": stopped,
         "epochs_run": len(state.history),
+        "command": train_command(cfg),
     }
     if state.ema is not None:
         summary["test_ema"] = evaluate(
-            state.ema.module, test_x, test_y, batch_size=cfg.eval_batch_size, precision=cfg.precision, ctx=ctx
+            state.ema.module, test_x, test_y, batch_size=cfg.run.eval_batch_size, precision=cfg.run.precision, ctx=ctx
         )
         state.epoch = len(state.history)
         state.save("ema.pt", state.ema.module, summary["test_ema"])
@@ -374,8 +355,8 @@ def _write_results(state: TrainState, summary: dict[str, Any]) -> None:
         test.images,
         test.labels,
         state.ds.classes,
-        batch_size=cfg.eval_batch_size,
-        precision=cfg.precision,
+        batch_size=cfg.run.eval_batch_size,
+        precision=cfg.run.precision,
     )
 
 

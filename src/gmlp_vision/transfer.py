@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gmlp_vision.checkpoint import FORMAT, checkpoint_from_payload
-from gmlp_vision.config import ModelConfig
+from gmlp_vision.config.groups import ModelConfig
 from gmlp_vision.errors import CheckpointError, first_line
 from gmlp_vision.model import GMLP
 

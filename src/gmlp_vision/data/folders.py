@@ -34,14 +34,15 @@ from gmlp_vision.images import IMAGE_EXTENSIONS, load_image, resize_uint8
 log = logging.getLogger(__name__)
 CACHE_VERSION = 3  # 2: training files in a fixed shuffled order; 3: 16-bit images scaled, not clipped
 MEMORY_LIMIT = 4 * 1024**3  # decoded bytes above which mode "auto" streams
+Labelled = list[tuple[Path, int]]  # image files and their class indices
 
 
-def _shuffled(paths: list[tuple[Path, int]]) -> list[tuple[Path, int]]:
+def _shuffled(paths: Labelled) -> Labelled:
     order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(0)).tolist()
     return [paths[i] for i in order]
 
 
-def _labelled(files: dict[str, list[Path]], classes: list[str]) -> list[tuple[Path, int]]:
+def _labelled(files: dict[str, list[Path]], classes: list[str]) -> Labelled:
     return [(p, classes.index(c)) for c in classes for p in files[c]]
 
 
@@ -65,7 +66,7 @@ def _class_files(split_dir: Path) -> dict[str, list[Path]]:
     return files
 
 
-def _decode(paths: list[tuple[Path, int]], size: int, skip_bad: bool, progress: bool) -> Split:
+def _decode(paths: Labelled, size: int, skip_bad: bool, progress: bool) -> Split:
     images = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
     labels = torch.empty(len(paths), dtype=torch.int64)
     kept = 0
@@ -96,49 +97,49 @@ def _cache_key(root: Path, size: int, splits: dict[str, dict[str, list[Path]]]) 
 
 
 def load_folder(name: str, path: str | Path | None, options: LoadOptions) -> Dataset:
-    """The registry's loader for ``--dataset folder``: `load_image_folder` with the options that concern it."""
+    """The registry's loader for ``--dataset folder``: `load_image_folder` of ``path``."""
     if path is None:
         raise DataError("--dataset folder needs --data DIR (a folder with train/ and val/ or test/)")
-    return load_image_folder(
-        path,
-        options.image_size,
-        cache_dir=options.cache_dir,
-        skip_bad=options.skip_bad,
-        progress=options.progress,
-        mode=options.folder_mode,
-        workers=options.workers,
-        crop_scale=options.crop_scale,
-    )
+    return load_image_folder(path, options)
 
 
-def load_image_folder(
-    root: str | Path,
-    image_size: int,
-    *,
-    cache_dir: Path | None = None,
-    skip_bad: bool = False,
-    progress: bool = True,
-    mode: str = "auto",
-    workers: int = 4,
-    crop_scale: float = 0.08,
-) -> Dataset:
+def load_image_folder(root: str | Path, options: LoadOptions | None = None) -> Dataset:
     """Load ``root/train`` and ``root/val`` (or ``root/test``) class folders as a `Dataset`, in memory or streamed.
 
     Args:
         root: the folder holding ``train/`` and ``val/`` or ``test/``.
-        image_size: side every image is resized to.
-        cache_dir: where the decoded tensors are cached (default: the data cache dir).
-        skip_bad: leave out unreadable images (logged) instead of failing on the first one.
-        progress: show a progress bar while decoding.
-        mode: ``memory``, ``stream`` or ``auto`` (see the module doc).
-        workers: streamed: worker processes that decode the images.
-        crop_scale: streamed: smallest area fraction of the random-resized crops taken when training asks for them.
+        options: the options that concern folders (default: `LoadOptions()`): ``image_size`` (the side every image
+            is resized to), ``cache_dir`` (of the decoded tensors), ``skip_bad`` (leave out unreadable images, logged,
+            instead of failing on the first), ``progress``, ``folder_mode`` (memory, stream or auto: see the module
+            doc), and for streamed files ``workers`` and ``crop_scale`` (of the random-resized crops training asks for).
 
     Raises:
         DataError: missing folders, empty classes, train and val class sets that differ, or (without ``skip_bad``)
             an unreadable image, named in the message.
     """
+    options = options if options is not None else LoadOptions()
     root = Path(root).expanduser()
+    eval_dir, train_files, eval_files = _layout(root)
+    classes = sorted(train_files)
+    train_paths, eval_paths = _shuffled(_labelled(train_files, classes)), _labelled(eval_files, classes)
+    decoded = (len(train_paths) + len(eval_paths)) * 3 * options.image_size**2
+    mode = options.folder_mode
+    if mode == "stream" or (mode == "auto" and decoded > min(MEMORY_LIMIT, _physical_memory() // 4)):
+        log.info(
+            "streaming %s: %d training and %d %s images, decoded by %d worker processes",
+            root,
+            len(train_paths),
+            len(eval_paths),
+            eval_dir.name,
+            options.workers,
+        )
+        return _streamed(train_paths, eval_paths, classes, options)
+    key = _cache_key(root, options.image_size, {"train": train_files, eval_dir.name: eval_files})
+    return _in_memory(train_paths, eval_paths, classes, key, options)
+
+
+def _layout(root: Path) -> tuple[Path, dict[str, list[Path]], dict[str, list[Path]]]:
+    """The evaluation folder (val/ or test/) and both splits' files per class, checked to name the same classes."""
     if not (root / "train").is_dir():
         raise DataError(f"{root} has no train/ folder (expected {root}/train/<class>/... and val/ or test/)")
     eval_dir = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
@@ -152,36 +153,37 @@ def load_image_folder(
             f"class folders differ between train/ and {eval_dir.name}/: only in train: {only_train or 'none'}; "
             f"only in {eval_dir.name}: {only_eval or 'none'}"
         )
-    classes = sorted(train_files)
-    train_paths, eval_paths = _shuffled(_labelled(train_files, classes)), _labelled(eval_files, classes)
-    decoded = (len(train_paths) + len(eval_paths)) * 3 * image_size**2
-    if mode == "stream" or (mode == "auto" and decoded > min(MEMORY_LIMIT, _physical_memory() // 4)):
-        log.info(
-            "streaming %s: %d training and %d %s images, decoded by %d worker processes",
-            root,
-            len(train_paths),
-            len(eval_paths),
-            eval_dir.name,
-            workers,
+    return eval_dir, train_files, eval_files
+
+
+def _streamed(train_paths: Labelled, eval_paths: Labelled, classes: list[str], options: LoadOptions) -> Dataset:
+    splits = []
+    for paths in (train_paths, eval_paths):
+        files = ImageFiles(
+            [str(p) for p, _ in paths],
+            options.image_size,
+            workers=options.workers,
+            skip_bad=options.skip_bad,
+            min_scale=options.crop_scale,
         )
-        splits = []
-        for paths in (train_paths, eval_paths):
-            files = ImageFiles(
-                [str(p) for p, _ in paths], image_size, workers=workers, skip_bad=skip_bad, min_scale=crop_scale
-            )
-            splits.append(Split(files, torch.tensor([label for _, label in paths], dtype=torch.int64)))
-        return Dataset("folder", splits[0], splits[1], tuple(classes))
-    cache = (cache_dir if cache_dir is not None else default_cache_dir()) / "folders"
-    key = _cache_key(root, image_size, {"train": train_files, eval_dir.name: eval_files})
-    cached = cache / f"{key}{'-skip' if skip_bad else ''}.pt"
+        splits.append(Split(files, torch.tensor([label for _, label in paths], dtype=torch.int64)))
+    return Dataset("folder", splits[0], splits[1], tuple(classes))
+
+
+def _in_memory(
+    train_paths: Labelled, eval_paths: Labelled, classes: list[str], key: str, options: LoadOptions
+) -> Dataset:
+    """Both splits decoded into uint8 tensors, from the cache when it holds them (else decoded and cached)."""
+    cache = (options.cache_dir if options.cache_dir is not None else default_cache_dir()) / "folders"
+    cached = cache / f"{key}{'-skip' if options.skip_bad else ''}.pt"
     if cached.is_file():
         try:
             blob = torch.load(cached, weights_only=True)
             return Dataset("folder", Split(*blob["train"]), Split(*blob["test"]), tuple(blob["classes"]))
         except Exception:  # a damaged cache is just decoded again
             log.warning("ignoring unreadable cache file %s", cached)
-    train = _decode(train_paths, image_size, skip_bad, progress)
-    test = _decode(eval_paths, image_size, skip_bad, progress)
+    train = _decode(train_paths, options.image_size, options.skip_bad, options.progress)
+    test = _decode(eval_paths, options.image_size, options.skip_bad, options.progress)
     blob = {"train": [train.images, train.labels], "test": [test.images, test.labels], "classes": classes}
     _write_cache(cached, blob)
     return Dataset("folder", train, test, tuple(classes))

@@ -1,6 +1,6 @@
-"""The ``gmlp predict``, ``gmlp export`` and ``gmlp report`` subcommands: part of the CLI shell in `cli.py`.
+"""The ``gmlp predict``, ``gmlp export`` and ``gmlp report`` subcommands: part of the CLI shell in `main.py`.
 
-Like `cli.py`, this module only parses, calls the library and prints; errors propagate to `cli.main`, which turns them
+Like `main.py`, this module only parses, calls the library and prints; errors propagate to `main.main`, which turns them
 into one-line messages and exit codes. Library imports are inside the commands, so ``gmlp --help`` stays fast.
 """
 
@@ -29,7 +29,7 @@ def positive_int(text: str) -> int:
 
 def device_flag(text: str) -> str:
     """Argparse type: auto, cpu, cuda or cuda:N."""
-    from gmlp_vision.config import check_device  # the one rule, shared with the config and resolve_device
+    from gmlp_vision.config.checks import check_device  # the one rule, shared with the config and resolve_device
 
     try:
         return check_device(text)
@@ -42,17 +42,17 @@ def checkpoint_dataset(ckpt: Any, args: argparse.Namespace) -> Any:
     from gmlp_vision.data import load_dataset
 
     cfg = ckpt.config
-    dataset = args.dataset or cfg.dataset
-    data = args.data if args.data is not None else (cfg.data if dataset == cfg.dataset else None)
+    dataset = args.dataset or cfg.data.dataset
+    data = args.data if args.data is not None else (cfg.data.data if dataset == cfg.data.dataset else None)
     ds = load_dataset(
         dataset,
         data,
         download=args.download,
         progress=not args.quiet,
         image_size=cfg.model.image_size,
-        skip_bad=cfg.skip_bad_images,
-        folder_mode=cfg.folder_mode,
-        workers=cfg.workers,
+        skip_bad=cfg.data.skip_bad_images,
+        folder_mode=cfg.data.folder_mode,
+        workers=cfg.data.workers,
     )
     if ds.num_classes != cfg.model.num_classes or ds.in_chans != cfg.model.in_chans:
         raise ConfigError(
@@ -160,7 +160,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         ds.test.labels,
         ckpt.classes,
         batch_size=args.batch_size,
-        precision=ckpt.config.precision,
+        precision=ckpt.config.run.precision,
     ):
         print(f"wrote {path}")
     return 0

@@ -11,14 +11,13 @@ import json
 import logging
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from gmlp_vision import __version__
-from gmlp_vision.cli_tools import add_commands, checkpoint_dataset, device_flag, positive_int
-from gmlp_vision.config import add_config_arguments, config_from_args, explicit_values
+from gmlp_vision.cli.flags import add_config_arguments, config_from_args, explicit_values
+from gmlp_vision.cli.tools import add_commands, checkpoint_dataset, device_flag, positive_int
 from gmlp_vision.data import DATASET_KINDS, DATASETS
 from gmlp_vision.distributed import launched
 from gmlp_vision.errors import ConfigError, GmlpError, TrainingInterrupted
@@ -70,7 +69,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     ds = checkpoint_dataset(ckpt, args)
     dataset = ds.name
     model = ckpt.build_model(device)
-    metrics = evaluate(model, ds.test.images, ds.test.labels, batch_size=args.batch_size, precision=cfg.precision)
+    metrics = evaluate(model, ds.test.images, ds.test.labels, batch_size=args.batch_size, precision=cfg.run.precision)
     if args.json:
         print(
             json.dumps(
@@ -105,10 +104,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     else:
         cfg = config_from_args(args)
         # The model the dataset's kind trains (a folder's classes are known only from its data: the config's then).
-        kind = DATASET_KINDS[cfg.dataset]
-        classes, chans = kind.num_classes or cfg.model.num_classes, kind.in_chans or cfg.model.in_chans
-        cfg = replace(cfg, model=replace(cfg.model, num_classes=classes, in_chans=chans))
-        model, source = GMLP(cfg.model), f"preset {cfg.preset} for {cfg.dataset}"
+        kind = DATASET_KINDS[cfg.data.dataset]
+        cfg = cfg.replace(
+            num_classes=kind.num_classes or cfg.model.num_classes, in_chans=kind.in_chans or cfg.model.in_chans
+        )
+        model, source = GMLP(cfg.model), f"preset {cfg.preset} for {cfg.data.dataset}"
     mc = model.cfg
     print(f"gMLP from {source}")
     print(f"  input {mc.in_chans}x{mc.image_size}x{mc.image_size}, patch {mc.patch_size} -> {mc.num_patches} tokens")
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p)
     p.set_defaults(func=_cmd_info)
 
-    add_commands(sub, DATASETS)  # predict, export, report (cli_tools.py)
+    add_commands(sub, DATASETS)  # predict, export, report (tools.py)
     return parser
 
 

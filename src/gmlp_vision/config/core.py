@@ -1,0 +1,188 @@
+"""`Config`: one training run, as the preset it started from and one group per concern; and how one is built.
+
+Field names are unique across the groups, so flags, presets and flat dicts name a value without its group (``--lr``,
+``from_preset("seed", lr=1e-3)``). Precedence of values: dataclass defaults < preset < config file < explicit values
+(`resolve_config`). config.json files of every version load: grouped (0.2), nested with only ``model`` (0.1), or flat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from gmlp_vision.config.checks import check_fields, flag, option, require
+from gmlp_vision.config.groups import AugmentConfig, DataConfig, ModelConfig, OptimConfig, RunConfig
+from gmlp_vision.errors import ConfigError, first_line, shown
+from gmlp_vision.presets import DATASET_PRESET, PRESETS, preset_overrides
+
+CONFIG_FILE_LIMIT = 1 << 20  # bytes; a run's config.json is about 2 KB
+
+GROUPS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "augment": AugmentConfig,
+    "optim": OptimConfig,
+    "run": RunConfig,
+}
+GROUP_OF: dict[str, str] = {f.name: group for group, cls in GROUPS.items() for f in fields(cls)}  # field -> group
+
+
+@dataclass(frozen=True)
+class Config:
+    """One training run: the preset it started from and one group per concern."""
+
+    preset: str | None = option(None, "preset the values started from (recorded; set with --preset)")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        for group, cls in GROUPS.items():
+            value = getattr(self, group)
+            if not isinstance(value, cls):
+                raise ConfigError(f"config key {group!r} must hold the {group} fields, got {type(value).__name__}")
+        check_fields(self)
+        require(
+            self.preset is None or self.preset in PRESETS,
+            f"--preset must be one of {', '.join(PRESETS)}, got {shown(self.preset)}",
+        )
+        crop_padding, image_size = self.augment.crop_padding, self.model.image_size
+        require(
+            self.augment.crop != "pad" or crop_padding < image_size,
+            f"--crop-padding {crop_padding} must be smaller than the image ({image_size} px)",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Grouped plain dict (what config.json and checkpoints hold)."""
+        return dataclasses.asdict(self)
+
+    def to_flat(self) -> dict[str, Any]:
+        """Every field's value in one flat dict (field names are unique across the groups)."""
+        return _flatten(self.to_dict())
+
+    def replace(self, **values: Any) -> Config:
+        """A checked copy with these fields changed, named flat: ``cfg.replace(epochs=3, num_classes=10)``."""
+        return _from_flat({**self.to_flat(), **values})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Config:
+        """Build from a grouped (0.2), model-nested (0.1) or flat dict; unknown keys are an error."""
+        return _from_flat(_flatten(values))
+
+
+def _names(keys: Any) -> str:
+    keys = sorted(map(str, keys))
+    names = ", ".join(k if k.isidentifier() and len(k) <= 60 else shown(k) for k in keys[:5])
+    return names + (" ..." if len(keys) > 5 else "")
+
+
+def _flatten(values: dict[str, Any]) -> dict[str, Any]:
+    """Grouped or model-nested config values as one flat dict; flat input passes through.
+
+    A group's key holds an object (``"data"`` is also a field: the path, a string or null, which stays a field).
+    """
+    flat = dict(values)
+    if "model" in flat and not isinstance(flat["model"], dict):
+        raise ConfigError(f"config key 'model' must hold an object, got {type(flat['model']).__name__}")
+    for group in GROUPS:
+        if not isinstance(flat.get(group), dict):
+            continue
+        inner = flat.pop(group)
+        foreign = set(inner) - {f.name for f in fields(GROUPS[group])}
+        if foreign:
+            raise ConfigError(f"unknown config keys in {group!r}: {_names(foreign)}")
+        twice = set(inner) & set(flat)
+        if twice:
+            raise ConfigError(f"config keys given twice (in {group!r} and at the top): {_names(twice)}")
+        flat.update(inner)
+    return flat
+
+
+def _from_flat(flat: dict[str, Any]) -> Config:
+    unknown = set(flat) - set(GROUP_OF) - {"preset"}
+    if unknown:
+        raise ConfigError(f"unknown config keys: {_names(unknown)}")
+    try:
+        groups = {g: cls(**{k: v for k, v in flat.items() if GROUP_OF.get(k) == g}) for g, cls in GROUPS.items()}
+        return Config(preset=flat.get("preset"), **groups)
+    except TypeError as e:  # a wrong-typed value from a JSON file
+        raise ConfigError(f"invalid config: {e}") from None
+
+
+def from_preset(name: str, **overrides: Any) -> Config:
+    """A config from preset ``name`` with flat field overrides, e.g. ``from_preset("seed", epochs=3)``."""
+    return _from_flat({**preset_overrides(name), **overrides})
+
+
+def resolve_config(given: dict[str, Any], config_file: str | Path | None = None, preset: str | None = None) -> Config:
+    """Resolve defaults < preset < config file < ``given`` (flat explicit values) into a checked `Config`.
+
+    With no ``preset`` (and none in the config file), the dataset's default preset is used (`DATASET_PRESET`).
+
+    Raises:
+        ConfigError: an unknown preset, an unreadable config file, or an impossible combination of values.
+    """
+    from_file = load_config_file(config_file) if config_file else {}
+    preset = preset or from_file.get("preset")
+    if preset is None:
+        dataset = given.get("dataset", from_file.get("dataset", DataConfig.dataset))
+        if not isinstance(dataset, str) or dataset not in DATASET_PRESET:
+            raise ConfigError(f"--dataset must be one of {', '.join(DATASET_PRESET)}, got {shown(dataset)}")
+        preset = DATASET_PRESET[dataset]
+    return _from_flat({**preset_overrides(preset), **from_file, **given, "preset": preset})
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A flat dict of the values in a config.json file of any version; types are checked when a `Config` is built.
+
+    Raises:
+        ConfigError: not a regular file, larger than `CONFIG_FILE_LIMIT`, not JSON, or not a JSON object.
+    """
+    path = Path(path)
+    try:
+        if not path.is_file():  # /dev/zero, a FIFO or a folder would be read forever or not at all
+            raise ConfigError(f"config file {path} " + ("not found" if not path.exists() else "is not a regular file"))
+        with open(path, "rb") as f:
+            data = f.read(CONFIG_FILE_LIMIT + 1)
+        if len(data) > CONFIG_FILE_LIMIT:
+            raise ConfigError(f"config file {path} is larger than {CONFIG_FILE_LIMIT >> 20} MiB; not a run config")
+        values = json.loads(data)
+    except (OSError, ValueError, RecursionError) as e:
+        raise ConfigError(f"cannot read config file {path}: {first_line(e)}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object")
+    return _flatten(values)
+
+
+def to_flags(cfg: Config, base: Config | None = None, leave_out: tuple[str, ...] = ()) -> list[str]:
+    """Command-line flags that rebuild ``cfg`` exactly; with ``base``, only the values that differ from it.
+
+    ``leave_out`` names fields to leave out (e.g. ``out``, so that the command starts a new run directory).
+    """
+    flags = []
+    before = base.to_flat() if base is not None else {}
+    for name, value in cfg.to_flat().items():
+        if value is None or name in leave_out or (name in before and before[name] == value):
+            continue
+        if isinstance(value, bool):
+            flags.append(flag(name) if value else "--no-" + name.replace("_", "-"))
+        else:
+            flags += [flag(name), repr(value) if isinstance(value, float) else str(value)]
+    return flags
+
+
+def train_command(cfg: Config) -> str:
+    """The ``gmlp train`` command that runs ``cfg`` again in a new run directory (results.json records it).
+
+    The flags are those that differ from the preset; the class count and channels come from the data, so they are
+    left out with ``out``.
+    """
+    base = from_preset(cfg.preset) if cfg.preset else None  # no preset: every value, over the dataset's preset
+    flags = to_flags(cfg, base, leave_out=("out", "num_classes", "in_chans", "preset"))
+    return shlex.join(["gmlp", "train", *(["--preset", cfg.preset] if cfg.preset else []), *flags])
