@@ -4,6 +4,7 @@ Every ``import`` counts, those inside functions too: a cycle broken only by a fu
 """
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
     """Each package module and the package modules it imports (a ``from pkg import submodule`` names the submodule)."""
     modules = {module_name(p): p for p in (SRC / PACKAGE).rglob("*.py")}
@@ -75,6 +77,7 @@ MAX_IMPORT_LEVELS = 9  # the longest chain of package imports, counting the modu
 LOOP_MODULES = ("train", "loop", "state", "augment", "optim")
 
 
+@functools.cache
 def sources() -> dict[str, tuple[str, ast.Module]]:
     return {module_name(p): (p.read_text(), ast.parse(p.read_text())) for p in sorted((SRC / PACKAGE).rglob("*.py"))}
 
