@@ -1,19 +1,52 @@
-"""gmlp-vision: train, evaluate and ship gMLP image classifiers (Liu et al., 2021, "Pay Attention to MLPs")."""
+"""gmlp-vision: train, evaluate and ship gMLP image classifiers (Liu et al., 2021, "Pay Attention to MLPs").
 
-from gmlp_vision.checkpoint import load_checkpoint, load_model
-from gmlp_vision.config import PRESETS, Config, ModelConfig, from_preset
-from gmlp_vision.model import GMLP
-from gmlp_vision.predict import Classifier
+The names below load their modules (and torch) on first use, so ``import gmlp_vision`` and ``gmlp --help`` stay light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.2.0"
+
+_WHERE = {
+    "GMLP": "gmlp_vision.model",
+    "Classifier": "gmlp_vision.predict",
+    "PRESETS": "gmlp_vision.presets",
+    "Config": "gmlp_vision.config",
+    "ModelConfig": "gmlp_vision.config",
+    "from_preset": "gmlp_vision.config",
+    "load_checkpoint": "gmlp_vision.checkpoint",
+    "load_model": "gmlp_vision.checkpoint",
+}
 __all__ = [
     "GMLP",
-    "Classifier",
     "PRESETS",
+    "Classifier",
     "Config",
     "ModelConfig",
+    "__version__",
     "from_preset",
     "load_checkpoint",
     "load_model",
-    "__version__",
 ]
+
+if TYPE_CHECKING:
+    from gmlp_vision.checkpoint import load_checkpoint, load_model
+    from gmlp_vision.config import Config, ModelConfig, from_preset
+    from gmlp_vision.model import GMLP
+    from gmlp_vision.predict import Classifier
+    from gmlp_vision.presets import PRESETS
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'gmlp_vision' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

@@ -1,7 +1,8 @@
 """The ``gmlp`` command: a thin shell over the library that prints for people and picks exit codes.
 
 Exit codes: 0 success, 1 failure (bad data, bad checkpoint, I/O), 2 usage error (unknown flag or preset, impossible
-config), 130 interrupted.
+config), 130 interrupted. Building the parser imports no torch (tests/test_cli.py checks it), so ``gmlp --help`` and
+``gmlp train -h`` answer at once; each command imports what it runs.
 """
 
 from __future__ import annotations
@@ -13,18 +14,16 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 from gmlp_vision import __version__
-from gmlp_vision.cli.flags import add_config_arguments, config_from_args, explicit_values
+from gmlp_vision.cli.flags import DEFAULTS_NOTE, USAGE, add_config_arguments, config_from_args, explicit_values
 from gmlp_vision.cli.tools import add_commands, checkpoint_dataset, device_flag, positive_int
 from gmlp_vision.data import DATASET_KINDS, DATASETS
-from gmlp_vision.distributed import launched
 from gmlp_vision.errors import ConfigError, GmlpError, TrainingInterrupted
 from gmlp_vision.presets import DATASET_PRESET, PRESET_HELP, PRESETS
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from gmlp_vision.distributed import launched
     from gmlp_vision.rundir import resume_config
     from gmlp_vision.train import train
 
@@ -95,6 +94,8 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
     from gmlp_vision.checkpoint import load_checkpoint
     from gmlp_vision.model import GMLP, count_parameters, flops_per_image
 
@@ -133,11 +134,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``gmlp`` parser with its subcommands."""
-    parser = argparse.ArgumentParser(prog="gmlp", description="Train, evaluate and inspect gMLP image classifiers.")
+    parser = argparse.ArgumentParser(
+        prog="gmlp", description="Train, evaluate and inspect gMLP image classifiers.", allow_abbrev=False
+    )
     parser.add_argument("--version", action="version", version=f"gmlp-vision {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a model (default: the tutorial, seed preset on CIFAR-100)")
+    p = sub.add_parser(
+        "train",
+        help="train a model (default: the tutorial, seed preset on CIFAR-100)",
+        usage=USAGE.replace("[-h]", "[-h] [--resume RUN_DIR]"),
+        description=DEFAULTS_NOTE,
+    )
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where its last.pt left it")
     add_config_arguments(p)
     p.set_defaults(func=_cmd_train)
@@ -157,12 +165,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="show every value each preset sets")
     p.set_defaults(func=_cmd_presets)
 
-    p = sub.add_parser("info", help="model summary, parameter count, torch and device")
+    p = sub.add_parser(
+        "info",
+        help="model summary, parameter count, torch and device",
+        usage=USAGE.replace("[-h]", "[-h] [CHECKPOINT]"),
+        description=DEFAULTS_NOTE,
+    )
     p.add_argument("checkpoint", nargs="?", help="a checkpoint (default: the model the flags describe)")
     add_config_arguments(p)
     p.set_defaults(func=_cmd_info)
 
     add_commands(sub, DATASETS)  # predict, export, report (tools.py)
+    for name, command in sub.choices.items():
+        command.allow_abbrev = False  # --epoc is not --epochs: a typo is an error, not a guess
+        command.prog = f"gmlp {name}"
+        command.set_defaults(command_parser=command)  # an unknown flag is reported with this command's usage
     return parser
 
 
@@ -170,9 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as e:  # argparse: 0 for --help/--version, 2 for usage errors (it already printed why)
         return int(e.code or 0)
+    from gmlp_vision.distributed import launched
+
     rank = launched().rank  # under torchrun only rank 0 logs; every rank reports its own errors
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", stream=sys.stdout, force=True

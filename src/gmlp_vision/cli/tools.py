@@ -12,8 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from gmlp_vision.errors import ConfigError
 
 CHECK_IMAGES = 64  # random images the export check compares on
@@ -84,6 +82,8 @@ def _mb(path: Path) -> str:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
     from gmlp_vision import export
     from gmlp_vision.checkpoint import load_checkpoint
     from gmlp_vision.predict import resolve_checkpoint

@@ -123,19 +123,27 @@ def from_preset(name: str, **overrides: Any) -> Config:
 def resolve_config(given: dict[str, Any], config_file: str | Path | None = None, preset: str | None = None) -> Config:
     """Resolve defaults < preset < config file < ``given`` (flat explicit values) into a checked `Config`.
 
-    With no ``preset`` (and none in the config file), the dataset's default preset is used (`DATASET_PRESET`).
+    With no ``preset`` (and none in the config file), the dataset's default preset is used (`DATASET_PRESET`). A
+    config file's ``out`` is ignored (a run's own config.json names its directory; running it again starts a new
+    one): only ``given`` sets it. A schedule other than ``constant`` sets the lr itself, so it turns the preset's
+    plateau halvings off unless ``plateau_patience`` is given too.
 
     Raises:
         ConfigError: an unknown preset, an unreadable config file, or an impossible combination of values.
     """
     from_file = load_config_file(config_file) if config_file else {}
+    from_file.pop("out", None)
     preset = preset or from_file.get("preset")
     if preset is None:
         dataset = given.get("dataset", from_file.get("dataset", DataConfig.dataset))
         if not isinstance(dataset, str) or dataset not in DATASET_PRESET:
             raise ConfigError(f"--dataset must be one of {', '.join(DATASET_PRESET)}, got {shown(dataset)}")
         preset = DATASET_PRESET[dataset]
-    return _from_flat({**preset_overrides(preset), **from_file, **given, "preset": preset})
+    values = {**preset_overrides(preset), **from_file, **given, "preset": preset}
+    chosen = {**from_file, **given}
+    if chosen.get("schedule", "constant") != "constant" and "plateau_patience" not in chosen:
+        values["plateau_patience"] = 0
+    return _from_flat(values)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -145,16 +153,21 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         ConfigError: not a regular file, larger than `CONFIG_FILE_LIMIT`, not JSON, or not a JSON object.
     """
     path = Path(path)
+    if not path.is_file():  # /dev/zero, a FIFO or a folder would be read forever or not at all
+        raise ConfigError(f"config file {path} " + ("not found" if not path.exists() else "is not a regular file"))
     try:
-        if not path.is_file():  # /dev/zero, a FIFO or a folder would be read forever or not at all
-            raise ConfigError(f"config file {path} " + ("not found" if not path.exists() else "is not a regular file"))
         with open(path, "rb") as f:
             data = f.read(CONFIG_FILE_LIMIT + 1)
-        if len(data) > CONFIG_FILE_LIMIT:
-            raise ConfigError(f"config file {path} is larger than {CONFIG_FILE_LIMIT >> 20} MiB; not a run config")
-        values = json.loads(data)
-    except (OSError, ValueError, RecursionError) as e:
+    except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {first_line(e)}") from None
+    if len(data) > CONFIG_FILE_LIMIT:
+        raise ConfigError(f"config file {path} is larger than {CONFIG_FILE_LIMIT >> 20} MiB; not a run config")
+    try:
+        values = json.loads(data)
+    except (ValueError, RecursionError) as e:  # YAML, TOML or a typo: say what is read
+        raise ConfigError(
+            f"config file {path} is not JSON ({first_line(e)}); --config reads JSON only, such as a run's config.json"
+        ) from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a JSON object")
     return _flatten(values)

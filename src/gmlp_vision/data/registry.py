@@ -9,10 +9,12 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gmlp_vision.data.base import Dataset, LoadOptions
 from gmlp_vision.errors import DataError
+
+if TYPE_CHECKING:  # the table loads without torch (the CLI's parser reads it); loading data imports base
+    from gmlp_vision.data.base import Dataset
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ def load_dataset(name: str, path: str | Path | None = None, **options: Any) -> D
     Args:
         name: One of `DATASETS`.
         path: CIFAR: the official ``.tar.gz``, its extracted folder, or a folder holding either. digits: optionally a
-            ``digits.csv(.gz)`` in scikit-learn's format. None: the archive in the cache dir, or scikit-learn's file.
+            ``digits.csv(.gz)`` in scikit-learn's format. None: the archive in the cache dir, or the packaged digits.
             folder: the folder holding ``train/`` and ``val/`` or ``test/`` class folders (required).
         **options: fields of `base.LoadOptions` (download, verify_md5, cache_dir, progress, image_size, skip_bad,
             folder_mode, workers, crop_scale); each kind reads the ones that concern it.
@@ -53,6 +55,8 @@ def load_dataset(name: str, path: str | Path | None = None, **options: Any) -> D
     Raises:
         DataError: An unknown name; missing, corrupt, hostile or wrong-kind data; a failed download.
     """
+    from gmlp_vision.data.base import LoadOptions
+
     key = name.lower()
     if key not in DATASET_KINDS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
