@@ -112,7 +112,7 @@ def test_cli_report_errors(tmp_path, capsys):
 
 def test_tensorboard_logger(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as when tensorboard is not installed
-    with pytest.raises(ReportError, match=r"pip install 'gmlp-vision\[tensorboard\]'"):
+    with pytest.raises(ReportError, match=r"--tensorboard needs tensorboard: pip install 'gmlp-vision\[tensorboard\]'"):
         TensorBoardLogger(tmp_path)
     monkeypatch.undo()
     pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
@@ -129,3 +129,13 @@ def test_train_logs_to_tensorboard_when_asked(tmp_path):
     cfg = from_preset("tiny", epochs=1, progress=False, out=str(tmp_path / "run"), tensorboard=True, threads=1)
     train(cfg, make_dataset(n_train=64, n_test=16))
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_tensorboard_without_its_extra_stops_before_the_data_or_the_run_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as when tensorboard is not installed
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "tiny", "--dataset", "cifar10", "--data", str(tmp_path / "nowhere"), "--no-download"]
+    assert main([*argv, "--tensorboard", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "--tensorboard needs tensorboard" in err and "nowhere" not in err  # the data was never looked for
+    assert not out.exists()

@@ -159,6 +159,18 @@ def write_report(
     return written
 
 
+def require_tensorboard() -> None:
+    """Check that TensorBoard logging can work, before a run loads data or writes anything.
+
+    Raises:
+        ReportError: tensorboard is not installed, with the command that installs it.
+    """
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        raise ReportError("--tensorboard needs tensorboard: pip install 'gmlp-vision[tensorboard]'") from None
+
+
 class TensorBoardLogger:
     """Mirror each epoch's history row into TensorBoard event files under ``run_dir/tensorboard``.
 
@@ -173,10 +185,9 @@ class TensorBoardLogger:
     """
 
     def __init__(self, run_dir: str | Path) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ReportError("TensorBoard logging needs tensorboard: pip install 'gmlp-vision[tensorboard]'") from None
+        require_tensorboard()
+        from torch.utils.tensorboard import SummaryWriter
+
         self.log_dir = Path(run_dir) / "tensorboard"
         self.writer = SummaryWriter(log_dir=str(self.log_dir))
 
@@ -200,4 +211,12 @@ class TensorBoardLogger:
         self.close()
 
 
-__all__ = ["PLOTS_DIR", "TensorBoardLogger", "evaluation_report", "plot_history", "read_history", "write_report"]
+__all__ = [
+    "PLOTS_DIR",
+    "TensorBoardLogger",
+    "evaluation_report",
+    "plot_history",
+    "read_history",
+    "require_tensorboard",
+    "write_report",
+]

@@ -102,6 +102,10 @@ def train(
         TrainingInterrupted: SIGINT or SIGTERM; ``last.pt`` was saved at the step where training stopped.
         CheckpointError: a checkpoint could not be written (the previous one is intact) or resumed.
     """
+    if cfg.run.tensorboard:  # a missing extra is told before the data loads or the run directory is made
+        from gmlp_vision.report import require_tensorboard
+
+        require_tensorboard()
     with distributed(cfg.run.device) as (ctx, device), ExitStack() as held:
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
