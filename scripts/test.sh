@@ -1,8 +1,44 @@
 #!/usr/bin/env bash
-# Set up with the test extras (onnx and tensorboard too, so their tests run), then lint and run the whole test suite.
+# Set up with the test extras (onnx and tensorboard too, so their tests run), then lint, check the wheel's metadata and
+# contents, and run the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev onnx tensorboard
 .venv/bin/ruff check src tests tools benchmarks
 .venv/bin/ruff format --check src tests tools benchmarks
+# The wheel, built with .venv's setuptools (the dev extra pins >= 77, the first to accept license = "MIT"), its build/
+# in a temp dir (DIST_EXTRA_CONFIG) so that no stale file of an earlier build in the tree can land in it.
+wheels=$(mktemp -d)
+trap 'rm -rf "$wheels"' EXIT
+printf '[build]\nbuild_base = %s/build\n' "$wheels" >"$wheels/setup.cfg"
+DIST_EXTRA_CONFIG="$wheels/setup.cfg" .venv/bin/python -m pip wheel --quiet --no-deps --no-build-isolation \
+    --check-build-dependencies -w "$wheels" .
+.venv/bin/python - "$wheels"/gmlp_vision-*.whl <<'PY'
+import sys
+import zipfile
+from email.parser import HeaderParser
+
+wheel = zipfile.ZipFile(sys.argv[1])
+names = set(wheel.namelist())
+meta = HeaderParser().parsestr(wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode())
+fields = {"Name": "gmlp-vision", "Version": "0.2.0", "License-Expression": "MIT", "Requires-Python": ">=3.10",
+          "Description-Content-Type": "text/markdown"}
+classifiers = set(meta.get_all("Classifier") or ())
+wanted = ["Intended Audience :: Developers", "Intended Audience :: Science/Research",
+          "Operating System :: OS Independent", "Programming Language :: Python :: 3 :: Only",
+          *(f"Programming Language :: Python :: 3.{minor}" for minor in range(10, 14)),
+          "Topic :: Scientific/Engineering :: Artificial Intelligence",
+          "Topic :: Scientific/Engineering :: Image Recognition", "Typing :: Typed"]
+files = ["py.typed", "data/digits.py", "data/digits.csv.gz", "data/digits-LICENSE.txt"]
+checks = {
+    **{f"{key}: {value}": meta[key] == value for key, value in fields.items()},
+    **{f"classifier {c}": c in classifiers for c in wanted},
+    "no licence classifier (License-Expression says it)": not any(c.startswith("License ::") for c in classifiers),
+    "scikit-learn not in Requires-Dist": not any("scikit-learn" in r for r in meta.get_all("Requires-Dist") or ()),
+    **{f"gmlp_vision/{f} in the wheel": f"gmlp_vision/{f}" in names for f in files},
+}
+if failed := [check for check, ok in checks.items() if not ok]:
+    sys.exit(f"{sys.argv[1]} fails: " + "; ".join(failed))
+print(f"wheel ok: {len(checks)} checks, {len(names)} files, {sum(i.file_size for i in wheel.infolist()):,} bytes")
+PY
 .venv/bin/python -m pytest "$@"

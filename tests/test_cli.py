@@ -61,14 +61,24 @@ def test_cifar100_archive_given_for_cifar10_is_refused(tmp_path, cifar100_archiv
     assert "CIFAR-100" in capsys.readouterr().err
 
 
+def test_cifar100_prints_top5_as_the_tutorial_does(tmp_path, cifar100_archive, capsys):
+    argv = ["train", "--preset", "tiny", "--dataset", "cifar100", "--data", str(cifar100_archive), "--epochs", "1",
+            "--out", str(tmp_path / "run"), "--no-progress", "--threads", "1"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "val_top5-acc" in out and "Test accuracy:" in out and "Test top 5 accuracy:" in out
+
+
 def test_train_then_evaluate_end_to_end(tmp_path, cifar10_archive, capsys):
     run = tmp_path / "run"
     argv = ["train", "--preset", "tiny", "--dataset", "cifar10", "--data", str(cifar10_archive), "--epochs", "2",
             "--batch-size", "16", "--out", str(run), "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "Epoch 1/2" in out and "Epoch 2/2" in out and "val_top5-acc" in out
-    assert "Test accuracy:" in out and "Test top 5 accuracy:" in out
+    assert "Epoch 1/2" in out and "Epoch 2/2" in out and "val_acc" in out
+    assert "Test accuracy:" in out and "top 5" not in out and "top5" not in out  # 10 classes: top-5 says little
+    assert f"plots: {run / 'plots'} (loss.png, accuracy.png" in out
+    assert max(len(line) for line in out.splitlines() if line.startswith("Epoch")) < 100
     assert {"config.json", "history.csv", "history.jsonl", "best.pt", "last.pt", "results.json"} <= set(os.listdir(run))
     # evaluate rebuilds the model from the checkpoint alone and finds the data through the embedded config.
     assert main(["evaluate", str(run / "last.pt"), "--json"]) == 0

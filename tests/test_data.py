@@ -10,6 +10,7 @@ import io
 import os
 import pickle
 import socket
+import sys
 import tarfile
 import threading
 import time
@@ -426,7 +427,7 @@ def test_load_dataset_downloads_into_cache(server: _Server, tmp_path: Path, monk
 
 
 def _digits_rows() -> list[list[int]]:
-    with gzip.open(digits_mod._digits_file(), "rt") as f:
+    with gzip.open(digits_mod.DIGITS_FILE, "rt") as f:
         return [[int(float(v)) for v in row] for row in csv.reader(f)]
 
 
@@ -454,13 +455,32 @@ def test_digits() -> None:
     assert torch.equal(again.train.images, ds.train.images) and torch.equal(again.test.labels, ds.test.labels)
 
 
-def test_digits_without_scikit_learn(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = digits_mod.importlib.util.find_spec
-    monkeypatch.setattr(
-        digits_mod.importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a)
-    )
-    with pytest.raises(DataError, match="pip install scikit-learn"):
-        load_dataset("digits")
+# The packaged file: byte for byte scikit-learn 1.9.1's sklearn/datasets/data/digits.csv.gz, and the splits made from
+# it (checked equal to sklearn.datasets.load_digits() when the file was added).
+DIGITS_FILE_SHA256 = "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22"
+DIGITS_SPLITS_SHA256 = "3baeb8053ef4be8b3373d48b5836a8071b23b35e392d6068b06c37e50f02811d"
+DIGITS_CLASS_COUNTS = [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+
+
+def test_digits_packaged_without_scikit_learn(monkeypatch: pytest.MonkeyPatch) -> None:
+    for blocked in ("sklearn", "scipy"):  # None in sys.modules makes any import of them raise ImportError
+        monkeypatch.setitem(sys.modules, blocked, None)
+    ds = load_dataset("digits")
+    assert hashlib.sha256(digits_mod.DIGITS_FILE.read_bytes()).hexdigest() == DIGITS_FILE_SHA256
+    assert (len(ds.train), len(ds.test)) == (1442, 355)
+    for split in (ds.train, ds.test):
+        assert split.images.shape[1:] == (1, 8, 8) and split.images.dtype == torch.uint8
+        assert split.labels.dtype == torch.int64
+    counts = np.bincount(np.concatenate([ds.train.labels.numpy(), ds.test.labels.numpy()]))
+    assert counts.tolist() == DIGITS_CLASS_COUNTS and sum(DIGITS_CLASS_COUNTS) == 1797
+    digest = hashlib.sha256()
+    for split in (ds.train, ds.test):
+        digest.update(split.images.numpy().tobytes())
+        digest.update(split.labels.numpy().tobytes())
+    assert digest.hexdigest() == DIGITS_SPLITS_SHA256
+    note = (digits_mod.DIGITS_FILE.parent / "digits-LICENSE.txt").read_text()
+    for term in ("Alpaydin", "Kaynak", "10.24432/C50P49", "CC BY 4.0", "BSD 3-Clause", DIGITS_FILE_SHA256):
+        assert term in note
 
 
 def test_digits_bad_file(tmp_path: Path) -> None:

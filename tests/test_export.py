@@ -1,6 +1,8 @@
 """Tests for gmlp_vision.export and `gmlp export`: ONNX parity through onnxruntime, int8, safetensors round trip."""
 
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -106,6 +108,17 @@ def test_safetensors_round_trip_is_exact(run, tmp_path, data):
     assert not loaded.training
     with torch.no_grad():
         assert torch.equal(loaded(data.test.images), model(data.test.images))
+
+
+def test_exported_files_get_the_usual_permissions(run, tmp_path):
+    old = os.umask(0o022)
+    try:
+        weights = export_safetensors(run / "best.pt", tmp_path / "st")
+    finally:
+        os.umask(old)
+    for path in (weights, tmp_path / "st" / "config.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path  # safetensors alone writes 0600
+    assert sorted(p.name for p in (tmp_path / "st").iterdir()) == ["config.json", "model.safetensors"]  # no temp
 
 
 def test_safetensors_errors(run, tmp_path):

@@ -101,8 +101,13 @@ def test_train_evaluate_predict_on_a_folder(tmp_path, monkeypatch, capsys):
     argv = ["train", "--dataset", "folder", "--data", str(root), "--preset", "tiny", "--epochs", "3",
             "--batch-size", "8", "--out", str(run), "--no-progress", "--threads", "1"]  # fmt: skip
     assert main(argv) == 0
+    out = capsys.readouterr().out
     results = json.loads((run / "results.json").read_text())
-    assert results["test"]["acc"] > 0.6  # three colours: chance is 1/3
+    assert results["test"]["acc"] > 0.6 and results["test_split"] == "val"  # three colours: chance is 1/3
+    # The split is named as the user named it (val/ is not a test set); 3 classes: no top-5 anywhere.
+    assert "val/ accuracy:" in out and "Test accuracy" not in out and "top5" not in out and "top 5" not in out
+    assert main(["evaluate", str(run)]) == 0
+    assert "folder val split, 36 images" in capsys.readouterr().out
     assert main(["evaluate", str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 36
     assert main(["predict", str(run), str(root / "val" / "dog" / "0.png"), "--top-k", "1", "--json"]) == 0

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from gmlp_vision.config.groups import AugmentConfig
 from gmlp_vision.policy import rand_augment, trivial_augment
+from gmlp_vision.policy_timm import rand_augment_timm
 
 
 def flip_lr(images: Tensor, generator: torch.Generator | None = None, p: float = 0.5) -> Tensor:
@@ -191,6 +192,15 @@ def augment_for_training(x: Tensor, aug: AugmentConfig, generator: torch.Generat
         x = trivial_augment(x, generator)
     elif aug.policy == "randaugment":
         x = rand_augment(x, aug.policy_ops, aug.policy_magnitude, generator)
+    elif aug.policy == "randaugment-timm":
+        x = rand_augment_timm(
+            x,
+            aug.policy_ops,
+            aug.policy_magnitude,
+            std=aug.policy_magnitude_std,
+            prob=aug.policy_prob,
+            generator=generator,
+        )
     if aug.erase:
         x = random_erase(x, aug.erase, generator)
     return x

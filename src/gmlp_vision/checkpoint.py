@@ -159,7 +159,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
     payload["sha256"] = content_digest(payload)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; a checkpoint gets the usual file permissions
+        os.fchmod(fd, usual_file_mode())  # mkstemp creates 0600; a checkpoint gets the usual file permissions
         with os.fdopen(fd, "wb") as f:
             try:
                 torch.save(payload, f)
@@ -184,10 +184,11 @@ def _write_failure(error: RuntimeError, path: Path) -> str:
     return f"{reason} ({free / 1e6:.1f} MB free on that file system{'; it is full' if free < 1 << 20 else ''})"
 
 
-def _umask() -> int:
+def usual_file_mode() -> int:
+    """The permissions a new file gets from ``open`` under this process's umask (0644 under the usual 022)."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:

@@ -13,10 +13,19 @@ from torch import Tensor, nn
 from gmlp_vision.distributed import SINGLE, Dist, unwrap
 from gmlp_vision.images import resize
 
+# The half-precision ``--precision`` values and their dtypes; anything else computes in fp32.
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def compute_input(images: Tensor, precision: str) -> Tensor:
-    """Float pixels in the dtype the model should compute in (`GMLP.normalize`): bf16 for ``precision="bf16"``."""
-    return images.to(torch.bfloat16) if precision == "bf16" else images.float()
+    """Float pixels in the dtype the model should compute in (`GMLP.normalize`): bf16 or fp16 as ``precision`` says.
+
+    The model casts its fp32 master weights to that dtype on use (no autocast); its layer norms accumulate their
+    statistics in fp32, and the logits come back to fp32 before the loss and the predicted probabilities, so fp16 only
+    adds a gradient scaler in training (`loop.train_step`).
+    """
+    dtype = HALF_DTYPES.get(precision)
+    return images.to(dtype) if dtype is not None else images.float()
 
 
 def topk_correct(logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:

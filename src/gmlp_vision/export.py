@@ -6,6 +6,8 @@ The ONNX graph, exported in eval mode with the TorchScript-based exporter (``dyn
   graph: resize first (`gmlp_vision.images.resize` is what training used). The batch axis is dynamic by default.
 - the per-channel normalisation is inside the graph (the model's buffers), exactly as in PyTorch.
 - output ``logits``: float32 (B, num_classes); softmax them for probabilities.
+- the graph computes in fp32 whatever ``--precision`` trained the model: bf16 and fp16 runs keep fp32 master weights,
+  so their fp32 graph is exact, runs on every onnxruntime provider, and ``--check`` compares it with fp32 PyTorch.
 - metadata properties: ``classes`` (JSON list), ``image_size``, ``in_chans``, ``producer`` (gmlp-vision version).
 
 int8: ``onnxruntime.quantization.quantize_dynamic`` (int8 weights, activations quantised per batch at run time) of
@@ -34,7 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from gmlp_vision.checkpoint import check_weights_fit, load_checkpoint
+from gmlp_vision.checkpoint import check_weights_fit, load_checkpoint, usual_file_mode
 from gmlp_vision.config.groups import ModelConfig
 from gmlp_vision.errors import CheckpointError, ConfigError, ExportError
 from gmlp_vision.evaluate import infer
@@ -234,7 +236,14 @@ def export_safetensors(checkpoint: str | Path, out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / "model.safetensors"
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(weights), metadata={"format": SAFETENSORS_FORMAT})
+    tmp = weights.with_name(f".{weights.name}.tmp")
+    try:
+        save_file(state, str(tmp), metadata={"format": SAFETENSORS_FORMAT})
+        os.chmod(tmp, usual_file_mode())  # safetensors writes 0600; an export is meant to be shared
+        os.replace(tmp, weights)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     config = {
         "format": SAFETENSORS_FORMAT,
         "version": SAFETENSORS_VERSION,

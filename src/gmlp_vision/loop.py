@@ -3,12 +3,21 @@
 An epoch is one permutation of the training images and a batch an index slice of it (`state.EpochProgress`, which a
 checkpoint saves so that an interrupted epoch continues exactly); each step augments on the device (`augment`), runs
 the model, and updates it. `train.train` runs the epochs around these.
+
+fp16 (``--precision fp16``) scales the loss with the state's gradient scaler (`state.gradient_scaler`). A step whose
+gradients overflow is skipped by it: the weights and the optimiser's state (its own step count included) stay as
+they were, and the scale halves. Everything else counts the batch as a step done: ``state.step``, the epoch's
+position, the lr schedule (a function of that count), the weight average (it updates, towards the unchanged weights),
+the periodic checkpoints and the epoch's metrics (the loss itself was finite). Only a non-finite loss stops training,
+as in fp32 and bf16: an overflowing fp16 gradient is expected now and then (most often in the first steps, while the
+scale comes down from 2^16) and is not an error.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +35,20 @@ from gmlp_vision.optim import LrSchedule
 from gmlp_vision.state import METRICS, EpochProgress, TrainState
 
 
+@dataclass(frozen=True)
+class BatchInfo:
+    """What the epoch loop knows of a batch besides its pixels and labels; the defaults describe a plain batch.
+
+    ``weight``: what each image's loss counts in the gradient: one float for all, or one per image (None:
+    ``1 / len(labels)``, the batch mean; the distributed loop passes ``world / global batch``, see `distributed`, and
+    0 for unreadable streamed files). ``cropped``: the images already are random-resized crops (streamed files); else
+    ``--crop`` is applied in the step.
+    """
+
+    weight: float | Tensor | None = None
+    cropped: bool = False
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -34,23 +57,25 @@ def train_step(
     cfg: Config,
     generator: torch.Generator,
     *,
-    weight: float | Tensor | None = None,
-    cropped: bool = False,
+    batch: BatchInfo | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One optimiser step on a uint8 batch: resize, augment, forward, loss, backward, update.
 
     The batch goes through in ``cfg.optim.accum_steps`` micro-batches whose gradients add up (under DDP they are
-    synchronised once, on the last). Each image's loss counts ``weight`` in the gradient: one float for all, or one
-    per image (default ``1 / len(labels)``: the batch mean; the distributed loop passes ``world / global batch``, see
-    `distributed`, and 0 for unreadable streamed files).
+    synchronised once, on the last).
 
     Args:
-        cropped: the images already are random-resized crops (streamed files); else ``--crop`` is applied here.
+        batch: each image's weight in the gradient, and whether the images are crops already (default: the mean).
+        scaler: fp16's gradient scaler (`state.gradient_scaler`; pass one with ``--precision fp16``): the loss is
+            scaled, the gradients unscaled before ``--clip-grad``, and a step whose gradients overflow is skipped.
 
     Returns:
         Every image's loss and the float32 logits, both detached.
     """
     n, device = len(labels), images.device
+    batch = batch or BatchInfo()
+    weight = batch.weight
     weights = (
         weight.to(device)
         if isinstance(weight, Tensor)
@@ -62,17 +87,32 @@ def train_step(
     losses, outputs = [], []
     for j, (xb, yb, wb) in enumerate(zip(*(t.tensor_split(parts) for t in (images, labels, weights)), strict=True)):
         with ddp.no_sync() if ddp is not None and j + 1 < parts else nullcontext():
-            x = augment_for_training(resize(xb.float(), cfg.model.image_size), cfg.augment, generator, cropped=cropped)
+            x = resize(xb.float(), cfg.model.image_size)
+            x = augment_for_training(x, cfg.augment, generator, cropped=batch.cropped)
             x, targets = mix_for_training(x, yb, cfg.augment, generator)
             logits = model(compute_input(x, cfg.run.precision)).float()
             loss = training_loss(logits, targets, cfg.optim.label_smoothing)
-            (loss * wb).sum().backward()
+            total = (loss * wb).sum()
+            (total if scaler is None else scaler.scale(total)).backward()
         losses.append(loss.detach())
         outputs.append(logits.detach())
-    if cfg.optim.clip_grad:
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-    optimizer.step()
+    _update(model, optimizer, cfg.optim.clip_grad, scaler)
     return (losses[0], outputs[0]) if parts == 1 else (torch.cat(losses), torch.cat(outputs))
+
+
+def _update(
+    model: nn.Module, optimizer: torch.optim.Optimizer, clip_grad: float, scaler: torch.amp.GradScaler | None
+) -> None:
+    """Clip and apply the gradients; a scaler unscales them first and skips the update when they overflowed."""
+    if scaler is not None and clip_grad:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    if clip_grad:
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if scaler is None:
+        optimizer.step()
+        return
+    scaler.step(optimizer)  # checks the gradients for inf/NaN (unscaling them if not done above) and skips if any
+    scaler.update()
 
 
 def _ddp(model: nn.Module) -> DistributedDataParallel | None:
@@ -127,9 +167,9 @@ def train_one_epoch(
         weights = torch.full((len(mine),), weight, device=device)
         if readable is not None:
             weights *= readable  # an unreadable streamed file (--skip-bad-images) counts for nothing
-        cropped = readable is not None and streams_crop(cfg.augment)
+        batch = BatchInfo(weights, cropped=readable is not None and streams_crop(cfg.augment))
         losses, logits = train_step(
-            state.model, state.optimizer, x, y, cfg, state.generator, weight=weights, cropped=cropped
+            state.model, state.optimizer, x, y, cfg, state.generator, batch=batch, scaler=state.scaler
         )
         progress.batch, progress.step = i + 1, progress.step + 1
         loss = losses.sum() if readable is None else (losses * readable).sum()

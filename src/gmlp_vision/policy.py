@@ -11,6 +11,7 @@ geometric ones (shear, translate, rotate) are one affine grid per image and a si
 Colour ops follow PIL's definitions (``ImageEnhance``, ``ImageOps``) in float, so they need no uint8 round trip.
 Geometric ops act about the image centre (PIL and torchvision shear about the top-left corner), bilinear, black fill.
 Each op is one ``nonzero`` over the batch: a host sync per op on GPUs (masks would avoid it; not measured here).
+timm's RandAugment as DeiT runs it (op probability, magnitude noise, 15 other ops, mean fill) is `policy_timm`.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def apply_ops(images: Tensor, ops: Tensor, mags: Tensor, signs: Tensor) -> Tenso
             geometric[idx] = True
             theta[idx] = _affine(name, strength)
         else:
-            out[idx] = _COLOUR[name](images[idx], strength.abs() if name in ("posterize", "solarize") else strength)
+            out[idx] = COLOUR_OPS[name](images[idx], strength.abs() if name in ("posterize", "solarize") else strength)
     idx = geometric.nonzero()[:, 0]
     if len(idx):
         x = images[idx].float()
@@ -144,7 +145,9 @@ def _contrast(x: Tensor, s: Tensor) -> Tensor:
 
 def _sharpness(x: Tensor, s: Tensor) -> Tensor:
     """Blend with PIL's SMOOTH filter (centre 5, neighbours 1, / 13) applied inside a 1-pixel border."""
-    C = x.shape[1]
+    C, H, W = x.shape[1:]
+    if min(H, W) < 3:  # all border: the filter leaves the image as it is
+        return _blend(x, x, s)
     kernel = torch.ones(3, 3, device=x.device, dtype=x.dtype)
     kernel[1, 1] = 5.0
     smooth = F.conv2d(x, (kernel / 13.0).expand(C, 1, 3, 3), groups=C)
@@ -185,7 +188,8 @@ def _equalize(x: Tensor, _: Tensor) -> Tensor:
     return torch.where((step > 0)[..., None], out, x.round()).to(x.dtype)
 
 
-_COLOUR = {
+# The colour ops by name, each ``(images, strength) -> images`` (strength per image; `policy_timm` uses them too).
+COLOUR_OPS = {
     "autocontrast": _autocontrast,
     "equalize": _equalize,
     "solarize": _solarize,

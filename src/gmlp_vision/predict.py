@@ -100,7 +100,7 @@ class Classifier:
     Args:
         model: the model (put in eval mode; its device is used).
         classes: class names, one per output.
-        precision: ``fp32`` or ``bf16``, as `evaluate` takes it.
+        precision: ``fp32``, ``bf16`` or ``fp16``, as `evaluate` takes it.
         batch_size: images decoded and run per forward pass.
         max_pixels: the largest image file accepted, in pixels.
     """

@@ -82,7 +82,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 # block 1.00 / 0.95 / 0.80 (stochastic depth rising linearly with depth); 6M / 20M / 73M parameters at 1000 classes.
 # The recipe is the paper's DeiT-style one as far as it is built here: AdamW, lr 1e-3 for batch 1024, weight decay 0.05
 # (not on norms and biases), 5 warm-up epochs then cosine, label smoothing 0.1, mixup 0.8 / cutmix 1.0, random-resized
-# crops and flips, RandAugment (2 ops, magnitude 9) and random erasing with probability 0.25.
+# crops and flips, DeiT's RandAugment (timm's rand-m9-mstd0.5-inc1: 2 ops from timm's 15, each applied with probability
+# 0.5 at magnitude 9 plus Gaussian noise of std 0.5, bicubic, mean-colour fill; `policy_timm`, checked against timm's
+# ops) and random erasing with probability 0.25.
 _PAPER = dict(
     image_size=224,
     patch_size=16,
@@ -104,9 +106,11 @@ _PAPER = dict(
     crop="random-resized",
     mixup=0.8,
     cutmix=1.0,
-    policy="randaugment",
+    policy="randaugment-timm",
     policy_ops=2,
     policy_magnitude=9.0,
+    policy_prob=0.5,
+    policy_magnitude_std=0.5,
     erase=0.25,
     flip=True,
     zoom=0.0,

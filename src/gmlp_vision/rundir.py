@@ -138,10 +138,13 @@ def write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
     _replace_with(run_dir / "history.jsonl", rows)
 
 
-def format_epoch(row: dict[str, float], epochs: int, steps: int) -> str:
-    """A Keras-like epoch line: ``Epoch 3/100 - 352/352 - 15s - loss: ... - val_top5-acc: ... - lr: 0.003``."""
-    names = (("loss", "loss"), ("acc", "acc"), ("top5", "top5-acc"))
-    parts = [f"Epoch {int(row['epoch'])}/{epochs}", f"{steps}/{steps}", f"{row['seconds']:.0f}s"]
+def format_epoch(row: dict[str, float], epochs: int, top5: bool = True) -> str:
+    """A Keras-like epoch line: ``Epoch 3/100 - 15s - loss: 1.2345 - acc: 0.5742 - val_loss: ... - lr: 0.003``.
+
+    Top-5 accuracy is shown only where it says something (``top5``: more than 10 classes); history.csv keeps it.
+    """
+    names = (("loss", "loss"), ("acc", "acc"), ("top5", "top5-acc"))[: 3 if top5 else 2]
+    parts = [f"Epoch {int(row['epoch'])}/{epochs}", f"{row['seconds']:.0f}s"]
     parts += [
         f"{prefix}{name}: {row[prefix + key]:.4f}"
         for prefix in ("", "val_", "val_ema_")

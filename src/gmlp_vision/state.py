@@ -1,9 +1,10 @@
 """A run's training state: what goes from step to step, what ``last.pt`` holds, and how a run resumes from it.
 
-`TrainState` holds the model, optimiser, plateau and early-stopping rules, the weight average, every random stream
-and the history; `EpochProgress` where the current epoch stands. ``save_last`` writes all of it (each rank's random
-streams gathered to rank 0), ``load`` puts it back, so an interrupted run continues bit for bit; ``after_step`` is what
-the epoch loop (`loop.train_one_epoch`) calls after every step, and `StopRequests` turns signals into a clean stop.
+`TrainState` holds the model, optimiser, fp16 gradient scaler, plateau and early-stopping rules, the weight average,
+every random stream and the history; `EpochProgress` where the current epoch stands. ``save_last`` writes all of it
+(each rank's random streams gathered to rank 0), ``load`` puts it back, so an interrupted run continues bit for bit;
+``after_step`` is what the epoch loop (`loop.train_one_epoch`) calls after every step, and `StopRequests` turns
+signals into a clean stop.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from gmlp_vision.checkpoint import Checkpoint, nonfinite_names, save_checkpoint
 from gmlp_vision.config import Config
 from gmlp_vision.data import Dataset
 from gmlp_vision.distributed import SINGLE, Dist, unwrap
-from gmlp_vision.errors import CheckpointError, NonFiniteLossError, TrainingInterrupted, first_line
+from gmlp_vision.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted, first_line
 from gmlp_vision.optim import EarlyStopping, Plateau, WeightEMA
 
 log = logging.getLogger("gmlp_vision")
@@ -37,6 +38,26 @@ RANK_SEED_STRIDE = 1_000_003
 def rank_seed(seed: int, rank: int) -> int:
     """The seed of rank ``rank``'s augmentation and dropout streams."""
     return seed + RANK_SEED_STRIDE * rank
+
+
+def gradient_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """The loss scaler ``--precision fp16`` trains with (`loop.train_step`); None for fp32 and bf16.
+
+    fp16 has more precision than bf16 but far less range (65504 at most, 6e-5 the smallest normal number): small
+    gradients of fp16 activations underflow to zero unless the loss is scaled up first. The scaler starts at 2^16,
+    halves on every step whose gradients overflow (that step is skipped, see `loop`) and doubles after 2000 clean steps
+    (torch's defaults).
+
+    Raises:
+        ConfigError: this torch has no device-generic ``torch.amp.GradScaler`` (it came with torch 2.3).
+    """
+    if precision != "fp16":
+        return None
+    if not hasattr(torch.amp, "GradScaler"):
+        raise ConfigError(
+            f"--precision fp16 needs torch 2.3 or newer (for its gradient scaler), got {torch.__version__}"
+        )
+    return torch.amp.GradScaler(device.type)
 
 
 @dataclass
@@ -89,8 +110,9 @@ class TrainState:
     """Everything a run carries from one step to the next; ``epoch`` and ``step`` count what is done.
 
     Built from the config, the model, its optimiser and this rank's random stream; the plateau and early-stopping
-    rules, the epoch order and the weight average (``--ema``) follow from the config. ``run_dir`` and ``ds`` are where
-    checkpoints go and the data they name; a state without them trains but cannot save.
+    rules, the epoch order, the weight average (``--ema``) and the gradient scaler (``--precision fp16``) follow from
+    the config. ``run_dir`` and ``ds`` are where checkpoints go and the data they name; a state without them trains
+    but cannot save.
     """
 
     cfg: Config
@@ -112,6 +134,7 @@ class TrainState:
     stopper: EarlyStopping = field(init=False)
     order: torch.Generator = field(init=False)  # the epoch order: the same on every rank
     ema: WeightEMA | None = field(init=False)
+    scaler: torch.amp.GradScaler | None = field(init=False)  # --precision fp16 only (`gradient_scaler`)
 
     def __post_init__(self) -> None:
         optim = self.cfg.optim
@@ -120,6 +143,7 @@ class TrainState:
         self.stopper = EarlyStopping(optim.early_stop_patience)
         self.order = torch.Generator().manual_seed(self.cfg.run.seed)
         self.ema = WeightEMA(self.net, optim.ema) if optim.ema else None
+        self.scaler = gradient_scaler(self.cfg.run.precision, next(self.net.parameters()).device)
 
     @property
     def averaged(self) -> nn.Module | None:
@@ -158,6 +182,7 @@ class TrainState:
             "early_stopping": self.stopper.state_dict(),
             "order_generator": self.order.get_state(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "ranks": ranks,
             "history": self.history,
             "epoch_progress": progress.state_dict() if progress is not None else None,
@@ -233,6 +258,8 @@ class TrainState:
             self.epoch, self.step, self.history = saved.epoch, saved.step, list(ts["history"])
             if self.ema is not None:
                 self.ema.load_state_dict(ts["ema"])
+            if self.scaler is not None and ts.get("scaler") is not None:  # fp32/bf16 runs and 0.1/0.2 files have none
+                self.scaler.load_state_dict(ts["scaler"])
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise CheckpointError(f"cannot resume from last.pt: {first_line(e)}") from None
         if part is None:

@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,9 @@ class Result:
     best_epoch: int  # 1-based
     stopped_early: bool
     test_ema: dict[str, float] | None = None  # the weight average's test metrics (--ema)
+    test_split: str = "test"  # what the data calls the split ``test`` was measured on (a folder's val/ or test/)
+    plots: list[Path] = field(default_factory=list)  # the PNGs and CSVs written under RUN_DIR/plots
+    shows_top5: bool = True  # `Dataset.shows_top5`: whether the output mentions top-5 accuracy
 
 
 EpochCallback = Callable[[dict[str, float], nn.Module, "nn.Module | None"], None]
@@ -307,7 +310,7 @@ def _end_epoch(state: TrainState, row: dict[str, float]) -> bool:
         write_history(state.run_dir, state.history)
         if state.board is not None:
             state.board.log_epoch(row)
-    _say(state.ctx, format_epoch(row, state.cfg.optim.epochs, state.steps_per_epoch))
+    _say(state.ctx, format_epoch(row, state.cfg.optim.epochs, top5=state.ds.shows_top5))
     return stopped
 
 
@@ -334,6 +337,7 @@ def _finish(state: TrainState, data: _Data, stopped: bool) -> Result:
         "best_epoch": state.stopper.best_epoch + 1,
         "stopped_early": stopped,
         "epochs_run": len(state.history),
+        "test_split": state.ds.test_split,
         "command": train_command(cfg),
     }
     if state.ema is not None:
@@ -342,18 +346,27 @@ def _finish(state: TrainState, data: _Data, stopped: bool) -> Result:
         )
         state.epoch = len(state.history)
         state.save("ema.pt", state.ema.module, summary["test_ema"])
-    ctx.on_main(partial(_write_results, state, summary))
+    plots = ctx.on_main(partial(_write_results, state, summary))
     return Result(
-        state.run_dir, state.history, test, final, state.stopper.best_epoch + 1, stopped, summary.get("test_ema")
+        state.run_dir,
+        state.history,
+        test,
+        final,
+        state.stopper.best_epoch + 1,
+        stopped,
+        test_ema=summary.get("test_ema"),
+        test_split=state.ds.test_split,
+        plots=plots,
+        shows_top5=state.ds.shows_top5,
     )
 
 
-def _write_results(state: TrainState, summary: dict[str, Any]) -> None:
+def _write_results(state: TrainState, summary: dict[str, Any]) -> list[Path]:
     from gmlp_vision.report import write_report  # matplotlib loads only when a run ends
 
     write_json(state.run_dir / "results.json", summary)
     cfg, test = state.cfg, state.ds.test
-    write_report(
+    return write_report(
         state.run_dir,
         state.net,
         test.images,

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 from gmlp_vision import __version__
 from gmlp_vision.cli.flags import DEFAULTS_NOTE, USAGE, add_config_arguments, config_from_args, explicit_values
@@ -41,26 +40,36 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 128 + e.signum  # what shells expect: 130 for SIGINT, 143 for SIGTERM
     if not launched().main:
         return 0
-    print(f"Test accuracy: {100 * result.test['acc']:.2f}%")
-    print(f"Test top 5 accuracy: {100 * result.test['top5']:.2f}%")
+    split = split_name(result.test_split)
+    _print_accuracy(split, result.test, result.shows_top5)
     if result.test_ema is not None:
-        ema = result.test_ema
-        print(f"Weight average (ema.pt): test accuracy {100 * ema['acc']:.2f}%, top 5 {100 * ema['top5']:.2f}%")
+        _print_accuracy(
+            f"Weight average (ema.pt), {split}",
+            result.test_ema,
+            result.shows_top5,
+        )
     print(f"run directory: {result.run_dir} (final weights: {result.final_checkpoint})")
+    if result.plots:
+        print(f"plots: {result.plots[0].parent} ({', '.join(p.name for p in result.plots if p.suffix == '.png')})")
     return 0
 
 
-def resolve_checkpoint(path: str) -> Path:
-    """A checkpoint file, or for a run directory the checkpoint its results.json names (else best.pt)."""
-    from gmlp_vision.predict import resolve_checkpoint as resolve
+def split_name(split: str) -> str:
+    """How the output names a held-out split: ``Test`` (CIFAR, digits, a folder's test/), else the folder (``val/``)."""
+    return "Test" if split == "test" else f"{split}/"
 
-    return resolve(path)
+
+def _print_accuracy(split: str, metrics: dict[str, float], top5: bool) -> None:
+    print(f"{split} accuracy: {100 * metrics['acc']:.2f}%")
+    if top5:
+        print(f"{split} top 5 accuracy: {100 * metrics['top5']:.2f}%")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from gmlp_vision.checkpoint import load_checkpoint
     from gmlp_vision.distributed import resolve_device
-    from gmlp_vision.train import evaluate
+    from gmlp_vision.evaluate import evaluate
+    from gmlp_vision.predict import resolve_checkpoint
 
     device = resolve_device(args.device)
     ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
@@ -76,9 +85,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             )
         )
     else:
-        print(f"{dataset} test split, {len(ds.test.labels)} images: loss {metrics['loss']:.4f}")
-        print(f"Test accuracy: {100 * metrics['acc']:.2f}%")
-        print(f"Test top 5 accuracy: {100 * metrics['top5']:.2f}%")
+        print(f"{dataset} {ds.test_split} split, {len(ds.test.labels)} images: loss {metrics['loss']:.4f}")
+        _print_accuracy(split_name(ds.test_split), metrics, ds.shows_top5)
     return 0
 
 
@@ -100,6 +108,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from gmlp_vision.model import GMLP, count_parameters, flops_per_image
 
     if args.checkpoint:
+        from gmlp_vision.predict import resolve_checkpoint
+
         ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
         model, source = ckpt.build_model(), f"checkpoint {args.checkpoint} (epoch {ckpt.epoch}, step {ckpt.step})"
     else:

@@ -144,12 +144,19 @@ class AugmentConfig:
     policy: str = option(
         "none",
         "automatic augmentation, batched: trivial (TrivialAugment: one random op per image at a random magnitude, "
-        "over RandAugment's standard ranges, not TrivialAugment-wide's) or randaugment (--policy-ops ops per image, "
-        "always applied, at --policy-magnitude)",
-        ("none", "trivial", "randaugment"),
+        "over RandAugment's standard ranges, not TrivialAugment-wide's), randaugment (--policy-ops ops per image, "
+        "always applied, at --policy-magnitude) or randaugment-timm (DeiT's: timm's rand-m9-mstd0.5-inc1)",
+        ("none", "trivial", "randaugment", "randaugment-timm"),
     )
-    policy_ops: int = option(2, "randaugment: ops applied in a row to each image (N)")
-    policy_magnitude: float = option(9.0, "randaugment: strength of every op, 0..10 (M; 10 is the strongest)")
+    policy_ops: int = option(2, "randaugment, randaugment-timm: ops drawn in a row for each image (N)")
+    policy_magnitude: float = option(
+        9.0, "randaugment, randaugment-timm: strength of every op, 0..10 (M; 10 is the strongest)"
+    )
+    policy_prob: float = option(0.5, "randaugment-timm: probability that each drawn op is applied (timm's p)")
+    policy_magnitude_std: float = option(
+        0.5,
+        "randaugment-timm: std of the Gaussian noise on each op's magnitude, clipped to 0..10 (timm's mstd; 0: none)",
+    )
     erase: float = option(0.0, "random erasing: probability per image that a random box is replaced by noise (0: off)")
     mixup: float = option(0.0, "mixup alpha: blend each batch with itself reversed, lam ~ Beta(alpha, alpha) (0: off)")
     cutmix: float = option(
@@ -163,6 +170,12 @@ class AugmentConfig:
         require(
             self.crop_padding >= 0 and self.policy_ops >= 1 and 0.0 <= self.policy_magnitude <= 10.0,
             "--crop-padding must be >= 0, --policy-ops >= 1 and --policy-magnitude in 0..10",
+        )
+        require(0.0 <= self.policy_prob <= 1.0, f"--policy-prob is a probability in [0, 1], got {self.policy_prob}")
+        require(
+            0.0 <= self.policy_magnitude_std <= 100.0,
+            f"--policy-magnitude-std must be in 0..100 (timm's uniform magnitude, mstd > 100, is not offered), "
+            f"got {self.policy_magnitude_std}",
         )
         require(0.0 <= self.erase <= 1.0, f"--erase is a probability in [0, 1], got {self.erase}")
         require(self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix take a Beta alpha >= 0 (0: off)")
@@ -254,7 +267,10 @@ class RunConfig:
     seed: int = option(0, "random seed (weights, shuffling, augmentation, dropout)")
     device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
     precision: str = option(
-        "fp32", "fp32, or bf16 activations and matrix products with fp32 master weights and loss", ("fp32", "bf16")
+        "fp32",
+        "fp32, or bf16 or fp16 activations and matrix products with fp32 master weights and loss; fp16 (with a "
+        "gradient scaler) is for GPUs without fast bf16, such as T4 and V100",
+        ("fp32", "bf16", "fp16"),
     )
     compile: bool = option(False, "torch.compile the model (slower start; faster steps where the backend pays off)")
     threads: int = option(0, "CPU threads for torch (0: torch's default)")

@@ -27,17 +27,27 @@ class Split:
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """A named dataset: train and test splits plus the class names in label order."""
+    """A named dataset: train and test splits plus the class names in label order.
+
+    ``test_split`` is what the data calls its held-out split: ``test`` for CIFAR and digits, ``val`` or ``test`` for
+    an image folder (its folder's name), so that messages name it as the user did.
+    """
 
     name: str
     train: Split
     test: Split
     classes: tuple[str, ...]
+    test_split: str = "test"
 
     @property
     def num_classes(self) -> int:
         """Number of classes."""
         return len(self.classes)
+
+    @property
+    def shows_top5(self) -> bool:
+        """Whether top-5 accuracy says something about this data: with 10 classes or fewer it is printed nowhere."""
+        return self.num_classes > 10
 
     @property
     def image_size(self) -> int:

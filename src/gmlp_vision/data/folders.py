@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -133,9 +134,9 @@ def load_image_folder(root: str | Path, options: LoadOptions | None = None) -> D
             eval_dir.name,
             options.workers,
         )
-        return _streamed(train_paths, eval_paths, classes, options)
+        return replace(_streamed(train_paths, eval_paths, classes, options), test_split=eval_dir.name)
     key = _cache_key(root, options.image_size, {"train": train_files, eval_dir.name: eval_files})
-    return _in_memory(train_paths, eval_paths, classes, key, options)
+    return replace(_in_memory(train_paths, eval_paths, classes, key, options), test_split=eval_dir.name)
 
 
 def _layout(root: Path) -> tuple[Path, dict[str, list[Path]], dict[str, list[Path]]]:
