@@ -28,9 +28,8 @@ import torch
 
 import gmlp_vision
 from gmlp_vision import export
-from gmlp_vision.checkpoint import load_checkpoint
+from gmlp_vision.checkpoint import load_checkpoint, resolve_checkpoint
 from gmlp_vision.data import load_dataset
-from gmlp_vision.predict import resolve_checkpoint
 
 HERE = Path(__file__).resolve().parent
 

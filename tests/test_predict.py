@@ -164,6 +164,45 @@ def test_cli_predict_text_and_json(run, tmp_path, capsys):
     assert all(len(r["top_k"]) == 4 and r["name"] == r["top_k"][0]["name"] for r in rows)
 
 
+def test_predict_from_what_export_writes(run, tmp_path, capsys):
+    """The export folder (safetensors, or ONNX alone), model.onnx and the int8 graph classify like the checkpoint."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")  # CI installs it: never skipped there
+    for i in range(3):
+        Image.fromarray(rgb(32, 40, seed=i)).save(tmp_path / f"{i}.png")
+    images = [str(tmp_path / f"{i}.png") for i in range(3)]
+    assert main(["export", str(run), "--format", "safetensors", "--out", str(tmp_path / "st")]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "onnx" / "model.onnx"), "--quantize", "int8"]) == 0
+    capsys.readouterr()
+    reference = Classifier.from_checkpoint(run).logits(images)
+    assert torch.equal(Classifier.load(tmp_path / "st").logits(images), reference)  # the same PyTorch model
+    assert torch.equal(Classifier.load(tmp_path / "st" / "model.safetensors").logits(images), reference)
+    for source in (tmp_path / "onnx", tmp_path / "onnx" / "model.onnx"):
+        assert torch.allclose(Classifier.load(source).logits(images), reference, atol=1e-4)
+    int8 = Classifier.load(tmp_path / "onnx" / "model.int8.onnx")
+    assert int8.classes == Classifier.from_checkpoint(run).classes and int8.logits(images).shape == reference.shape
+    expected = [p.to_dict() for p in Classifier.from_checkpoint(run).predict(images, top_k=2)]
+    for model in (tmp_path / "st", tmp_path / "onnx" / "model.onnx"):
+        assert main(["predict", str(model), *images, "--json", "--top-k", "2"]) == 0
+        rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+        assert [r["name"] for r in rows] == [e["name"] for e in expected]
+        assert all(abs(r["probability"] - e["probability"]) < 1e-4 for r, e in zip(rows, expected, strict=True))
+
+
+def test_predict_refuses_what_is_not_a_model(run, tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    Image.fromarray(rgb(32, 32)).save(tmp_path / "ok.png")
+    (tmp_path / "fake.onnx").write_bytes(b"not a graph")
+    (tmp_path / "empty").mkdir()
+    for model, message in [
+        (tmp_path / "fake.onnx", "cannot load"),
+        (tmp_path / "missing.onnx", "missing.onnx not found"),
+        (tmp_path / "empty", "not found"),
+    ]:
+        assert main(["predict", str(model), str(tmp_path / "ok.png")]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [

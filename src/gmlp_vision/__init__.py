@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.2.0"
+from gmlp_vision.version import __version__
 
 _WHERE = {
     "GMLP": "gmlp_vision.model",

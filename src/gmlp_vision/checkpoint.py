@@ -191,6 +191,25 @@ def usual_file_mode() -> int:
     return 0o666 & ~mask
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file as given, or for a run directory the checkpoint its results.json names (else best.pt).
+
+    Raises:
+        CheckpointError: the run directory's results.json cannot be read.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        return p
+    results = p / "results.json"
+    if not results.is_file():
+        return p / "best.pt"
+    try:
+        name = json.loads(results.read_text()).get("final_checkpoint", "best.pt")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"cannot read {results}: {e}") from None
+    return p / str(name)
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Read a checkpoint safely (``weights_only``) and validate what it holds.
 

@@ -33,20 +33,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
-from gmlp_vision.checkpoint import check_weights_fit, load_checkpoint, usual_file_mode
-from gmlp_vision.config.groups import ModelConfig
-from gmlp_vision.errors import CheckpointError, ConfigError, ExportError
+from gmlp_vision.artifacts import (  # reading exports lives there; re-exported for `gmlp_vision.export` callers
+    ONNX_EXTRA,
+    SAFETENSORS_FORMAT,
+    SAFETENSORS_VERSION,
+    load_safetensors,
+    read_safetensors_config,
+)
+from gmlp_vision.checkpoint import load_checkpoint, resolve_checkpoint, usual_file_mode
+from gmlp_vision.errors import ExportError
 from gmlp_vision.evaluate import infer
 from gmlp_vision.images import resize
 from gmlp_vision.model import GMLP
-from gmlp_vision.predict import resolve_checkpoint
-
-ONNX_EXTRA = "pip install 'gmlp-vision[onnx]'"
-SAFETENSORS_FORMAT = "gmlp-vision-safetensors"
-SAFETENSORS_VERSION = 1
 
 
 def _require(name: str) -> ModuleType:
@@ -68,7 +69,7 @@ def _legacy_exporter() -> dict[str, Any]:
 
 
 def _set_metadata(proto: Any, model: GMLP, classes: tuple[str, ...]) -> None:
-    from gmlp_vision import __version__
+    from gmlp_vision.version import __version__
 
     values = {
         "classes": json.dumps(list(classes)),
@@ -255,39 +256,17 @@ def export_safetensors(checkpoint: str | Path, out_dir: str | Path) -> Path:
     return weights
 
 
-def read_safetensors_config(folder: str | Path) -> tuple[ModelConfig, tuple[str, ...]]:
-    """The model config and class names of an `export_safetensors` folder.
-
-    Raises:
-        CheckpointError: ``config.json`` is missing, of another format, or invalid.
-    """
-    path = Path(folder) / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-        if raw.get("format") != SAFETENSORS_FORMAT or raw.get("version") != SAFETENSORS_VERSION:
-            raise ValueError(f"not a {SAFETENSORS_FORMAT} v{SAFETENSORS_VERSION} config")
-        return ModelConfig(**raw["model"]), tuple(str(c) for c in raw["classes"])
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"{path} not found: pass a folder written by `gmlp export --format safetensors`"
-        ) from None
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, ConfigError) as e:
-        raise CheckpointError(f"{path} is not a valid gmlp-vision export config: {e}") from None
-
-
-def load_safetensors(folder: str | Path, device: str | torch.device = "cpu") -> GMLP:
-    """Rebuild the model of an `export_safetensors` folder, in eval mode on ``device``.
-
-    Raises:
-        CheckpointError: the folder's files are missing, damaged or do not fit together.
-    """
-    cfg, _ = read_safetensors_config(folder)
-    weights = Path(folder) / "model.safetensors"
-    try:
-        state = load_file(str(weights))
-    except Exception as e:  # safetensors raises its own error types for damaged files
-        raise CheckpointError(f"cannot read {weights}: {e}") from None
-    check_weights_fit(cfg, state, str(weights))  # before building: the config alone could ask for any size
-    model = GMLP(cfg)
-    model.load_state_dict(state)
-    return model.to(device).eval()
+__all__ = [
+    "ONNX_EXTRA",
+    "SAFETENSORS_FORMAT",
+    "SAFETENSORS_VERSION",
+    "check_onnx",
+    "default_export_dir",
+    "export_onnx",
+    "export_safetensors",
+    "load_safetensors",
+    "onnx_logits",
+    "onnx_session",
+    "quantize_onnx",
+    "read_safetensors_config",
+]

@@ -1,4 +1,8 @@
-"""Classify image files, PIL images, numpy arrays and tensors with a trained checkpoint.
+"""Classify image files, PIL images, numpy arrays and tensors with a trained model: a checkpoint, or an export.
+
+`Classifier.load` takes what training and ``gmlp export`` write: a checkpoint (``best.pt``), a run directory, an
+export folder (``model.safetensors`` + ``config.json``, or ``model.onnx``), or an ``.onnx`` file (run by onnxruntime,
+`artifacts.OnnxModel`).
 
 Every input becomes (C, H, W) pixels with the model's channels (`gmlp_vision.images`: Pillow conversion, alpha
 dropped, decompression-bomb and truncation checks), is resized with `images.resize` (the one resize training and
@@ -8,7 +12,6 @@ it, so prediction sees exactly what `evaluate` sees.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +22,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from gmlp_vision.checkpoint import load_checkpoint
+from gmlp_vision.artifacts import OnnxModel, load_safetensors, read_safetensors_config, safetensors_precision
+from gmlp_vision.checkpoint import load_checkpoint, resolve_checkpoint
 from gmlp_vision.errors import CheckpointError, ConfigError, ImageError
 from gmlp_vision.evaluate import infer
 from gmlp_vision.images import (
@@ -70,23 +74,8 @@ class Prediction:
         return {"image": self.source, **top[0], "top_k": top}
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file as given, or for a run directory the checkpoint its results.json names (else best.pt).
-
-    Raises:
-        CheckpointError: the run directory's results.json cannot be read.
-    """
-    p = Path(path)
-    if not p.is_dir():
-        return p
-    results = p / "results.json"
-    if not results.is_file():
-        return p / "best.pt"
-    try:
-        name = json.loads(results.read_text()).get("final_checkpoint", "best.pt")
-    except (OSError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"cannot read {results}: {e}") from None
-    return p / str(name)
+def _is_run_dir(path: Path) -> bool:
+    return any((path / name).exists() for name in ("results.json", "best.pt", "last.pt"))
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -98,7 +87,7 @@ class Classifier:
     """A trained gMLP ready to classify images; see the module docstring for what inputs become.
 
     Args:
-        model: the model (put in eval mode; its device is used).
+        model: the model (put in eval mode; its device is used), or an exported ONNX graph (`artifacts.OnnxModel`).
         classes: class names, one per output.
         precision: ``fp32``, ``bf16`` or ``fp16``, as `evaluate` takes it.
         batch_size: images decoded and run per forward pass.
@@ -107,22 +96,49 @@ class Classifier:
 
     def __init__(
         self,
-        model: GMLP,
+        model: GMLP | OnnxModel,
         classes: Sequence[str],
         *,
         precision: str = "fp32",
         batch_size: int = 64,
         max_pixels: int = MAX_IMAGE_PIXELS,
     ) -> None:
-        if len(classes) != model.cfg.num_classes:
-            raise CheckpointError(f"{len(classes)} class names for a model with {model.cfg.num_classes} outputs")
+        outputs = len(model.classes) if isinstance(model, OnnxModel) else model.cfg.num_classes
+        if len(classes) != outputs:
+            raise CheckpointError(f"{len(classes)} class names for a model with {outputs} outputs")
         if batch_size < 1:
             raise ConfigError(f"--batch-size must be a positive integer, got {batch_size}")
-        self.model = model.eval()
+        self.model = model if isinstance(model, OnnxModel) else model.eval()
+        self.image_size = model.image_size if isinstance(model, OnnxModel) else model.cfg.image_size
+        self.in_chans = model.in_chans if isinstance(model, OnnxModel) else model.cfg.in_chans
         self.classes = tuple(classes)
         self.precision = precision
         self.batch_size = batch_size
         self.max_pixels = max_pixels
+
+    @classmethod
+    def load(
+        cls, path: str | Path, device: str | torch.device = "cpu", *, precision: str | None = None, batch_size: int = 64
+    ) -> Classifier:
+        """Load what training or ``gmlp export`` wrote (see the module docstring); ONNX graphs run on the CPU.
+
+        Raises:
+            CheckpointError: nothing loadable there, or a missing, damaged or foreign file.
+            ExportError: an ONNX file without onnxruntime installed.
+        """
+        p = Path(path)
+        if p.is_dir() and (p / "model.safetensors").is_file():
+            model, classes = load_safetensors(p, device), read_safetensors_config(p)[1]
+            return cls(model, classes, precision=precision or safetensors_precision(p), batch_size=batch_size)
+        onnx = p / "model.onnx" if p.is_dir() and not _is_run_dir(p) else p
+        if onnx.suffix == ".onnx":
+            if not onnx.is_file():
+                raise CheckpointError(f"{onnx} not found: pass a checkpoint, a run directory, or an export")
+            graph = OnnxModel(onnx)
+            return cls(graph, graph.classes, batch_size=batch_size)
+        if p.suffix == ".safetensors":
+            return cls.load(p.parent, device, precision=precision, batch_size=batch_size)
+        return cls.from_checkpoint(p, device, precision=precision, batch_size=batch_size)
 
     @classmethod
     def from_checkpoint(
@@ -139,7 +155,8 @@ class Classifier:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the images are prepared: the model's device (the CPU for an ONNX graph)."""
+        return torch.device("cpu") if isinstance(self.model, OnnxModel) else next(self.model.parameters()).device
 
     def _flatten(self, images: ImageInput | Sequence[ImageInput]) -> list[tuple[str, ImageInput]]:
         items = list(images) if isinstance(images, (list, tuple)) else [images]
@@ -152,7 +169,7 @@ class Classifier:
         return out
 
     def _load(self, item: ImageInput) -> Tensor:
-        channels = self.model.cfg.in_chans
+        channels = self.in_chans
         if isinstance(item, (str, Path)):
             return load_image(item, channels, max_pixels=self.max_pixels)
         if isinstance(item, Image.Image):
@@ -165,7 +182,7 @@ class Classifier:
 
     def preprocess(self, images: Sequence[ImageInput]) -> Tensor:
         """Load and resize a list of single images to one (B, C, S, S) float batch on the model's device."""
-        size = self.model.cfg.image_size
+        size = self.image_size
         return torch.cat([resize(self._load(x).to(self.device)[None].float(), size) for x in images])
 
     def logits(self, images: ImageInput | Sequence[ImageInput]) -> Tensor:
@@ -174,8 +191,13 @@ class Classifier:
 
     @torch.no_grad()
     def _logits(self, items: list[ImageInput]) -> Tensor:
-        parts = [infer(self.model, self.preprocess(c), self.precision).cpu() for c in _chunks(items, self.batch_size)]
+        parts = [self._run(self.preprocess(c)).cpu() for c in _chunks(items, self.batch_size)]
         return torch.cat(parts) if parts else torch.empty(0, len(self.classes))
+
+    def _run(self, pixels: Tensor) -> Tensor:
+        if isinstance(self.model, OnnxModel):
+            return self.model(pixels)
+        return infer(self.model, pixels, self.precision)
 
     def predict(self, images: ImageInput | Sequence[ImageInput], top_k: int = 5) -> list[Prediction]:
         """The ``top_k`` most probable classes of each image (one `Prediction` per image, in input order).

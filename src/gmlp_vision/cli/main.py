@@ -13,12 +13,12 @@ import logging
 import os
 import sys
 
-from gmlp_vision import __version__
 from gmlp_vision.cli.flags import DEFAULTS_NOTE, USAGE, add_config_arguments, config_from_args, explicit_values
 from gmlp_vision.cli.tools import add_commands, checkpoint_dataset, device_flag, positive_int
 from gmlp_vision.data import DATASET_KINDS, DATASETS
 from gmlp_vision.errors import ConfigError, GmlpError, TrainingInterrupted
 from gmlp_vision.presets import DATASET_PRESET, PRESET_HELP, PRESETS
+from gmlp_vision.version import __version__
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -66,10 +66,9 @@ def _print_accuracy(split: str, metrics: dict[str, float], top5: bool) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from gmlp_vision.checkpoint import load_checkpoint
+    from gmlp_vision.checkpoint import load_checkpoint, resolve_checkpoint
     from gmlp_vision.distributed import resolve_device
     from gmlp_vision.evaluate import evaluate
-    from gmlp_vision.predict import resolve_checkpoint
 
     device = resolve_device(args.device)
     ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
@@ -108,7 +107,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from gmlp_vision.model import GMLP, count_parameters, flops_per_image
 
     if args.checkpoint:
-        from gmlp_vision.predict import resolve_checkpoint
+        from gmlp_vision.checkpoint import resolve_checkpoint
 
         ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
         model, source = ckpt.build_model(), f"checkpoint {args.checkpoint} (epoch {ckpt.epoch}, step {ckpt.step})"

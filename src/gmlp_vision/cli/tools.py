@@ -64,7 +64,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from gmlp_vision.distributed import resolve_device
     from gmlp_vision.predict import Classifier, expand_inputs
 
-    classifier = Classifier.from_checkpoint(args.checkpoint, resolve_device(args.device), batch_size=args.batch_size)
+    classifier = Classifier.load(args.checkpoint, resolve_device(args.device), batch_size=args.batch_size)
     files = expand_inputs(args.images)
     # A batch at a time, so results appear while a large folder is still being read.
     for start in range(0, len(files), args.batch_size):
@@ -85,8 +85,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     from gmlp_vision import export
-    from gmlp_vision.checkpoint import load_checkpoint
-    from gmlp_vision.predict import resolve_checkpoint
+    from gmlp_vision.checkpoint import load_checkpoint, resolve_checkpoint
 
     if args.quantize and args.format != "onnx":
         raise ConfigError("--quantize int8 applies to --format onnx only")
@@ -139,9 +138,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from gmlp_vision.checkpoint import load_checkpoint
+    from gmlp_vision.checkpoint import load_checkpoint, resolve_checkpoint
     from gmlp_vision.distributed import resolve_device
-    from gmlp_vision.predict import resolve_checkpoint
     from gmlp_vision.report import evaluation_report, plot_history
 
     run_dir = Path(args.run_dir)
@@ -169,7 +167,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def add_commands(sub: Any, dataset_names: Sequence[str]) -> None:
     """Add ``predict``, ``export`` and ``report`` to the ``gmlp`` subparsers."""
     p = sub.add_parser("predict", help="classify image files with a trained model")
-    p.add_argument("checkpoint", help="checkpoint file (best.pt, last.pt) or run directory")
+    p.add_argument(
+        "checkpoint",
+        metavar="MODEL",
+        help="a checkpoint (best.pt, last.pt), a run directory, an export folder (model.safetensors + config.json, or "
+        "model.onnx) or an .onnx file (needs onnxruntime)",
+    )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (searched recursively), globs")
     p.add_argument("--top-k", type=positive_int, default=5, help="classes shown per image (default: 5)")
     p.add_argument("--json", action="store_true", help="one JSON object per image and line")
