@@ -151,3 +151,24 @@ def test_channel_stats_population_variance():
     mean, var = channel_stats(x)
     torch.testing.assert_close(mean, torch.tensor([1.0, 10.0]))
     torch.testing.assert_close(var, torch.tensor([1.0, 0.0]))
+
+
+def test_the_progress_bar_shows_the_running_loss_and_the_lr():
+    import io
+
+    from tqdm import tqdm
+
+    from gmlp_vision.loop import _BarPostfix
+
+    out = io.StringIO()
+    bar = tqdm(total=3, file=out, mininterval=0, ascii=True)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.003)
+    shown = _BarPostfix(bar)
+    shown.step(torch.tensor([1.0, 3.0]), optimizer, synced=True)
+    optimizer.param_groups[0]["lr"] = 0.0015
+    shown.step(torch.tensor([5.0, 7.0]), optimizer, synced=False)  # read at the next sync, not now
+    assert "loss=2.0000" in out.getvalue() and "lr=0.003" in out.getvalue()
+    shown.step(torch.tensor([9.0]), optimizer, synced=True)
+    bar.refresh()
+    assert "loss=5.0000, lr=0.0015" in out.getvalue() and bar.n == 3
+    assert _BarPostfix(tqdm(total=1, disable=True)).bar is None  # --no-progress: nothing is added up

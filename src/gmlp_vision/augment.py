@@ -1,7 +1,7 @@
 """Batched image augmentation on the training device, with an explicit `torch.Generator`.
 
 Every op takes a whole batch (B, C, H, W) of float pixels and draws its per-image randomness as tensors, so there is no
-per-image Python loop and no worker process. The tutorial's pipeline (SPEC.md) is resize -> random horizontal flip ->
+per-image Python loop and no worker process. The tutorial's pipeline (README) is resize -> random horizontal flip ->
 random zoom; zoom follows Keras' ``RandomZoom`` exactly: per image ``zx, zy ~ U(1 - f, 1 + f)``, the output pixel
 ``(x, y)`` samples the input at ``(zx (x - c_x) + c_x, zy (y - c_y) + c_y)`` around the image centre, bilinear, with
 TF's "reflect" fill (``d c b a | a b c d``), which is ``grid_sample``'s reflection padding with ``align_corners=False``.

@@ -161,6 +161,7 @@ def train_one_epoch(
     schedule = LrSchedule.from_config(cfg.optim, len(batches))
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     check_every = 1 if device.type == "cpu" else 50  # .item() and collectives sync the device: not every step on GPUs
+    shown = _BarPostfix(bar)
     for (i, mine, weight), (x, readable) in zip(plan, fetched, strict=True):
         schedule.apply(state.optimizer, progress.step)
         y = labels[mine]
@@ -179,12 +180,33 @@ def train_one_epoch(
                 _add(progress.sums, loss, *topk_correct(logits, y, readable))
         check = progress.step % check_every == 0 or i + 1 == len(batches)
         stop = _check(state, nonfinite, loss, check, check_every == 1, progress)
-        if bar is not None:
-            bar.update(1)
+        shown.step(losses, state.optimizer, check)
         state.after_step(progress, stop)
     state.step = progress.step
     totals = ctx.sum(torch.stack([progress.sums[k] for k in METRICS]))
     return {k: v / n for k, v in zip(METRICS, totals.tolist(), strict=True)}
+
+
+class _BarPostfix:
+    """The progress bar's running loss (per image, over this call's steps) and lr, as Keras and Lightning show them.
+
+    The loss adds up on the device and is read only on steps where the loop syncs anyway (every step on CPU).
+    """
+
+    def __init__(self, bar: tqdm | None) -> None:
+        self.bar = bar if bar is not None and not bar.disable else None
+        self.total: Tensor | float = 0.0
+        self.count = 0
+
+    def step(self, losses: Tensor, optimizer: torch.optim.Optimizer, synced: bool) -> None:
+        if self.bar is None:
+            return
+        self.total = self.total + losses.detach().double().sum()
+        self.count += len(losses)
+        if synced:
+            lr = optimizer.param_groups[0]["lr"]
+            self.bar.set_postfix(loss=f"{float(self.total) / self.count:.4f}", lr=f"{lr:.3g}", refresh=False)
+        self.bar.update(1)
 
 
 def _plan(batches: tuple[Tensor, ...], start: int, ctx: Dist) -> list[tuple[int, Tensor, float]]:

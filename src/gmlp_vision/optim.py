@@ -1,4 +1,4 @@
-"""The tutorial's optimiser and epoch-level rules with Keras 2 / TensorFlow-Addons semantics (SPEC.md).
+"""The tutorial's optimiser and epoch-level rules with Keras 2 / TensorFlow-Addons semantics (tests/test_fidelity.py).
 
 - `KerasAdamW`: TF-Addons ``AdamW`` (``DecoupledWeightDecayExtension`` over Keras ``Adam``). Every step first decays
   every parameter by ``w *= 1 - weight_decay``, independent of the learning rate (it stays when the lr is halved),

@@ -1,6 +1,6 @@
 """Presets: named lists of overrides of the config's defaults, each with a comment saying why its values were chosen.
 
-`seed` reproduces the Keras tutorial exactly (SPEC.md); `digits` is the offline Quickstart; `tiny` is for tests; the
+`seed` reproduces the Keras tutorial exactly (README); `digits` is the offline Quickstart; `tiny` is for tests; the
 paper's gMLP-Ti/S/B; and two CIFAR recipes chosen by the runs in docs/experiments.md. Applied by
 `config.from_preset` and ``--preset``: defaults < preset < ``--config`` file < explicit flags.
 """
@@ -14,7 +14,7 @@ from gmlp_vision.errors import ConfigError, shown
 
 # A preset is a short list of overrides; the comment says why.
 PRESETS: dict[str, dict[str, Any]] = {
-    # The Keras tutorial exactly (SPEC.md): 32 px, patch 4, width 128, 4 blocks, its three departures from the paper,
+    # The Keras tutorial exactly (README): 32 px, patch 4, width 128, 4 blocks, its three departures from the paper,
     # no final norm, dropout 0.2, batch 128, lr 3e-3 with the add-on AdamW, plateau halving, early stopping.
     "seed": dict(
         image_size=32,

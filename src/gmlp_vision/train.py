@@ -1,4 +1,4 @@
-"""Training and evaluation: the tutorial's ``model.fit`` / ``model.evaluate`` with Keras 2 semantics (SPEC.md).
+"""Training and evaluation: the tutorial's ``model.fit`` / ``model.evaluate`` with Keras 2 semantics.
 
 The whole dataset lives on the training device as one uint8 tensor; an epoch is one ``randperm`` and a batch an index
 slice, augmented on the device (`augment.py`). Validation is the LAST ``val_split`` fraction of the training images,
