@@ -63,7 +63,7 @@ def test_hundred_classes_stay_readable(tmp_path):
     classes = [f"class_with_a_long_name_{i}" for i in range(100)]
     evaluation_report(tmp_path, model, images, labels, classes, max_images=12)
     width, height = check_png(tmp_path / "plots" / "confusion.png", min_width=1000, min_height=700)
-    assert width <= 1600 and height <= 1000
+    assert width <= 1600 and height <= 1600  # the matrix, and the pairs' table under it
     _, height = check_png(tmp_path / "plots" / "per_class_accuracy.png")
     assert height >= 100 * 12  # at least 12 px per class row
     check_png(tmp_path / "plots" / "misclassified.png", min_width=300, min_height=300)
@@ -139,3 +139,24 @@ def test_tensorboard_without_its_extra_stops_before_the_data_or_the_run_director
     err = capsys.readouterr().err
     assert "--tensorboard needs tensorboard" in err and "nowhere" not in err  # the data was never looked for
     assert not out.exists()
+
+
+@pytest.mark.parametrize("k", [3, 10, 60])
+def test_the_confusion_png_has_no_empty_third(tmp_path, k):
+    """The pairs' table sits under the matrix, as tall as its lines: no wide blank strip right or below."""
+    import numpy as np
+    from PIL import Image
+
+    from gmlp_vision.report_eval import plot_confusion
+
+    rng = np.random.default_rng(0)
+    cm = np.diag(rng.integers(20, 40, k)) + rng.integers(0, 3, (k, k)) * (rng.random((k, k)) < 0.2)
+    png = np.asarray(Image.open(plot_confusion(cm, [f"class {i}" for i in range(k)], tmp_path / "c.png")).convert("L"))
+    inked_cols, inked_rows = np.flatnonzero((png < 250).any(axis=0)), np.flatnonzero((png < 250).any(axis=1))
+    assert png.shape[1] - 1 - inked_cols.max() < 0.06 * png.shape[1]  # right margin
+    assert png.shape[0] - 1 - inked_rows.max() < 0.06 * png.shape[0]  # bottom margin
+    blank_cols = ~(png < 250).any(axis=0)
+    longest = max(
+        (len(run) for run in np.split(blank_cols, np.flatnonzero(np.diff(blank_cols)) + 1) if run[0]), default=0
+    )
+    assert longest < 0.1 * png.shape[1]  # no blank band between the matrix and anything beside it
