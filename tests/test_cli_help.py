@@ -106,3 +106,18 @@ def test_a_schedule_turns_the_presets_plateau_off_unless_asked_for():
     assert resolve_config({"dataset": "digits", "schedule": "onecycle"}).optim.plateau_patience == 0
     with pytest.raises(ConfigError, match="--plateau-patience 0"):
         resolve_config({"schedule": "cosine", "plateau_patience": 3})
+
+
+def test_the_readme_tables_list_every_command_and_preset_and_nothing_else():
+    import re
+    from pathlib import Path
+
+    from gmlp_vision.cli.main import build_parser
+    from gmlp_vision.presets import PRESETS
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    commands = set(re.findall(r"^\| `gmlp (\w+)", readme, flags=re.M))
+    presets = set(re.findall(r"^\| `([\w-]+)` \|", readme, flags=re.M))
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert commands == set(sub.choices)
+    assert presets == set(PRESETS)
