@@ -39,5 +39,7 @@ def one_thread():
     """One CPU thread: on a busy 2-core machine, 2 OpenMP threads can stall a tiny model's steps 10-100x."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")  # what train(threads=0) then runs with (gmlp_vision.cpu), too
+        yield
     torch.set_num_threads(threads)

@@ -16,6 +16,7 @@ from gmlp_vision.cli import main
 from gmlp_vision.config import from_preset
 from gmlp_vision.data import load_dataset
 from gmlp_vision.errors import ImageError
+from gmlp_vision.images import resize_uint8
 from gmlp_vision.predict import Classifier, expand_inputs, load_image
 from gmlp_vision.train import evaluate, infer, train
 from synthetic import make_dataset
@@ -81,20 +82,22 @@ def test_file_formats_modes_and_sizes(clf, tmp_path):
     for pred in preds:
         assert len(pred.top_k) == 3 and pred.top_k[0].probability >= pred.top_k[1].probability >= 0
         assert pred.name == clf.classes[pred.index] and 0 < pred.probability <= 1
-    # A lossless file classifies as its pixels; the alpha channel is dropped, gray is repeated to RGB.
+    # A lossless file classifies as its pixels, fitted as an image folder stores them (centre crop, rounded to
+    # uint8); the alpha channel is dropped, gray is repeated to RGB.
     logits = clf.logits(paths)
     chw = torch.from_numpy(base).permute(2, 0, 1)
-    assert torch.allclose(logits[0], infer(clf.model, chw[None])[0], atol=1e-5)
+    assert torch.allclose(logits[0], infer(clf.model, resize_uint8(chw, 32)[None])[0], atol=1e-5)
     rgba = np.asarray(files["alpha.png"])
     assert torch.allclose(logits[3], clf.logits(rgba[:, :, :3])[0], atol=1e-5)
     gray = torch.from_numpy(np.array(files["gray.png"]))[None]
-    assert torch.allclose(logits[2], infer(clf.model, gray.expand(3, -1, -1)[None])[0], atol=1e-5)
+    assert torch.allclose(logits[2], infer(clf.model, resize_uint8(gray.expand(3, -1, -1), 32)[None])[0], atol=1e-5)
     assert torch.allclose(logits[2], clf.logits(np.asarray(files["gray.png"]))[0], atol=1e-5)
 
 
 def test_other_sizes_are_resized_like_training(clf):
     images = torch.randint(0, 256, (3, 3, 57, 41), dtype=torch.uint8)
-    assert torch.allclose(clf.logits(images), infer(clf.model, images), atol=1e-6)
+    fitted = torch.stack([resize_uint8(x, 32) for x in images])  # as an image folder stores them
+    assert torch.allclose(clf.logits(images), infer(clf.model, fitted), atol=1e-6)
 
 
 def test_batch_size_does_not_change_results(run):

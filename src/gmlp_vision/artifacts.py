@@ -2,7 +2,9 @@
 
 `predict` loads these as it loads checkpoints, so a deployed file classifies images exactly as `gmlp predict` on
 the run does: a safetensors folder rebuilds the PyTorch model; an ``.onnx`` file (fp32 or int8) runs in onnxruntime
-on the CPU, with the class names, image size and channels the export stored in its metadata. ``onnxruntime`` is
+on the CPU, with the class names, image size and channels the export stored in its metadata. Both also store how
+images are fitted to the input (``resize``, ``crop_pct``: `images.resize`); exports written before those were
+stored get the defaults, crop and 1.0. ``onnxruntime`` is
 optional (``pip install 'gmlp-vision[onnx]'``) and imported only when an ONNX file is loaded.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -20,10 +22,21 @@ from torch import Tensor
 from gmlp_vision.checkpoint import check_weights_fit
 from gmlp_vision.config.groups import ModelConfig
 from gmlp_vision.errors import CheckpointError, ConfigError, ExportError, first_line
+from gmlp_vision.images import check_resize
 
 ONNX_EXTRA = "pip install 'gmlp-vision[onnx]'"
 SAFETENSORS_FORMAT = "gmlp-vision-safetensors"
 SAFETENSORS_VERSION = 1
+
+
+class ExportConfig(NamedTuple):
+    """What an export folder's ``config.json`` holds besides the weights."""
+
+    model: ModelConfig
+    classes: tuple[str, ...]
+    precision: str  # the --precision it was trained and is evaluated in
+    resize: str  # how images are fitted to the input (`images.resize`): crop or squash
+    crop_pct: float
 
 
 def read_safetensors_config(folder: str | Path) -> tuple[ModelConfig, tuple[str, ...]]:
@@ -32,18 +45,27 @@ def read_safetensors_config(folder: str | Path) -> tuple[ModelConfig, tuple[str,
     Raises:
         CheckpointError: ``config.json`` is missing, of another format, or invalid.
     """
-    cfg, classes, _ = _read_config(folder)
-    return cfg, classes
+    config = read_export_config(folder)
+    return config.model, config.classes
 
 
-def _read_config(folder: str | Path) -> tuple[ModelConfig, tuple[str, ...], str]:
+def read_export_config(folder: str | Path) -> ExportConfig:
+    """Everything ``config.json`` of an `export.export_safetensors` folder holds (missing optional keys: defaults).
+
+    Raises:
+        CheckpointError: ``config.json`` is missing, of another format, or invalid.
+    """
     path = Path(folder) / "config.json"
     try:
         raw = json.loads(path.read_text())
         if raw.get("format") != SAFETENSORS_FORMAT or raw.get("version") != SAFETENSORS_VERSION:
             raise ValueError(f"not a {SAFETENSORS_FORMAT} v{SAFETENSORS_VERSION} config")
-        precision = str(raw.get("precision", "fp32"))
-        return ModelConfig(**raw["model"]), tuple(str(c) for c in raw["classes"]), precision
+        resize, crop_pct = raw.get("resize", "crop"), raw.get("crop_pct", 1.0)
+        if type(crop_pct) not in (int, float):
+            raise ValueError(f"crop_pct must be a number, got {crop_pct!r}")
+        check_resize(resize, crop_pct)
+        classes = tuple(str(c) for c in raw["classes"])
+        return ExportConfig(ModelConfig(**raw["model"]), classes, str(raw.get("precision", "fp32")), resize, crop_pct)
     except FileNotFoundError:
         raise CheckpointError(
             f"{path} not found: pass a folder written by `gmlp export --format safetensors`"
@@ -60,7 +82,7 @@ def load_safetensors(folder: str | Path, device: str | torch.device = "cpu") -> 
     """
     from gmlp_vision.model import GMLP
 
-    cfg, _ = read_safetensors_config(folder)
+    cfg = read_export_config(folder).model
     weights = Path(folder) / "model.safetensors"
     try:
         state = load_file(str(weights))
@@ -74,14 +96,15 @@ def load_safetensors(folder: str | Path, device: str | torch.device = "cpu") -> 
 
 def safetensors_precision(folder: str | Path) -> str:
     """The ``--precision`` the exported model was trained (and is evaluated) in."""
-    return _read_config(folder)[2]
+    return read_export_config(folder).precision
 
 
 class OnnxModel:
     """An exported ONNX graph (``gmlp export``, fp32 or int8) run by onnxruntime on the CPU.
 
     Called like the PyTorch model: float (B, C, S, S) raw pixels in 0..255 at ``image_size`` -> float32 logits. The
-    class names, image size and channels come from the metadata the export wrote.
+    class names, image size and channels come from the metadata the export wrote, and ``resize`` and ``crop_pct``
+    (how images are fitted to the input) too when it wrote them (older exports: crop, 1.0).
 
     Raises:
         ExportError: onnxruntime is not installed.
@@ -99,7 +122,9 @@ class OnnxModel:
             meta = self.session.get_modelmeta().custom_metadata_map
             self.classes = tuple(str(c) for c in json.loads(meta["classes"]))
             self.image_size, self.in_chans = int(meta["image_size"]), int(meta["in_chans"])
-        except (KeyError, ValueError, TypeError) as e:
+            self.resize, self.crop_pct = meta.get("resize", "crop"), float(meta.get("crop_pct", "1.0"))
+            check_resize(self.resize, self.crop_pct)
+        except (KeyError, ValueError, TypeError, ConfigError) as e:
             raise CheckpointError(
                 f"{self.path} has no gmlp export metadata ({e}); export it with `gmlp export`"
             ) from None

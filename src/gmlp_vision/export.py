@@ -3,18 +3,21 @@
 The ONNX graph, exported in eval mode with the TorchScript-based exporter (``dynamo=False``: it needs only ``onnx``):
 
 - input ``pixels``: float32 (B, C, S, S) raw pixels in 0..255 at the model's image size S. Resizing is NOT in the
-  graph: resize first (`gmlp_vision.images.resize` is what training used). The batch axis is dynamic by default.
+  graph: fit images first (`gmlp_vision.images.resize` with the stored ``resize`` and ``crop_pct``, what training
+  used). The batch axis is dynamic by default.
 - the per-channel normalisation is inside the graph (the model's buffers), exactly as in PyTorch.
 - output ``logits``: float32 (B, num_classes); softmax them for probabilities.
 - the graph computes in fp32 whatever ``--precision`` trained the model: bf16 and fp16 runs keep fp32 master weights,
   so their fp32 graph is exact, runs on every onnxruntime provider, and ``--check`` compares it with fp32 PyTorch.
-- metadata properties: ``classes`` (JSON list), ``image_size``, ``in_chans``, ``producer`` (gmlp-vision version).
+- metadata properties: ``classes`` (JSON list), ``image_size``, ``in_chans``, ``resize`` (crop or squash),
+  ``crop_pct``, ``producer`` (gmlp-vision version).
 
 int8: ``onnxruntime.quantization.quantize_dynamic`` (int8 weights, activations quantised per batch at run time) of
 every MatMul/Gemm; for CPU inference. ``benchmarks/bench_export.py`` measures its speed and accuracy.
 
 safetensors: ``model.safetensors`` (the state dict, normalisation buffers included) and ``config.json`` (the model
-config and class names); `load_safetensors` rebuilds the model from the folder alone.
+config, class names, precision, ``resize`` and ``crop_pct``); `load_safetensors` rebuilds the model from the folder
+alone.
 
 ``onnx``/``onnxruntime`` are optional (``pip install 'gmlp-vision[onnx]'``) and imported inside the functions.
 """
@@ -43,7 +46,7 @@ from gmlp_vision.artifacts import (  # reading exports lives there; re-exported 
     load_safetensors,
     read_safetensors_config,
 )
-from gmlp_vision.checkpoint import load_checkpoint, resolve_checkpoint, usual_file_mode
+from gmlp_vision.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint, usual_file_mode
 from gmlp_vision.errors import ExportError
 from gmlp_vision.evaluate import infer
 from gmlp_vision.images import resize
@@ -68,13 +71,15 @@ def _legacy_exporter() -> dict[str, Any]:
     return {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
 
 
-def _set_metadata(proto: Any, model: GMLP, classes: tuple[str, ...]) -> None:
+def _set_metadata(proto: Any, model: GMLP, ckpt: Checkpoint) -> None:
     from gmlp_vision.version import __version__
 
     values = {
-        "classes": json.dumps(list(classes)),
+        "classes": json.dumps(list(ckpt.classes)),
         "image_size": str(model.cfg.image_size),
         "in_chans": str(model.cfg.in_chans),
+        "resize": ckpt.config.data.resize,
+        "crop_pct": repr(ckpt.config.data.crop_pct),
         "producer": f"gmlp-vision {__version__}",
     }
     del proto.metadata_props[:]
@@ -139,7 +144,7 @@ def export_onnx(checkpoint: str | Path, out_path: str | Path, *, opset: int = 17
         proto = onnx.load(str(tmp))
     finally:
         tmp.unlink(missing_ok=True)
-    _set_metadata(proto, model, ckpt.classes)
+    _set_metadata(proto, model, ckpt)
     _save_checked(proto, out_path)
     return out_path
 
@@ -251,6 +256,8 @@ def export_safetensors(checkpoint: str | Path, out_dir: str | Path) -> Path:
         "model": dataclasses.asdict(model.cfg),
         "classes": list(ckpt.classes),
         "precision": ckpt.config.run.precision,
+        "resize": ckpt.config.data.resize,
+        "crop_pct": ckpt.config.data.crop_pct,
     }
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return weights

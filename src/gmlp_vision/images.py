@@ -23,6 +23,7 @@ failure is an `ImageError` naming the file. Folders and glob patterns expand to 
 from __future__ import annotations
 
 import glob
+import math
 import struct
 import warnings
 import zlib
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from gmlp_vision.errors import ImageError
+from gmlp_vision.errors import ConfigError, ImageError
 
 # Pillow's opener IDs, the only plugins a file is offered to. No "MPO": it has no opener of its own (naming it makes
 # Pillow raise KeyError); the JPEG opener returns the MPO files (format "MPO") that many phones write.
@@ -44,6 +45,7 @@ ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # 64 Mpx (8192 x 8192): far above any photo we classify at 32 px, far below a bomb
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, the weights of Pillow's "L" conversion
+RESIZE_MODES = ("crop", "squash")  # how a non-square image becomes square (`resize`; the --resize choices)
 ImageInput = str | Path | Image.Image | np.ndarray | Tensor
 
 
@@ -223,17 +225,71 @@ def tensor_images(images: Tensor, channels: int) -> list[Tensor]:
     return list(x)
 
 
-def resize(images: Tensor, size: int) -> Tensor:
-    """Bilinear resize to ``size`` x ``size`` with half-pixel centres; a no-op at the same size (the tutorial's case).
+def check_resize(mode: str, crop_pct: float) -> None:
+    """Raise `ConfigError` unless ``mode`` is one of `RESIZE_MODES` and ``crop_pct`` is in (0, 1]."""
+    if mode not in RESIZE_MODES:
+        raise ConfigError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
+    if not 0.0 < crop_pct <= 1.0:
+        raise ConfigError(f"--crop-pct must be in (0, 1], got {crop_pct!r}")
 
-    Shrinking is antialiased (a plain bilinear shrink of a photo to 32 px aliases badly); enlarging is plain bilinear.
-    Training, evaluation and prediction all resize through this one function, so they agree exactly.
+
+def resized_shape(height: int, width: int, size: int, *, mode: str = "crop", crop_pct: float = 1.0) -> tuple[int, int]:
+    """The (height, width) an image is resized to before its centre ``size`` x ``size`` crop (see `resize`).
+
+    Raises:
+        ConfigError: an unknown ``mode`` or a ``crop_pct`` outside (0, 1].
     """
-    if images.shape[-2:] == (size, size):
+    check_resize(mode, crop_pct)
+    target = math.floor(size / crop_pct)  # timm's scale_size
+    if mode == "squash":
+        return target, target
+    if height <= width:  # torchvision's Resize(int): the longer side in proportion, rounded down
+        return target, int(target * width / height)
+    return int(target * height / width), target
+
+
+def resize(images: Tensor, size: int, *, mode: str = "crop", crop_pct: float = 1.0) -> Tensor:
+    """Images (B, C, H, W) of any height and width as ``size`` x ``size`` inputs: the one rule everywhere.
+
+    ``crop`` (timm's evaluation transform): the shorter side is resized to ``floor(size / crop_pct)``, the longer in
+    proportion, then the centre ``size`` x ``size`` is cut out, so the aspect ratio is kept. ``squash``: both sides
+    to ``floor(size / crop_pct)``, then the centre crop (timm's ``squash``); at ``crop_pct`` 1 a plain resize, which
+    stretches a non-square image. A square image comes out the same either way at ``crop_pct`` 1, and images already
+    ``size`` x ``size`` are returned as they are whatever ``crop_pct`` (used whole, as training used them: CIFAR).
+
+    Bilinear with half-pixel centres; shrinking is antialiased (a plain bilinear shrink of a photo to 32 px aliases
+    badly). Training, evaluation, the data loaders and prediction all resize through this function, so they agree.
+
+    Raises:
+        ConfigError: an unknown ``mode`` or a ``crop_pct`` outside (0, 1].
+        ImageError: an image so elongated that it would exceed `MAX_IMAGE_PIXELS` once resized.
+    """
+    height, width = images.shape[-2:]
+    if (height, width) == (size, size):
         return images
-    return F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    scaled = resized_shape(height, width, size, mode=mode, crop_pct=crop_pct)
+    if scaled[0] * scaled[1] > MAX_IMAGE_PIXELS:  # a 1-pixel-high strip would otherwise become gigabytes
+        raise ImageError(
+            f"a {width}x{height} image is too elongated to resize to {scaled[1]}x{scaled[0]} and centre-crop "
+            "(pass --resize squash)"
+        )
+    x = images.float()
+    if scaled != (height, width):
+        x = F.interpolate(x, size=scaled, mode="bilinear", align_corners=False, antialias=True)
+    top, left = (int(round((n - size) / 2.0)) for n in scaled)  # torchvision's CenterCrop offsets
+    return x[..., top : top + size, left : left + size].contiguous()
 
 
-def resize_uint8(image: Tensor, size: int) -> Tensor:
-    """One (C, H, W) image `resize`d to ``size`` x ``size`` and rounded back to uint8: how image files are stored."""
-    return resize(image[None].float(), size)[0].round().clamp(0, 255).to(torch.uint8)
+def resize_uint8(
+    image: Tensor, size: int, *, mode: str = "crop", crop_pct: float = 1.0, source: str | Path | None = None
+) -> Tensor:
+    """One (C, H, W) image `resize`d to ``size`` x ``size`` and rounded back to uint8: how image files are stored.
+
+    Raises:
+        ImageError: as `resize`, naming ``source`` (the file) when given.
+    """
+    try:
+        x = resize(image[None].float(), size, mode=mode, crop_pct=crop_pct)
+    except ImageError as e:
+        raise ImageError(f"{source}: {e}" if source is not None else str(e)) from None
+    return x[0].round().clamp(0, 255).to(torch.uint8)

@@ -5,9 +5,11 @@ export folder (``model.safetensors`` + ``config.json``, or ``model.onnx``), or a
 `artifacts.OnnxModel`).
 
 Every input becomes (C, H, W) pixels with the model's channels (`gmlp_vision.images`: Pillow conversion, alpha
-dropped, decompression-bomb and truncation checks), is resized with `images.resize` (the one resize training and
-evaluation use), batched, and run through the model in eval mode; the model normalises with the statistics stored in
-it, so prediction sees exactly what `evaluate` sees.
+dropped, decompression-bomb and truncation checks). An image at the model's input size is used as it is; any other
+is fitted by `images.resize_uint8` with the run's ``--resize`` and ``--crop-pct`` (by default the shorter side is
+resized and the centre cropped, keeping the aspect ratio), exactly as image folders are stored for training and
+evaluation. The batch runs through the model in eval mode; the model normalises with the statistics stored in it, so
+prediction sees exactly what `evaluate` sees.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from gmlp_vision.artifacts import OnnxModel, load_safetensors, read_safetensors_config, safetensors_precision
+from gmlp_vision.artifacts import OnnxModel, load_safetensors, read_export_config
 from gmlp_vision.checkpoint import load_checkpoint, resolve_checkpoint
 from gmlp_vision.errors import CheckpointError, ConfigError, ImageError
 from gmlp_vision.evaluate import infer
@@ -31,10 +33,11 @@ from gmlp_vision.images import (
     MAX_IMAGE_PIXELS,
     ImageInput,
     array_to_tensor,
+    check_resize,
     expand_inputs,
     load_image,
     pil_to_tensor,
-    resize,
+    resize_uint8,
     tensor_images,
 )
 from gmlp_vision.model import GMLP
@@ -92,6 +95,8 @@ class Classifier:
         precision: ``fp32``, ``bf16`` or ``fp16``, as `evaluate` takes it.
         batch_size: images decoded and run per forward pass.
         max_pixels: the largest image file accepted, in pixels.
+        resize: how images of another size are fitted to the input: ``crop`` or ``squash`` (`images.resize`).
+        crop_pct: the share of the resized image the centre crop keeps (timm's ``crop_pct``).
     """
 
     def __init__(
@@ -102,12 +107,15 @@ class Classifier:
         precision: str = "fp32",
         batch_size: int = 64,
         max_pixels: int = MAX_IMAGE_PIXELS,
+        resize: str = "crop",
+        crop_pct: float = 1.0,
     ) -> None:
         outputs = len(model.classes) if isinstance(model, OnnxModel) else model.cfg.num_classes
         if len(classes) != outputs:
             raise CheckpointError(f"{len(classes)} class names for a model with {outputs} outputs")
         if batch_size < 1:
             raise ConfigError(f"--batch-size must be a positive integer, got {batch_size}")
+        check_resize(resize, crop_pct)
         self.model = model if isinstance(model, OnnxModel) else model.eval()
         self.image_size = model.image_size if isinstance(model, OnnxModel) else model.cfg.image_size
         self.in_chans = model.in_chans if isinstance(model, OnnxModel) else model.cfg.in_chans
@@ -115,6 +123,7 @@ class Classifier:
         self.precision = precision
         self.batch_size = batch_size
         self.max_pixels = max_pixels
+        self.resize, self.crop_pct = resize, crop_pct
 
     @classmethod
     def load(
@@ -128,14 +137,21 @@ class Classifier:
         """
         p = Path(path)
         if p.is_dir() and (p / "model.safetensors").is_file():
-            model, classes = load_safetensors(p, device), read_safetensors_config(p)[1]
-            return cls(model, classes, precision=precision or safetensors_precision(p), batch_size=batch_size)
+            model, config = load_safetensors(p, device), read_export_config(p)
+            return cls(
+                model,
+                config.classes,
+                precision=precision or config.precision,
+                batch_size=batch_size,
+                resize=config.resize,
+                crop_pct=config.crop_pct,
+            )
         onnx = p / "model.onnx" if p.is_dir() and not _is_run_dir(p) else p
         if onnx.suffix == ".onnx":
             if not onnx.is_file():
                 raise CheckpointError(f"{onnx} not found: pass a checkpoint, a run directory, or an export")
             graph = OnnxModel(onnx)
-            return cls(graph, graph.classes, batch_size=batch_size)
+            return cls(graph, graph.classes, batch_size=batch_size, resize=graph.resize, crop_pct=graph.crop_pct)
         if p.suffix == ".safetensors":
             return cls.load(p.parent, device, precision=precision, batch_size=batch_size)
         return cls.from_checkpoint(p, device, precision=precision, batch_size=batch_size)
@@ -150,8 +166,15 @@ class Classifier:
             CheckpointError: the checkpoint is missing, damaged or not a gmlp-vision checkpoint.
         """
         ckpt = load_checkpoint(resolve_checkpoint(path))
-        model = ckpt.build_model(device)
-        return cls(model, ckpt.classes, precision=precision or ckpt.config.run.precision, batch_size=batch_size)
+        cfg = ckpt.config  # checkpoints from before --resize load with its defaults (crop, 1.0)
+        return cls(
+            ckpt.build_model(device),
+            ckpt.classes,
+            precision=precision or cfg.run.precision,
+            batch_size=batch_size,
+            resize=cfg.data.resize,
+            crop_pct=cfg.data.crop_pct,
+        )
 
     @property
     def device(self) -> torch.device:
@@ -181,9 +204,21 @@ class Classifier:
         raise ImageError(f"cannot classify a {type(item).__name__}: pass a path, PIL image, numpy array or tensor")
 
     def preprocess(self, images: Sequence[ImageInput]) -> Tensor:
-        """Load and resize a list of single images to one (B, C, S, S) float batch on the model's device."""
+        """Load and fit a list of single images to one (B, C, S, S) float batch on the model's device.
+
+        An image at the input size is used as it is; any other is fitted by `images.resize_uint8` (rounded to whole
+        0..255 values, as an image folder stores it), so a file gets the logits `evaluate` computes for it.
+        """
+        return torch.cat([self._fit(x) for x in images])
+
+    def _fit(self, item: ImageInput) -> Tensor:
+        x = self._load(item).to(self.device)
         size = self.image_size
-        return torch.cat([resize(self._load(x).to(self.device)[None].float(), size) for x in images])
+        if x.shape[-2:] == (size, size):
+            return x[None].float()
+        source = item if isinstance(item, (str, Path)) else None
+        fitted = resize_uint8(x, size, mode=self.resize, crop_pct=self.crop_pct, source=source)
+        return fitted[None].float()
 
     def logits(self, images: ImageInput | Sequence[ImageInput]) -> Tensor:
         """Float32 logits (B, num_classes) on the CPU, one row per image, computed ``batch_size`` images at a time."""

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from gmlp_vision.augment import augment_for_training
 from gmlp_vision.config import Config, train_command
+from gmlp_vision.cpu import use_cpu_threads
 from gmlp_vision.data import Dataset, load_dataset
 from gmlp_vision.data.base import channel_stats
 from gmlp_vision.data.stream import ImageFiles, stats_sample
@@ -110,8 +111,7 @@ def train(
 
         require_tensorboard()
     with distributed(cfg.run.device) as (ctx, device), ExitStack() as held:
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
+        _use_threads(ctx, cfg.run.threads, held)
         # Resuming: take the run directory's lock before the data is loaded, so a second writer is told at once.
         locked = resume and ctx.main and bool(cfg.run.out) and Path(cfg.run.out or "").is_dir()
         if locked:
@@ -142,6 +142,15 @@ class _Data:
     val_y: Tensor
 
 
+def _use_threads(ctx: Dist, requested: int, held: ExitStack) -> None:
+    """Set torch's CPU threads as `cpu.use_cpu_threads` decides, and say why; the previous count returns at the end."""
+    held.callback(torch.set_num_threads, torch.get_num_threads())
+    choice = use_cpu_threads(requested)
+    _say(ctx, "%s", choice.describe())
+    if choice.warning and ctx.main:
+        log.warning("%s", choice.warning)
+
+
 def _say(ctx: Dist, message: str, *args: Any) -> None:
     """Log on rank 0 only."""
     if ctx.main:
@@ -160,6 +169,8 @@ def _load_data(cfg: Config, main: bool) -> Dataset:
         folder_mode=cfg.data.folder_mode,
         workers=cfg.data.workers,
         crop_scale=cfg.augment.crop_scale,
+        resize=cfg.data.resize,
+        crop_pct=cfg.data.crop_pct,
     )
 
 

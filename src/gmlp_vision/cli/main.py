@@ -14,7 +14,7 @@ import os
 import sys
 
 from gmlp_vision.cli.flags import DEFAULTS_NOTE, USAGE, add_config_arguments, config_from_args, explicit_values
-from gmlp_vision.cli.tools import add_commands, checkpoint_dataset, device_flag, positive_int
+from gmlp_vision.cli.tools import add_commands, checkpoint_dataset, cpu_threads_for, device_flag, positive_int
 from gmlp_vision.data import DATASET_KINDS, DATASETS
 from gmlp_vision.errors import ConfigError, GmlpError, TrainingInterrupted
 from gmlp_vision.presets import DATASET_PRESET, PRESET_HELP, PRESETS
@@ -71,6 +71,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from gmlp_vision.evaluate import evaluate
 
     device = resolve_device(args.device)
+    cpu_threads_for(device)
     ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
     cfg = ckpt.config
     ds = checkpoint_dataset(ckpt, args)
@@ -104,6 +105,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from gmlp_vision.checkpoint import load_checkpoint
+    from gmlp_vision.cpu import cpu_threads
     from gmlp_vision.model import GMLP, count_parameters, flops_per_image
 
     if args.checkpoint:
@@ -137,7 +139,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"  forward cost: {flops_per_image(mc) / 1e6:.2f} MFLOP per image (matrix products)")
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"\ntorch {torch.__version__}, gmlp-vision {__version__}, CUDA device: {cuda}")
-    print(f"CPU threads: {torch.get_num_threads()} (of {os.cpu_count()} cores)")
+    threads = cpu_threads(getattr(args, "threads", 0))  # what `gmlp train` with these flags would run with, now
+    print(
+        f"{threads.describe()}\n  (torch's own default: {torch.get_num_threads()}; the machine: {os.cpu_count()} cores)"
+    )
+    if threads.warning:
+        print(f"warning: {threads.warning}")
     return 0
 
 

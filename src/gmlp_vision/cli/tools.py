@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,17 @@ def device_flag(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e).removeprefix("--device ")) from None
 
 
+def cpu_threads_for(device: Any) -> None:
+    """Set torch's CPU threads for an inference command running on the CPU (`cpu.use_cpu_threads`, auto)."""
+    if device.type != "cpu":
+        return
+    from gmlp_vision.cpu import use_cpu_threads
+
+    choice = use_cpu_threads(0)
+    if choice.warning:
+        print(f"gmlp: warning: {choice.warning}", file=sys.stderr)  # stderr: stdout may be --json lines
+
+
 def checkpoint_dataset(ckpt: Any, args: argparse.Namespace) -> Any:
     """The dataset a checkpoint was trained on (``--dataset``/``--data`` override), checked against its model."""
     from gmlp_vision.data import load_dataset
@@ -51,6 +63,8 @@ def checkpoint_dataset(ckpt: Any, args: argparse.Namespace) -> Any:
         skip_bad=cfg.data.skip_bad_images,
         folder_mode=cfg.data.folder_mode,
         workers=cfg.data.workers,
+        resize=cfg.data.resize,
+        crop_pct=cfg.data.crop_pct,
     )
     if ds.num_classes != cfg.model.num_classes or ds.in_chans != cfg.model.in_chans:
         raise ConfigError(
@@ -64,7 +78,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from gmlp_vision.distributed import resolve_device
     from gmlp_vision.predict import Classifier, expand_inputs
 
-    classifier = Classifier.load(args.checkpoint, resolve_device(args.device), batch_size=args.batch_size)
+    device = resolve_device(args.device)
+    cpu_threads_for(device)
+    classifier = Classifier.load(args.checkpoint, device, batch_size=args.batch_size)
     files = expand_inputs(args.images)
     # A batch at a time, so results appear while a large folder is still being read.
     for start in range(0, len(files), args.batch_size):
@@ -89,6 +105,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     if args.quantize and args.format != "onnx":
         raise ConfigError("--quantize int8 applies to --format onnx only")
+    if args.check:
+        cpu_threads_for(torch.device("cpu"))
     ckpt_path = resolve_checkpoint(args.checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     model = ckpt.build_model("cpu")
@@ -150,7 +168,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
         return 0
     ckpt = load_checkpoint(resolve_checkpoint(run_dir))
     ds = checkpoint_dataset(ckpt, args)
-    model = ckpt.build_model(resolve_device(args.device))
+    device = resolve_device(args.device)
+    cpu_threads_for(device)
+    model = ckpt.build_model(device)
     for path in evaluation_report(
         run_dir,
         model,

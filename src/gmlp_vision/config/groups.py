@@ -104,17 +104,21 @@ class DataConfig:
     data: str | None = option(
         None, "local archive (.tar.gz) or extracted folder; default: the cache, downloading if needed"
     )
-    download: bool = option(True, "download the official archive into the cache when it is missing")
-    verify_md5: bool = option(False, "check a local archive against the official md5 sum")
-    skip_bad_images: bool = option(
-        False, "folder datasets: leave out unreadable image files (logged) instead of failing"
-    )
+    download: bool = option(True, "download missing archives to the cache")
+    verify_md5: bool = option(False, "check a local archive's md5 sum")
+    skip_bad_images: bool = option(False, "skip unreadable image files, logged")
     folder_mode: str = option(
         "auto",
-        "folder datasets: memory (decode once into a cached uint8 tensor), stream (decode every batch in worker "
-        "processes), auto (memory when the decoded images take at most 4 GiB and a quarter of the RAM)",
+        "folders: memory (decoded once, cached), stream (decoded per batch by workers), auto (memory up to 4 GiB "
+        "and 1/4 of the RAM)",
         ("auto", "memory", "stream"),
     )
+    resize: str = option(
+        "crop",
+        "other sizes: crop (shorter side to size/--crop-pct, centre crop) or squash",
+        ("crop", "squash"),
+    )
+    crop_pct: float = option(1.0, "share of the resized image kept (timm's crop_pct); input-size images stay whole")
     workers: int = option(4, "streamed folders: worker processes decoding images (0: in the training process)")
     train_limit: int = option(0, "use only the first N training images, before the validation split (0: all)")
     val_split: float = option(0.1, "fraction of the training images held out for validation: the LAST ones (Keras)")
@@ -123,6 +127,7 @@ class DataConfig:
         check_fields(self)
         fraction(self, "val_split")
         non_negative(self, "train_limit")
+        require(0.0 < self.crop_pct <= 1.0, f"--crop-pct must be in (0, 1], got {self.crop_pct}")
         require(0 <= self.workers <= MAX_THREADS, f"--workers must be in 0..{MAX_THREADS}, got {self.workers}")
 
 
@@ -273,7 +278,7 @@ class RunConfig:
         ("fp32", "bf16", "fp16"),
     )
     compile: bool = option(False, "torch.compile the model (slower start; faster steps where the backend pays off)")
-    threads: int = option(0, "CPU threads for torch (0: torch's default)")
+    threads: int = option(0, "CPU threads for torch (0: the usable cores less those busy with other work at start)")
     eval_batch_size: int = option(500, "images per batch when evaluating")
     out: str | None = option(None, "run directory (default: runs/<dataset>-<preset>-<time>)")
     checkpoint_every: int = option(0, "also save a resumable last.pt every N optimiser steps within an epoch (0: off)")

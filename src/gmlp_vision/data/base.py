@@ -80,6 +80,8 @@ class LoadOptions:
     folder_mode: str = "auto"  # folder: memory, stream or auto
     workers: int = 4  # folder, streamed: decoding worker processes
     crop_scale: float = 0.08  # folder, streamed: smallest area fraction of a random-resized crop
+    resize: str = "crop"  # folder: crop (keep the aspect) or squash, `images.resize`
+    crop_pct: float = 1.0  # folder: the share of the resized image `images.resize` keeps
 
 
 def channel_stats(images: Tensor, chunk: int = 1024) -> tuple[Tensor, Tensor]:

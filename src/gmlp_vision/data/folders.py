@@ -7,11 +7,12 @@ Keras' ``image_dataset_from_directory`` does by shuffling before it splits.
 Two paths. Sets too large to hold decoded (``mode="auto"``: more than `MEMORY_LIMIT` bytes or a quarter of the RAM)
 are streamed: each split is an `stream.ImageFiles`, decoded batch by batch in worker processes. Otherwise every image
 (any size; PNG, JPEG, WebP, BMP, GIF, TIFF; grayscale, RGBA and palette images converted to RGB) is read defensively
-(`images.load_image`), resized to the model's input size with the same antialiased `images.resize` as everywhere
-else, and stored as one uint8 tensor per split, so training runs exactly like CIFAR, fully in memory. The decoded
-tensors are cached in the data cache dir under a key made of the folder's absolute path, the image size, and every
-file's relative path, size and modification time: a changed folder is decoded again. The cache is optional: a write
-that fails (a full disk) is logged and the run goes on with the decoded tensors.
+(`images.load_image`), fitted to the model's input size by the same `images.resize` as everywhere else (``resize``
+crop: shorter side to ``size / crop_pct``, then the centre crop, as prediction does; or squash), and stored as one
+uint8 tensor per split, so training runs exactly like CIFAR, fully in memory. The decoded tensors are cached in the
+data cache dir under a key made of the folder's absolute path, the image size, the resize rule, and every file's
+relative path, size and modification time: a changed folder is decoded again. The cache is optional: a write that
+fails (a full disk) is logged and the run goes on with the decoded tensors.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from gmlp_vision.errors import DataError, ImageError, one_line
 from gmlp_vision.images import IMAGE_EXTENSIONS, load_image, resize_uint8
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 3  # 2: training files in a fixed shuffled order; 3: 16-bit images scaled, not clipped
+CACHE_VERSION = 4  # 2: training files in a fixed shuffled order; 3: 16-bit images scaled, not clipped; 4: --resize
 MEMORY_LIMIT = 4 * 1024**3  # decoded bytes above which mode "auto" streams
 Labelled = list[tuple[Path, int]]  # image files and their class indices
 
@@ -67,19 +68,20 @@ def _class_files(split_dir: Path) -> dict[str, list[Path]]:
     return files
 
 
-def _decode(paths: Labelled, size: int, skip_bad: bool, progress: bool) -> Split:
+def _decode(paths: Labelled, options: LoadOptions) -> Split:
+    size = options.image_size
     images = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
     labels = torch.empty(len(paths), dtype=torch.int64)
     kept = 0
-    for path, label in tqdm(paths, desc="decoding images", leave=False, disable=not progress):
+    for path, label in tqdm(paths, desc="decoding images", leave=False, disable=not options.progress):
         try:
             image = load_image(path, 3)
+            images[kept] = resize_uint8(image, size, mode=options.resize, crop_pct=options.crop_pct, source=path)
         except ImageError as e:
-            if not skip_bad:
+            if not options.skip_bad:
                 raise bad_image_error(e) from None
             log.warning("skipped %s", e)
             continue
-        images[kept] = resize_uint8(image, size)
         labels[kept] = label
         kept += 1
     if kept == 0:
@@ -87,8 +89,9 @@ def _decode(paths: Labelled, size: int, skip_bad: bool, progress: bool) -> Split
     return Split(images[:kept].clone(), labels[:kept].clone())
 
 
-def _cache_key(root: Path, size: int, splits: dict[str, dict[str, list[Path]]]) -> str:
-    h = hashlib.sha256(f"v{CACHE_VERSION}|{root.resolve()}|{size}".encode())
+def _cache_key(root: Path, options: LoadOptions, splits: dict[str, dict[str, list[Path]]]) -> str:
+    fit = f"{options.image_size}|{options.resize}|{options.crop_pct!r}"
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{root.resolve()}|{fit}".encode())
     for name, files in splits.items():
         for cls, paths in files.items():
             for p in paths:
@@ -109,10 +112,11 @@ def load_image_folder(root: str | Path, options: LoadOptions | None = None) -> D
 
     Args:
         root: the folder holding ``train/`` and ``val/`` or ``test/``.
-        options: the options that concern folders (default: `LoadOptions()`): ``image_size`` (the side every image
-            is resized to), ``cache_dir`` (of the decoded tensors), ``skip_bad`` (leave out unreadable images, logged,
-            instead of failing on the first), ``progress``, ``folder_mode`` (memory, stream or auto: see the module
-            doc), and for streamed files ``workers`` and ``crop_scale`` (of the random-resized crops training asks for).
+        options: the options that concern folders (default: `LoadOptions()`): ``image_size``, ``resize`` and
+            ``crop_pct`` (how every image is fitted to the square input: `images.resize`), ``cache_dir`` (of the
+            decoded tensors), ``skip_bad`` (leave out unreadable images, logged, instead of failing on the first),
+            ``progress``, ``folder_mode`` (memory, stream or auto: see the module doc), and for streamed files
+            ``workers`` and ``crop_scale`` (of the random-resized crops training asks for).
 
     Raises:
         DataError: missing folders, empty classes, train and val class sets that differ, or (without ``skip_bad``)
@@ -135,7 +139,7 @@ def load_image_folder(root: str | Path, options: LoadOptions | None = None) -> D
             options.workers,
         )
         return replace(_streamed(train_paths, eval_paths, classes, options), test_split=eval_dir.name)
-    key = _cache_key(root, options.image_size, {"train": train_files, eval_dir.name: eval_files})
+    key = _cache_key(root, options, {"train": train_files, eval_dir.name: eval_files})
     return replace(_in_memory(train_paths, eval_paths, classes, key, options), test_split=eval_dir.name)
 
 
@@ -166,6 +170,8 @@ def _streamed(train_paths: Labelled, eval_paths: Labelled, classes: list[str], o
             workers=options.workers,
             skip_bad=options.skip_bad,
             min_scale=options.crop_scale,
+            resize=options.resize,
+            crop_pct=options.crop_pct,
         )
         splits.append(Split(files, torch.tensor([label for _, label in paths], dtype=torch.int64)))
     return Dataset("folder", splits[0], splits[1], tuple(classes))
@@ -183,8 +189,7 @@ def _in_memory(
             return Dataset("folder", Split(*blob["train"]), Split(*blob["test"]), tuple(blob["classes"]))
         except Exception:  # a damaged cache is just decoded again
             log.warning("ignoring unreadable cache file %s", cached)
-    train = _decode(train_paths, options.image_size, options.skip_bad, options.progress)
-    test = _decode(eval_paths, options.image_size, options.skip_bad, options.progress)
+    train, test = _decode(train_paths, options), _decode(eval_paths, options)
     blob = {"train": [train.images, train.labels], "test": [test.images, test.labels], "classes": classes}
     _write_cache(cached, blob)
     return Dataset("folder", train, test, tuple(classes))

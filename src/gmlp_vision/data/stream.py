@@ -5,8 +5,9 @@ evaluation code applies to a split (``len``, slicing, ``tensor_split``, ``split`
 the same loop trains from memory or from files. Training batches come from `ImageFiles.batches`: a
 ``torch.utils.data.DataLoader`` whose workers open each file defensively (`images.open_image`), take a random-resized
 crop when asked (JPEGs are decoded at a reduced DCT scale when the crop allows: several times faster on large photos),
-and resize to the model's input size; the per-batch flip and zoom then run on the training device. Evaluation decodes
-each whole image and resizes it exactly as prediction does.
+and resize to the model's input size; the per-batch flip and zoom then run on the training device. Training without
+crops and evaluation decode each whole image and fit it to the input size exactly as in-memory folders and prediction
+do (`images.resize`: centre crop or squash, the ``resize`` and ``crop_pct`` options).
 
 Every crop is drawn from a generator keyed to (seed, step, position in the global batch), so a run's crops do not
 depend on the number of workers or processes, and a resumed run draws the same ones. An unreadable file found while
@@ -43,8 +44,9 @@ def bad_image_error(error: ImageError | str) -> DataError:
 def crop_box(width: int, height: int, min_scale: float, rng: random.Random) -> tuple[int, int, int, int]:
     """A random-resized-crop box ``(left, top, w, h)`` inside a ``width`` x ``height`` image.
 
-    Area fraction ~ U(min_scale, 1) and log aspect ~ U(log 3/4, log 4/3), up to 10 tries; then the largest centred box
-    whose aspect is within that range.
+    As torchvision's ``RandomResizedCrop``: area fraction ~ U(min_scale, 1) and log aspect (the box's width / height in
+    the file's own pixels, whatever the file's shape) ~ U(log 3/4, log 4/3), up to 10 tries; then the largest centred
+    box whose aspect is within that range. The box is then resized to the square input.
     """
     area = width * height
     for _ in range(10):
@@ -77,16 +79,16 @@ def decode_crop(path: str, size: int, min_scale: float, key: int) -> Tensor:
         return pil_to_tensor(convert(image, 3).resize((size, size), Image.Resampling.BILINEAR, box=box), 3)
 
 
-def decode_whole(path: str, size: int) -> Tensor:
-    """The whole image at ``path`` resized to (3, size, size) uint8, exactly as training from memory and prediction."""
-    return resize_uint8(load_image(path, 3), size)
+def decode_whole(path: str, size: int, *, resize: str = "crop", crop_pct: float = 1.0) -> Tensor:
+    """The whole image at ``path`` fitted to (3, size, size) uint8 (`images.resize_uint8`), as in-memory folders."""
+    return resize_uint8(load_image(path, 3), size, mode=resize, crop_pct=crop_pct, source=path)
 
 
 class _Decoder(TorchDataset):
     """Decodes ``(index, key)`` items: key None for a whole image, else the random key of a crop."""
 
-    def __init__(self, paths: Sequence[str], size: int, min_scale: float) -> None:
-        self.paths, self.size, self.min_scale = paths, size, min_scale
+    def __init__(self, paths: Sequence[str], size: int, min_scale: float, fit: tuple[str, float]) -> None:
+        self.paths, self.size, self.min_scale, self.fit = paths, size, min_scale, fit
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -95,20 +97,35 @@ class _Decoder(TorchDataset):
         index, key = item
         try:
             path = self.paths[index]
-            image = decode_whole(path, self.size) if key is None else decode_crop(path, self.size, self.min_scale, key)
+            if key is None:
+                image = decode_whole(path, self.size, resize=self.fit[0], crop_pct=self.fit[1])
+            else:
+                image = decode_crop(path, self.size, self.min_scale, key)
             return image, ""
         except ImageError as e:  # reported by the training process, which knows whether to skip it
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), str(e)
 
 
 class ImageFiles:
-    """A split's images as files, decoded on demand to (3, size, size) uint8 (see the module doc)."""
+    """A split's images as files, decoded on demand to (3, size, size) uint8 (see the module doc).
+
+    ``resize`` and ``crop_pct`` fit whole images to the size (`images.resize`); ``min_scale`` is the area fraction of
+    the smallest random-resized crop.
+    """
 
     def __init__(
-        self, paths: Sequence[str], size: int, *, workers: int = 4, skip_bad: bool = False, min_scale: float = 0.08
+        self,
+        paths: Sequence[str],
+        size: int,
+        *,
+        workers: int = 4,
+        skip_bad: bool = False,
+        min_scale: float = 0.08,
+        resize: str = "crop",
+        crop_pct: float = 1.0,
     ) -> None:
         self.paths, self.size, self.workers, self.skip_bad = list(paths), size, workers, skip_bad
-        self.min_scale = min_scale  # area fraction of the smallest random-resized crop
+        self.min_scale, self.fit = min_scale, (resize, crop_pct)
         self._warned: set[str] = set()
 
     def __len__(self) -> int:
@@ -119,7 +136,16 @@ class ImageFiles:
         return (len(self.paths), 3, self.size, self.size)
 
     def _like(self, paths: Sequence[str]) -> ImageFiles:
-        other = ImageFiles(paths, self.size, workers=self.workers, skip_bad=self.skip_bad, min_scale=self.min_scale)
+        resize, crop_pct = self.fit
+        other = ImageFiles(
+            paths,
+            self.size,
+            workers=self.workers,
+            skip_bad=self.skip_bad,
+            min_scale=self.min_scale,
+            resize=resize,
+            crop_pct=crop_pct,
+        )
         other._warned = self._warned  # parts of one split warn once about a file between them
         return other
 
@@ -169,7 +195,7 @@ class ImageFiles:
                 for b, ks in zip(index_batches, keys, strict=True)
             ]
         loader = DataLoader(
-            _Decoder(self.paths, self.size, self.min_scale),
+            _Decoder(self.paths, self.size, self.min_scale, self.fit),
             batch_sampler=items,
             num_workers=self.workers,
             pin_memory=torch.cuda.is_available(),
@@ -187,7 +213,7 @@ class ImageFiles:
             yield images, ok
 
     def _decode_checked(self, index: int) -> Tensor:
-        image, error = _Decoder(self.paths, self.size, self.min_scale)[(index, None)]
+        image, error = _Decoder(self.paths, self.size, self.min_scale, self.fit)[(index, None)]
         if error and not self.skip_bad:
             raise bad_image_error(error)
         return image
