@@ -158,20 +158,7 @@ def _say(ctx: Dist, message: str, *args: Any) -> None:
 
 
 def _load_data(cfg: Config, main: bool) -> Dataset:
-    return load_dataset(
-        cfg.data.dataset,
-        cfg.data.data,
-        download=cfg.data.download,
-        verify_md5=cfg.data.verify_md5,
-        progress=cfg.run.progress and main,
-        image_size=cfg.model.image_size,
-        skip_bad=cfg.data.skip_bad_images,
-        folder_mode=cfg.data.folder_mode,
-        workers=cfg.data.workers,
-        crop_scale=cfg.augment.crop_scale,
-        resize=cfg.data.resize,
-        crop_pct=cfg.data.crop_pct,
-    )
+    return load_dataset(cfg.data.dataset, cfg.data.data, **cfg.load_options(progress=cfg.run.progress and main))
 
 
 def _start(

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+from typing import Any
 
 from gmlp_vision.cli.flags import DEFAULTS_NOTE, USAGE, add_config_arguments, config_from_args, explicit_values
 from gmlp_vision.cli.tools import add_commands, checkpoint_dataset, cpu_threads_for, device_flag, positive_int
@@ -148,6 +149,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_command(sub: Any, name: str, help: str, optional: str) -> argparse.ArgumentParser:
+    """A command that takes every config flag (train, info); its description says which defaults the help shows."""
+    return sub.add_parser(name, help=help, usage=USAGE.replace("[-h]", f"[-h] [{optional}]"), description=DEFAULTS_NOTE)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``gmlp`` parser with its subcommands."""
     parser = argparse.ArgumentParser(
@@ -156,11 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gmlp-vision {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser(
-        "train",
-        help="train a model (default: the tutorial, seed preset on CIFAR-100)",
-        usage=USAGE.replace("[-h]", "[-h] [--resume RUN_DIR]"),
-        description=DEFAULTS_NOTE,
+    p = _config_command(
+        sub, "train", "train a model (default: the tutorial, seed preset on CIFAR-100)", "--resume RUN_DIR"
     )
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where its last.pt left it")
     add_config_arguments(p)
@@ -181,12 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="show every value each preset sets")
     p.set_defaults(func=_cmd_presets)
 
-    p = sub.add_parser(
-        "info",
-        help="model summary, parameter count, torch and device",
-        usage=USAGE.replace("[-h]", "[-h] [CHECKPOINT]"),
-        description=DEFAULTS_NOTE,
-    )
+    p = _config_command(sub, "info", "model summary, parameter count, torch and device", "CHECKPOINT")
     p.add_argument("checkpoint", nargs="?", help="a checkpoint (default: the model the flags describe)")
     add_config_arguments(p)
     p.set_defaults(func=_cmd_info)

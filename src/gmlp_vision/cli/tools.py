@@ -54,18 +54,7 @@ def checkpoint_dataset(ckpt: Any, args: argparse.Namespace) -> Any:
     cfg = ckpt.config
     dataset = args.dataset or cfg.data.dataset
     data = args.data if args.data is not None else (cfg.data.data if dataset == cfg.data.dataset else None)
-    ds = load_dataset(
-        dataset,
-        data,
-        download=args.download,
-        progress=not args.quiet,
-        image_size=cfg.model.image_size,
-        skip_bad=cfg.data.skip_bad_images,
-        folder_mode=cfg.data.folder_mode,
-        workers=cfg.data.workers,
-        resize=cfg.data.resize,
-        crop_pct=cfg.data.crop_pct,
-    )
+    ds = load_dataset(dataset, data, **cfg.load_options(download=args.download, progress=not args.quiet))
     if ds.num_classes != cfg.model.num_classes or ds.in_chans != cfg.model.in_chans:
         raise ConfigError(
             f"the checkpoint's model has {cfg.model.num_classes} classes and {cfg.model.in_chans} channels; "

@@ -66,6 +66,26 @@ class Config:
         """Every field's value in one flat dict (field names are unique across the groups)."""
         return _flatten(self.to_dict())
 
+    def load_options(self, **changes: Any) -> dict[str, Any]:
+        """The options this run's data is loaded with (`data.load_dataset`'s keywords), with ``changes`` applied.
+
+        The one mapping from the config to the loaders: training and the commands that reload a run's data use it.
+        """
+        data = self.data
+        options = {
+            "download": data.download,
+            "verify_md5": data.verify_md5,
+            "progress": self.run.progress,
+            "image_size": self.model.image_size,
+            "skip_bad": data.skip_bad_images,
+            "folder_mode": data.folder_mode,
+            "workers": data.workers,
+            "crop_scale": self.augment.crop_scale,
+            "resize": data.resize,
+            "crop_pct": data.crop_pct,
+        }
+        return {**options, **changes}
+
     def replace(self, **values: Any) -> Config:
         """A checked copy with these fields changed, named flat: ``cfg.replace(epochs=3, num_classes=10)``."""
         return _from_flat({**self.to_flat(), **values})
