@@ -105,6 +105,11 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode() + raw).hexdigest()
 
 
+# Keys results.json gained after 0.1 that say nothing about the run's numbers: the command that reruns it, the held-out
+# split's name. Left out so that a comparison with a 0.1 commit compares what both sides record.
+ADDED_RESULTS = ("command", "test_split")
+
+
 def without_timings(row: dict[str, Any]) -> dict[str, Any]:
     """``row`` without the keys that name a duration (seconds, time), in nested dicts too."""
     timed = [k for k in row if "second" in k or "time" in k]
@@ -119,7 +124,8 @@ def run_fingerprint(run: Path) -> dict[str, Any]:
             model = torch.load(run / name, map_location="cpu", weights_only=True)["model"]
             found[name] = {k: tensor_sha256(v) for k, v in model.items()}
     found["history"] = [without_timings(json.loads(row)) for row in (run / "history.jsonl").read_text().splitlines()]
-    found["results"] = without_timings(json.loads((run / "results.json").read_text()))
+    results = json.loads((run / "results.json").read_text())
+    found["results"] = without_timings({k: v for k, v in results.items() if k not in ADDED_RESULTS})
     return found
 
 
