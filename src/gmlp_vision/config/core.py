@@ -83,6 +83,7 @@ class Config:
             "crop_scale": self.augment.crop_scale,
             "resize": data.resize,
             "crop_pct": data.crop_pct,
+            "channels": self.model.in_chans,  # image folders only: the other kinds have their own
         }
         return {**options, **changes}
 

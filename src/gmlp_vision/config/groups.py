@@ -31,7 +31,7 @@ class ModelConfig:
 
     image_size: int = option(224, "input height and width in pixels (images of another size are resized)")
     patch_size: int = option(16, "side of the square non-overlapping patches")
-    in_chans: int = option(3, "image channels (set from the dataset when training)")
+    in_chans: int = option(3, "image channels: image folders are read as RGB (3) or grayscale (1); others set it")
     num_classes: int = option(1000, "classifier outputs (set from the dataset when training)")
     embed_dim: int = option(256, "token width d")
     ffn_dim: int = option(1536, "hidden width of each block (split in two halves by the gate)")

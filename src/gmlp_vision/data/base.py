@@ -82,6 +82,7 @@ class LoadOptions:
     crop_scale: float = 0.08  # folder, streamed: smallest area fraction of a random-resized crop
     resize: str = "crop"  # folder: crop (keep the aspect) or squash, `images.resize`
     crop_pct: float = 1.0  # folder: the share of the resized image `images.resize` keeps
+    channels: int = 3  # folder: 3 (RGB) or 1 (grayscale, Pillow's L); the other kinds keep their own
 
 
 def channel_stats(images: Tensor, chunk: int = 1024) -> tuple[Tensor, Tensor]:

@@ -70,12 +70,12 @@ def _class_files(split_dir: Path) -> dict[str, list[Path]]:
 
 def _decode(paths: Labelled, options: LoadOptions) -> Split:
     size = options.image_size
-    images = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
+    images = torch.empty(len(paths), options.channels, size, size, dtype=torch.uint8)
     labels = torch.empty(len(paths), dtype=torch.int64)
     kept = 0
     for path, label in tqdm(paths, desc="decoding images", leave=False, disable=not options.progress):
         try:
-            image = load_image(path, 3)
+            image = load_image(path, options.channels)
             images[kept] = resize_uint8(image, size, mode=options.resize, crop_pct=options.crop_pct, source=path)
         except ImageError as e:
             if not options.skip_bad:
@@ -90,7 +90,7 @@ def _decode(paths: Labelled, options: LoadOptions) -> Split:
 
 
 def _cache_key(root: Path, options: LoadOptions, splits: dict[str, dict[str, list[Path]]]) -> str:
-    fit = f"{options.image_size}|{options.resize}|{options.crop_pct!r}"
+    fit = f"{options.image_size}|{options.resize}|{options.crop_pct!r}|{options.channels}"
     h = hashlib.sha256(f"v{CACHE_VERSION}|{root.resolve()}|{fit}".encode())
     for name, files in splits.items():
         for cls, paths in files.items():
@@ -123,6 +123,8 @@ def load_image_folder(root: str | Path, options: LoadOptions | None = None) -> D
             an unreadable image, named in the message.
     """
     options = options if options is not None else LoadOptions()
+    if options.channels not in (1, 3):
+        raise DataError(f"--in-chans {options.channels}: image folders are read as RGB (3) or grayscale (1)")
     root = Path(root).expanduser()
     eval_dir, train_files, eval_files = _layout(root)
     classes = sorted(train_files)
@@ -172,6 +174,7 @@ def _streamed(train_paths: Labelled, eval_paths: Labelled, classes: list[str], o
             min_scale=options.crop_scale,
             resize=options.resize,
             crop_pct=options.crop_pct,
+            channels=options.channels,
         )
         splits.append(Split(files, torch.tensor([label for _, label in paths], dtype=torch.int64)))
     return Dataset("folder", splits[0], splits[1], tuple(classes))

@@ -65,29 +65,33 @@ def crop_box(width: int, height: int, min_scale: float, rng: random.Random) -> t
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def decode_crop(path: str, size: int, min_scale: float, key: int) -> Tensor:
-    """A random-resized crop of the image at ``path`` as (3, size, size) uint8, its randomness keyed by ``key``."""
+def decode_crop(path: str, size: int, min_scale: float, key: int, channels: int = 3) -> Tensor:
+    """A random-resized crop of the file at ``path``: (channels, size, size) uint8, its randomness keyed by ``key``."""
     rng = random.Random(key)
     with open_image(path) as image:
         width, height = image.size
         left, top, w, h = crop_box(width, height, min_scale, rng)
         # JPEG (phones' MPO too) decodes at 1/2, 1/4 or 1/8 scale: the crop keeps >= size pixels.
         if image.format in ("JPEG", "MPO") and min(w, h) >= 2 * size:
-            image.draft("RGB", (math.ceil(width * size / min(w, h)), math.ceil(height * size / min(w, h))))
+            image.draft(
+                "RGB" if channels == 3 else "L",
+                (math.ceil(width * size / min(w, h)), math.ceil(height * size / min(w, h))),
+            )
         fx, fy = image.size[0] / width, image.size[1] / height
         box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
-        return pil_to_tensor(convert(image, 3).resize((size, size), Image.Resampling.BILINEAR, box=box), 3)
+        crop = convert(image, channels).resize((size, size), Image.Resampling.BILINEAR, box=box)
+        return pil_to_tensor(crop, channels)
 
 
-def decode_whole(path: str, size: int, *, resize: str = "crop", crop_pct: float = 1.0) -> Tensor:
-    """The whole image at ``path`` fitted to (3, size, size) uint8 (`images.resize_uint8`), as in-memory folders."""
-    return resize_uint8(load_image(path, 3), size, mode=resize, crop_pct=crop_pct, source=path)
+def decode_whole(path: str, size: int, *, resize: str = "crop", crop_pct: float = 1.0, channels: int = 3) -> Tensor:
+    """The whole image at ``path`` fitted to (channels, size, size) uint8 (`images.resize_uint8`), as in memory."""
+    return resize_uint8(load_image(path, channels), size, mode=resize, crop_pct=crop_pct, source=path)
 
 
 class _Decoder(TorchDataset):
     """Decodes ``(index, key)`` items: key None for a whole image, else the random key of a crop."""
 
-    def __init__(self, paths: Sequence[str], size: int, min_scale: float, fit: tuple[str, float]) -> None:
+    def __init__(self, paths: Sequence[str], size: int, min_scale: float, fit: tuple[str, float, int]) -> None:
         self.paths, self.size, self.min_scale, self.fit = paths, size, min_scale, fit
 
     def __len__(self) -> int:
@@ -98,19 +102,19 @@ class _Decoder(TorchDataset):
         try:
             path = self.paths[index]
             if key is None:
-                image = decode_whole(path, self.size, resize=self.fit[0], crop_pct=self.fit[1])
+                image = decode_whole(path, self.size, resize=self.fit[0], crop_pct=self.fit[1], channels=self.fit[2])
             else:
-                image = decode_crop(path, self.size, self.min_scale, key)
+                image = decode_crop(path, self.size, self.min_scale, key, self.fit[2])
             return image, ""
         except ImageError as e:  # reported by the training process, which knows whether to skip it
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), str(e)
+            return torch.zeros(self.fit[2], self.size, self.size, dtype=torch.uint8), str(e)
 
 
 class ImageFiles:
-    """A split's images as files, decoded on demand to (3, size, size) uint8 (see the module doc).
+    """A split's images as files, decoded on demand to (channels, size, size) uint8 (see the module doc).
 
     ``resize`` and ``crop_pct`` fit whole images to the size (`images.resize`); ``min_scale`` is the area fraction of
-    the smallest random-resized crop.
+    the smallest random-resized crop; ``channels`` 3 reads RGB, 1 grayscale (Pillow's L).
     """
 
     def __init__(
@@ -123,9 +127,10 @@ class ImageFiles:
         min_scale: float = 0.08,
         resize: str = "crop",
         crop_pct: float = 1.0,
+        channels: int = 3,
     ) -> None:
         self.paths, self.size, self.workers, self.skip_bad = list(paths), size, workers, skip_bad
-        self.min_scale, self.fit = min_scale, (resize, crop_pct)
+        self.min_scale, self.fit = min_scale, (resize, crop_pct, channels)  # how a file becomes pixels
         self._warned: set[str] = set()
 
     def __len__(self) -> int:
@@ -133,10 +138,10 @@ class ImageFiles:
 
     @property
     def shape(self) -> tuple[int, int, int, int]:  # noqa: D102
-        return (len(self.paths), 3, self.size, self.size)
+        return (len(self.paths), self.fit[2], self.size, self.size)
 
     def _like(self, paths: Sequence[str]) -> ImageFiles:
-        resize, crop_pct = self.fit
+        resize, crop_pct, channels = self.fit
         other = ImageFiles(
             paths,
             self.size,
@@ -145,6 +150,7 @@ class ImageFiles:
             min_scale=self.min_scale,
             resize=resize,
             crop_pct=crop_pct,
+            channels=channels,
         )
         other._warned = self._warned  # parts of one split warn once about a file between them
         return other
