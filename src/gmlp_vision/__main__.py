@@ -2,6 +2,6 @@
 
 import sys
 
-from gmlp_vision.cli import main
+from gmlp_vision.cli.main import main
 
 sys.exit(main())

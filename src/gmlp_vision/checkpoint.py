@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from gmlp_vision.config import Config, ModelConfig
+from gmlp_vision.config.core import Config
+from gmlp_vision.config.groups import ModelConfig
 from gmlp_vision.errors import CheckpointError, ConfigError, NonFiniteLossError, first_line
 from gmlp_vision.model import GMLP
 

@@ -69,22 +69,23 @@ def resample_spatial(weight: Tensor, bias: Tensor, grid: int) -> tuple[Tensor, T
         raise CheckpointError(f"a spatial projection must be (N, N) with N a square, got {tuple(weight.shape)}")
     if old == grid:
         return weight, bias
-
-    def plane(x: Tensor) -> Tensor:  # (rows, g*g) -> (rows, grid*grid): resample the last axis as an image
-        rows = x.shape[0]
-        x = F.interpolate(
-            x.float().reshape(rows, 1, old, old),
-            size=(grid, grid),
-            mode="bilinear",
-            align_corners=False,
-            antialias=grid < old,
-        )
-        return x.reshape(rows, grid * grid)
-
-    w = plane(weight) * (old * old) / (grid * grid)  # input positions: keep each output's total input
-    w = plane(w.t().contiguous()).t().contiguous()  # output positions
-    b = plane(bias[None])[0]
+    w = _plane(weight, old, grid) * (old * old) / (grid * grid)  # input positions: keep each output's total input
+    w = _plane(w.t().contiguous(), old, grid).t().contiguous()  # output positions
+    b = _plane(bias[None], old, grid)[0]
     return w.to(weight.dtype), b.to(bias.dtype)
+
+
+def _plane(x: Tensor, old: int, grid: int) -> Tensor:
+    """(rows, old*old) -> (rows, grid*grid): the last axis resampled as an old x old image."""
+    rows = x.shape[0]
+    x = F.interpolate(
+        x.float().reshape(rows, 1, old, old),
+        size=(grid, grid),
+        mode="bilinear",
+        align_corners=False,
+        antialias=grid < old,
+    )
+    return x.reshape(rows, grid * grid)
 
 
 def read_state(path: str | Path) -> tuple[dict[str, Tensor], Tensor | None, Tensor | None]:

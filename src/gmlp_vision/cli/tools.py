@@ -89,7 +89,7 @@ def _mb(path: Path) -> str:
 def _cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from gmlp_vision import export
+    import gmlp_vision.export as export
     from gmlp_vision.checkpoint import load_checkpoint, resolve_checkpoint
 
     if args.quantize and args.format != "onnx":
