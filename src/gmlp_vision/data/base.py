@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch loads with the data, not with this module: the CLI's parser reads the dataset table
+    import torch
+    from torch import Tensor
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,6 +92,8 @@ def channel_stats(images: Tensor, chunk: int = 1024) -> tuple[Tensor, Tensor]:
 
     Works through ``chunk`` images at a time, so the temporaries stay small (a few MB) whatever the dataset size.
     """
+    import torch
+
     total = torch.zeros(images.shape[1], dtype=torch.float64)
     total_sq = torch.zeros_like(total)
     n = 0

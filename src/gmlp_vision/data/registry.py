@@ -9,12 +9,10 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from gmlp_vision.data.base import Dataset, LoadOptions
 from gmlp_vision.errors import DataError
-
-if TYPE_CHECKING:  # the table loads without torch (the CLI's parser reads it); loading data imports base
-    from gmlp_vision.data.base import Dataset
 
 
 @dataclass(frozen=True)
@@ -55,8 +53,6 @@ def load_dataset(name: str, path: str | Path | None = None, **options: Any) -> D
     Raises:
         DataError: An unknown name; missing, corrupt, hostile or wrong-kind data; a failed download.
     """
-    from gmlp_vision.data.base import LoadOptions
-
     key = name.lower()
     if key not in DATASET_KINDS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
