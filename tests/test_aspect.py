@@ -191,10 +191,13 @@ def test_the_rule_travels_from_training_to_predict_and_exports(tmp_path, monkeyp
     exported = Classifier.load(tmp_path / "st")
     assert (exported.resize, exported.crop_pct) == ("squash", 0.9)
     config = json.loads((tmp_path / "st" / "config.json").read_text())
-    del config["resize"], config["crop_pct"]  # an export written before the rule was stored
-    (tmp_path / "st" / "config.json").write_text(json.dumps(config))
+    assert (config["pretrained_cfg"]["crop_mode"], config["pretrained_cfg"]["crop_pct"]) == ("squash", 0.9)
+    old = {"format": "gmlp-vision-safetensors", "version": 1, "model": config["model_args"]}
+    old["classes"] = config["label_names"]  # 0.1's layout, written before the rule was stored
+    (tmp_path / "st" / "config.json").write_text(json.dumps(old))
     assert (Classifier.load(tmp_path / "st").resize, Classifier.load(tmp_path / "st").crop_pct) == ("crop", 1.0)
-    (tmp_path / "st" / "config.json").write_text(json.dumps({**config, "crop_pct": "wide"}))
+    config["pretrained_cfg"]["crop_pct"] = "wide"
+    (tmp_path / "st" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="crop_pct"):
         Classifier.load(tmp_path / "st")
     pytest.importorskip("onnx", reason="the onnx extra is not installed; CI installs it")

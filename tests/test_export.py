@@ -126,7 +126,7 @@ def test_safetensors_errors(run, tmp_path):
         load_safetensors(tmp_path)
     export_safetensors(run, tmp_path / "st")
     config = json.loads((tmp_path / "st" / "config.json").read_text())
-    config["model"]["embed_dim"] = 48
+    config["model_args"]["embed_dim"] = 48
     (tmp_path / "st" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="do not fit the model its config describes"):
         load_safetensors(tmp_path / "st")

@@ -166,7 +166,7 @@ def test_an_export_config_describing_a_huge_model_is_refused(tmp_path, tiny_chec
     path, _, _ = tiny_checkpoint
     assert main(["export", str(path), "--format", "safetensors", "--out", str(tmp_path / "st")]) == 0
     config = json.loads((tmp_path / "st" / "config.json").read_text())
-    config["model"].update(embed_dim=100_000, ffn_dim=100_000)
+    config["model_args"].update(embed_dim=100_000, ffn_dim=100_000)
     (tmp_path / "st" / "config.json").write_text(json.dumps(config))
     code = f"from gmlp_vision.export import load_safetensors; load_safetensors({str(tmp_path / 'st')!r})"
 

@@ -107,7 +107,7 @@ def tensor_sha256(t: torch.Tensor) -> str:
 
 # Keys results.json gained after 0.1 that say nothing about the run's numbers: the command that reruns it, the held-out
 # split's name. Left out so that a comparison with a 0.1 commit compares what both sides record.
-ADDED_RESULTS = ("command", "test_split")
+ADDED_RESULTS = ("command", "test_split", "images")
 
 
 def without_timings(row: dict[str, Any]) -> dict[str, Any]:

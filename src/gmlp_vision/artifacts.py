@@ -1,10 +1,10 @@
 """Reading what ``gmlp export`` writes: the safetensors folder (weights + ``config.json``) and ONNX graphs.
 
 `predict` loads these as it loads checkpoints, so a deployed file classifies images exactly as `gmlp predict` on
-the run does: a safetensors folder rebuilds the PyTorch model; an ``.onnx`` file (fp32 or int8) runs in onnxruntime
-on the CPU, with the class names, image size and channels the export stored in its metadata. Both also store how
-images are fitted to the input (``resize``, ``crop_pct``: `images.resize`); exports written before those were
-stored get the defaults, crop and 1.0. ``onnxruntime`` is
+the run does: a safetensors folder (``config.json`` in this version's layout or 0.1's, `hub`) rebuilds the PyTorch
+model; an ``.onnx`` file (fp32 or int8) runs in onnxruntime on the CPU, with the class names, image size and channels
+the export stored in its metadata. Both also store how images are fitted to the input (``resize``, ``crop_pct``:
+`images.resize`); exports written before those were stored get the defaults, crop and 1.0. ``onnxruntime`` is
 optional (``pip install 'gmlp-vision[onnx]'``) and imported only when an ONNX file is loaded.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,21 +22,12 @@ from torch import Tensor
 from gmlp_vision.checkpoint import check_weights_fit
 from gmlp_vision.config.groups import ModelConfig
 from gmlp_vision.errors import CheckpointError, ConfigError, ExportError, first_line
+from gmlp_vision.hub import FORMAT, VERSION, ExportConfig, parse_export_config
 from gmlp_vision.images import check_resize
 
 ONNX_EXTRA = "pip install 'gmlp-vision[onnx]'"
-SAFETENSORS_FORMAT = "gmlp-vision-safetensors"
-SAFETENSORS_VERSION = 1
-
-
-class ExportConfig(NamedTuple):
-    """What an export folder's ``config.json`` holds besides the weights."""
-
-    model: ModelConfig
-    classes: tuple[str, ...]
-    precision: str  # the --precision it was trained and is evaluated in
-    resize: str  # how images are fitted to the input (`images.resize`): crop or squash
-    crop_pct: float
+SAFETENSORS_FORMAT = FORMAT
+SAFETENSORS_VERSION = VERSION
 
 
 def read_safetensors_config(folder: str | Path) -> tuple[ModelConfig, tuple[str, ...]]:
@@ -50,22 +41,14 @@ def read_safetensors_config(folder: str | Path) -> tuple[ModelConfig, tuple[str,
 
 
 def read_export_config(folder: str | Path) -> ExportConfig:
-    """Everything ``config.json`` of an `export.export_safetensors` folder holds (missing optional keys: defaults).
+    """What ``config.json`` of an export folder says (`hub`: this version's layout or 0.1's).
 
     Raises:
         CheckpointError: ``config.json`` is missing, of another format, or invalid.
     """
     path = Path(folder) / "config.json"
     try:
-        raw = json.loads(path.read_text())
-        if raw.get("format") != SAFETENSORS_FORMAT or raw.get("version") != SAFETENSORS_VERSION:
-            raise ValueError(f"not a {SAFETENSORS_FORMAT} v{SAFETENSORS_VERSION} config")
-        resize, crop_pct = raw.get("resize", "crop"), raw.get("crop_pct", 1.0)
-        if type(crop_pct) not in (int, float):
-            raise ValueError(f"crop_pct must be a number, got {crop_pct!r}")
-        check_resize(resize, crop_pct)
-        classes = tuple(str(c) for c in raw["classes"])
-        return ExportConfig(ModelConfig(**raw["model"]), classes, str(raw.get("precision", "fp32")), resize, crop_pct)
+        return parse_export_config(json.loads(path.read_text()))
     except FileNotFoundError:
         raise CheckpointError(
             f"{path} not found: pass a folder written by `gmlp export --format safetensors`"

@@ -15,16 +15,15 @@ The ONNX graph, exported in eval mode with the TorchScript-based exporter (``dyn
 int8: ``onnxruntime.quantization.quantize_dynamic`` (int8 weights, activations quantised per batch at run time) of
 every MatMul/Gemm; for CPU inference. ``benchmarks/bench_export.py`` measures its speed and accuracy.
 
-safetensors: ``model.safetensors`` (the state dict, normalisation buffers included) and ``config.json`` (the model
-config, class names, precision, ``resize`` and ``crop_pct``); `load_safetensors` rebuilds the model from the folder
-alone.
+safetensors: ``model.safetensors`` (the state dict, normalisation buffers included) and ``config.json`` in timm's Hub
+layout (`hub`: the model arguments, class names, input size, ``crop_pct`` and crop mode, precision); `load_safetensors`
+rebuilds the model from the folder alone. ``gmlp export`` also writes a ``README.md`` model card (`card`).
 
 ``onnx``/``onnxruntime`` are optional (``pip install 'gmlp-vision[onnx]'``) and imported inside the functions.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import logging
@@ -49,6 +48,8 @@ from gmlp_vision.artifacts import (  # reading exports lives there; re-exported 
 from gmlp_vision.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint, usual_file_mode
 from gmlp_vision.errors import ExportError
 from gmlp_vision.evaluate import infer
+from gmlp_vision.files import write_text
+from gmlp_vision.hub import ExportConfig, hub_config
 from gmlp_vision.images import resize
 from gmlp_vision.model import GMLP
 
@@ -228,7 +229,9 @@ def check_onnx(onnx_path: str | Path, model: GMLP, images: Tensor, *, atol: floa
 
 
 def export_safetensors(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Write ``model.safetensors`` (weights and normalisation buffers) and ``config.json`` into ``out_dir``.
+    """Write ``model.safetensors`` (weights and normalisation buffers) and ``config.json`` (`hub`) into ``out_dir``.
+
+    `card.write_model_card` adds the ``README.md`` model card, as ``gmlp export`` does.
 
     Returns:
         The path of ``model.safetensors``.
@@ -250,16 +253,10 @@ def export_safetensors(checkpoint: str | Path, out_dir: str | Path) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    config = {
-        "format": SAFETENSORS_FORMAT,
-        "version": SAFETENSORS_VERSION,
-        "model": dataclasses.asdict(model.cfg),
-        "classes": list(ckpt.classes),
-        "precision": ckpt.config.run.precision,
-        "resize": ckpt.config.data.resize,
-        "crop_pct": ckpt.config.data.crop_pct,
-    }
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    data = ckpt.config.data
+    export = ExportConfig(model.cfg, tuple(ckpt.classes), ckpt.config.run.precision, data.resize, data.crop_pct)
+    config = hub_config(export, model.pixel_mean.tolist(), model.pixel_std.tolist())
+    write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
     return weights
 
 

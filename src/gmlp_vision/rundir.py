@@ -23,6 +23,7 @@ from torch import Tensor
 from gmlp_vision.checkpoint import Checkpoint, load_checkpoint
 from gmlp_vision.config import Config, load_config_file
 from gmlp_vision.errors import CheckpointError, ConfigError, RunDirBusy
+from gmlp_vision.files import write_text
 
 try:
     import fcntl
@@ -109,21 +110,9 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _replace_with(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file beside ``path``, then rename it over ``path``; a failed write leaves no temp."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, value: Any) -> None:
     """Write strict JSON (non-finite numbers as null) atomically, so a crash never leaves half a file."""
-    _replace_with(path, json.dumps(_json_safe(value), indent=2, allow_nan=False) + "\n")
+    write_text(path, json.dumps(_json_safe(value), indent=2, allow_nan=False) + "\n")
 
 
 def write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
@@ -133,9 +122,9 @@ def write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
     writer = csv.DictWriter(table, fieldnames=HISTORY_FIELDS + (EMA_FIELDS if ema else ()), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
-    _replace_with(run_dir / "history.csv", table.getvalue())
+    write_text(run_dir / "history.csv", table.getvalue())
     rows = "".join(json.dumps(_json_safe(row), allow_nan=False) + "\n" for row in history)
-    _replace_with(run_dir / "history.jsonl", rows)
+    write_text(run_dir / "history.jsonl", rows)
 
 
 def format_epoch(row: dict[str, float], epochs: int, top5: bool = True) -> str:

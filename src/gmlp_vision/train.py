@@ -336,6 +336,7 @@ def _finish(state: TrainState, data: _Data, stopped: bool) -> Result:
         "stopped_early": stopped,
         "epochs_run": len(state.history),
         "test_split": state.ds.test_split,
+        "images": {"train": len(data.train_y), "validation": len(data.val_y), "test": len(test_y)},
         "command": train_command(cfg),
     }
     if state.ema is not None:

@@ -86,6 +86,16 @@ def _mb(path: Path) -> str:
     return f"{path.stat().st_size / 1e6:.2f} MB"
 
 
+def _write_card(ckpt_path: Path, out_dir: Path) -> None:
+    from gmlp_vision.card import write_model_card
+
+    card = write_model_card(ckpt_path, out_dir)
+    if card is None:
+        print(f"kept {out_dir / 'README.md'}: not a card `gmlp export` wrote (no model card written)")
+    else:
+        print(f"wrote {card}: the model card")
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     import torch
 
@@ -111,6 +121,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         out_dir = Path(args.out) if args.out else export.default_export_dir(ckpt_path)
         weights = export.export_safetensors(ckpt_path, out_dir)
         print(f"wrote {weights} ({_mb(weights)}) and {out_dir / 'config.json'}")
+        _write_card(ckpt_path, out_dir)
         if args.check:
             with torch.no_grad():
                 diff = (export.load_safetensors(out_dir)(images.float()) - model(images.float())).abs().max().item()
@@ -141,6 +152,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                 f"check: int8 vs PyTorch fp32: max abs logit difference {diff:.3g} (quantisation error, no limit; "
                 "accuracy: benchmarks/bench_export.py)"
             )
+    _write_card(ckpt_path, out.parent)
     return 0
 
 

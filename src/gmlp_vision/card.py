@@ -1,0 +1,255 @@
+"""The ``README.md`` model card ``gmlp export`` writes beside what it exports.
+
+A Hugging Face-style card (YAML header, then Markdown): the files, the data, the results with the command that
+produced them, the training settings and the whole config, the classes, how to use the model, and its intended use
+and limits. The results are the final evaluation ``results.json`` recorded for this very checkpoint (the run's final
+weights, or ``ema.pt``'s weight average); for any other checkpoint the card gives the validation metrics the
+checkpoint itself stores, and says so.
+
+The card ends with `MARKER`. A ``README.md`` without it (the user's own, or a card whose marker the user deleted to
+keep their edits) is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from gmlp_vision.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
+from gmlp_vision.files import write_text
+from gmlp_vision.version import __version__
+
+MARKER = "<!-- gmlp-vision model card: `gmlp export` rewrites this file; delete this line to keep your edits. -->"
+HUB_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100"}  # our dataset names -> their Hub dataset ids
+FILES = {
+    "model.safetensors": "the weights, the input normalisation included (`gmlp export --format safetensors`)",
+    "config.json": "architecture and preprocessing in timm's Hub layout (`pretrained_cfg`), read by gmlp-vision",
+    "model.onnx": "ONNX graph, fp32, input `pixels` (B, C, S, S) raw 0..255, output `logits` (`gmlp export`)",
+    "model.int8.onnx": "the ONNX graph with int8 weights, for CPU inference (`gmlp export --quantize int8`)",
+}
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * value:.2f} %" if isinstance(value, (int, float)) else "-"
+
+
+def _loss(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+
+def _read_results(run_dir: Path) -> dict[str, Any]:
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return results if isinstance(results, dict) else {}
+
+
+def _final_metrics(ckpt_path: Path, results: dict[str, Any]) -> dict[str, Any] | None:
+    """The final evaluation results.json holds for this checkpoint file, if it holds one."""
+    if ckpt_path.name == "ema.pt":
+        found = results.get("test_ema")
+    else:
+        found = results.get("test") if results.get("final_checkpoint") == ckpt_path.name else None
+    return found if isinstance(found, dict) else None
+
+
+def _header(ckpt: Checkpoint) -> str:
+    lines = ["---", "library_name: gmlp-vision", "pipeline_tag: image-classification", "tags:"]
+    lines += ["- image-classification", "- gmlp", "- gmlp-vision"]
+    if ckpt.config.data.dataset in HUB_DATASETS:
+        lines += ["datasets:", f"- {HUB_DATASETS[ckpt.config.data.dataset]}"]
+    lines += ["metrics:", "- accuracy", "---"]
+    return "\n".join(lines)
+
+
+def _data_name(ckpt: Checkpoint) -> str:
+    data = ckpt.config.data
+    if data.dataset == "folder" and data.data:
+        return f"the image folder `{Path(data.data).name}`"
+    return f"`{data.dataset}`"
+
+
+def _data_section(ckpt: Checkpoint, results: dict[str, Any]) -> list[str]:
+    mc, data = ckpt.config.model, ckpt.config.data
+    lines = ["## Data", "", f"- Trained on {_data_name(ckpt)}."]
+    counts = results.get("images")
+    if isinstance(counts, dict):
+        split = results.get("test_split", "test")
+        lines.append(
+            f"- Images: {counts.get('train', '?')} for training, {counts.get('validation', 0)} held out for "
+            f"validation, {counts.get('test', '?')} in the `{split}` split for the final evaluation."
+        )
+    if data.resize == "crop":
+        fit = f"get their shorter side resized to {mc.image_size} / crop_pct {data.crop_pct:g}, then the centre crop"
+    else:
+        fit = f"are squashed to {mc.image_size} x {mc.image_size}"
+    kind = "RGB" if mc.in_chans == 3 else ("grayscale" if mc.in_chans == 1 else f"{mc.in_chans}-channel")
+    lines.append(
+        f"- Input: {kind} images of {mc.image_size} x {mc.image_size} pixels; images of another size {fit} "
+        "(bilinear, antialiased)."
+    )
+    lines.append("- Pixels go in raw (0..255); the model normalises them with the training images' statistics.")
+    return lines
+
+
+def _results_section(ckpt_path: Path, ckpt: Checkpoint, results: dict[str, Any], top5: bool) -> list[str]:
+    lines = ["## Results", ""]
+    final = _final_metrics(ckpt_path, results)
+    if final is not None:
+        split = results.get("test_split", "test")
+        weights = "weight average (`ema.pt`)" if ckpt_path.name == "ema.pt" else f"final weights (`{ckpt_path.name}`)"
+        lines += ["| split | weights | top-1 | " + ("top-5 | " if top5 else "") + "loss |"]
+        lines += ["|---|---|---|" + ("---|" if top5 else "") + "---|"]
+        row = f"| `{split}` | {weights} | {_pct(final.get('acc'))} | "
+        lines += [row + (f"{_pct(final.get('top5'))} | " if top5 else "") + f"{_loss(final.get('loss'))} |", ""]
+        epochs, best = results.get("epochs_run", "?"), results.get("best_epoch", "?")
+        stopped = ", stopped early" if results.get("stopped_early") else ""
+        lines.append(f"Trained for {epochs} epochs (best validation epoch {best}{stopped}).")
+    else:
+        m = ckpt.metrics
+        lines.append(
+            f"No final evaluation is recorded for `{ckpt_path.name}` (the run did not finish, or results.json "
+            f"describes another checkpoint). At epoch {ckpt.epoch} (step {ckpt.step}) it recorded validation top-1 "
+            f"{_pct(m.get('val_acc'))}, loss {_loss(m.get('val_loss'))}; training top-1 {_pct(m.get('acc'))}."
+        )
+    command = results.get("command")
+    if isinstance(command, str):
+        lines += ["", "Produced by:", "", "```bash", command, "```"]
+    lines += ["", "`gmlp evaluate RUN_DIR` evaluates the run's final weights again."]
+    return lines
+
+
+def _schedule(cfg: Any) -> str:
+    o = cfg.optim
+    parts = [o.schedule + (f" to {o.min_lr:g}" if o.schedule != "constant" else "")]
+    if o.warmup_epochs:
+        parts.append(f"{o.warmup_epochs:g} warm-up epochs")
+    if o.plateau_patience:
+        parts.append(f"lr x{o.plateau_factor:g} after {o.plateau_patience} epochs without improvement")
+    if o.early_stop_patience:
+        parts.append(f"early stopping after {o.early_stop_patience}")
+    if o.ema:
+        parts.append(f"weight average {o.ema:g}")
+    return ", ".join(parts)
+
+
+def _training_section(ckpt: Checkpoint) -> list[str]:
+    cfg = ckpt.config
+    o, a, m = cfg.optim, cfg.augment, cfg.model
+    augment = [f"crop {a.crop}" if a.crop != "none" else "", "flip" if a.flip else ""]
+    augment += [f"zoom {a.zoom:g}" if a.zoom else ""]
+    augment += [f"{a.policy} {a.policy_ops}/{a.policy_magnitude:g}" if a.policy != "none" else ""]
+    augment += [f"mixup {a.mixup:g}" if a.mixup else "", f"cutmix {a.cutmix:g}" if a.cutmix else ""]
+    augment += [f"random erasing {a.erase:g}" if a.erase else ""]
+    settings = [
+        ("preset", f"`{cfg.preset}`"),
+        ("model", f"{m.depth} blocks, width {m.embed_dim} / {m.ffn_dim}, patch {m.patch_size}"),
+        ("epochs, batch", f"{o.epochs}, {o.batch_size}"),
+        ("optimizer", f"{o.optimizer}, lr {o.lr:g}, weight decay {o.weight_decay:g}"),
+        ("schedule", _schedule(cfg)),
+        ("regularisation", f"dropout {m.dropout:g}, drop path {m.drop_path:g}, label smoothing {o.label_smoothing:g}"),
+        ("augmentation", ", ".join(x for x in augment if x) or "none"),
+        ("precision", cfg.run.precision),
+    ]
+    lines = ["## Training", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in settings]
+    shared = cfg.to_dict()  # without the local paths of the data and the run
+    shared["data"]["data"] = Path(cfg.data.data).name if cfg.data.data else None
+    shared["run"]["out"] = None
+    config = json.dumps(shared, indent=2)
+    lines += ["", "<details><summary>The whole configuration</summary>", "", "```json", config, "```", "", "</details>"]
+    return lines
+
+
+def _usage_section(ckpt: Checkpoint, files: list[str]) -> list[str]:
+    mc = ckpt.config.model
+    graph = next((f for f in files if f.endswith(".onnx")), None)
+    load = f"  # or THIS_FOLDER/{graph}, run by onnxruntime" if graph else ""
+    return [
+        "## How to use",
+        "",
+        "```bash",
+        "pip install gmlp-vision",
+        "gmlp predict THIS_FOLDER photo.jpg          # top-5 classes with their probabilities",
+        "```",
+        "",
+        "```python",
+        "from gmlp_vision import Classifier",
+        "",
+        f'classifier = Classifier.load("THIS_FOLDER"){load}',
+        'print(classifier.predict(["photo.jpg"], top_k=3))',
+        "```",
+        "",
+        f"Without gmlp-vision: fit the image to {mc.image_size} x {mc.image_size} as described under Data, and feed "
+        f"float32 pixels 0..255 shaped (B, {mc.in_chans}, {mc.image_size}, {mc.image_size}); softmax the logits.",
+    ]
+
+
+def _limits_section(ckpt: Checkpoint) -> list[str]:
+    n, size = len(ckpt.classes), ckpt.config.model.image_size
+    return [
+        "## Intended use and limits",
+        "",
+        f"- It sorts images into the {n} classes above and nothing else: every image gets one of them, an image of "
+        "none of them included. Use the probability to refuse uncertain answers where that matters.",
+        "- The results were measured on held-out images from the same source as the training images. Other cameras, "
+        "lighting, framing or subjects can do much worse: check it on your own images first.",
+        f"- Images are reduced to {size} x {size} pixels, so details smaller than that resolution keeps are lost.",
+        "- Whatever the training data leaves out, over-represents or mislabels, the model repeats.",
+        "- Not for decisions about people, or where a wrong answer is dangerous, without an evaluation of its own.",
+        "- The weights derive from the training data: add the licence that data allows (`license:` in the header) "
+        "before sharing them.",
+    ]
+
+
+def model_card(ckpt_path: Path, ckpt: Checkpoint, files: list[str]) -> str:
+    """The card's text for checkpoint ``ckpt`` (read from ``ckpt_path``) exported as ``files``."""
+    results = _read_results(ckpt_path.parent)
+    mc = ckpt.config.model
+    n = len(ckpt.classes)
+    params = sum(v.numel() for k, v in ckpt.model_state.items() if not k.startswith("pixel_"))
+    title = f"# gMLP image classifier: {_data_name(ckpt).replace('the image folder ', '')}, {n} classes"
+    lines = [_header(ckpt), title, ""]
+    lines.append(
+        f'A gMLP ("Pay Attention to MLPs", Liu et al. 2021) trained with gmlp-vision {__version__}: {params:,} '
+        f"parameters, {mc.depth} blocks, {mc.image_size} x {mc.image_size} pixel input in {mc.patch_size} x "
+        f"{mc.patch_size} patches."
+    )
+    lines += ["", "## Files", "", "| file | what it is |", "|---|---|"]
+    lines += [f"| `{f}` | {FILES.get(f, 'ONNX graph (`gmlp export --out`)')} |" for f in files]
+    lines += ["", *_data_section(ckpt, results), ""]
+    lines += [*_results_section(ckpt_path, ckpt, results, n > 10), ""]
+    lines += [*_training_section(ckpt), ""]
+    lines += ["## Classes", "", f"In label order: {', '.join(f'`{c}`' for c in ckpt.classes)}.", ""]
+    lines += [*_usage_section(ckpt, files), "", *_limits_section(ckpt), "", MARKER, ""]
+    return "\n".join(lines)
+
+
+def write_model_card(checkpoint: str | Path, out_dir: str | Path) -> Path | None:
+    """Write ``out_dir/README.md``, the card of ``checkpoint`` listing the exports found in ``out_dir``.
+
+    Returns:
+        The card's path, or None when ``out_dir`` holds a ``README.md`` that `MARKER` does not end (left alone).
+
+    Raises:
+        CheckpointError: the checkpoint cannot be loaded.
+        OSError: the card cannot be written (nothing half-written is left).
+    """
+    ckpt_path = resolve_checkpoint(checkpoint)
+    ckpt = load_checkpoint(ckpt_path)
+    out_dir = Path(out_dir)
+    card = out_dir / "README.md"
+    try:
+        if MARKER not in card.read_text(errors="replace"):
+            return None
+    except FileNotFoundError:
+        pass
+    names = [name for name in FILES if (out_dir / name).is_file()]
+    names += sorted(p.name for p in out_dir.glob("*.onnx") if p.name not in FILES)
+    write_text(card, model_card(ckpt_path, ckpt, names))
+    return card
+
+
+__all__ = ["MARKER", "model_card", "write_model_card"]

@@ -1,0 +1,142 @@
+"""What `gmlp export` writes beside the weights: config.json in timm's Hub layout, the README.md model card, and
+exports of gmlp-vision 0.1.0 (tests/fixtures/v0_1_0/export) that still load."""
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from gmlp_vision.artifacts import read_export_config
+from gmlp_vision.card import MARKER, model_card
+from gmlp_vision.checkpoint import load_checkpoint, load_model, resolve_checkpoint
+from gmlp_vision.cli import main
+from gmlp_vision.config import from_preset
+from gmlp_vision.export import export_safetensors, load_safetensors
+from gmlp_vision.predict import Classifier
+from gmlp_vision.train import train
+from synthetic import make_dataset
+
+OLD_EXPORT = Path(__file__).parent / "fixtures" / "v0_1_0" / "export"
+OLD_RUN = Path(__file__).parent / "fixtures" / "v0_1_0" / "run"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_dataset()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data) -> Path:
+    out = tmp_path_factory.mktemp("card") / "run"
+    cfg = from_preset("tiny", epochs=1, progress=False, out=str(out), resize="squash", crop_pct=0.9)
+    return train(cfg, data).run_dir
+
+
+def test_config_json_has_timms_hub_layout(run, tmp_path):
+    export_safetensors(run, tmp_path / "st")
+    config = json.loads((tmp_path / "st" / "config.json").read_text())
+    model, ckpt = load_model(resolve_checkpoint(run))
+    mc = model.cfg
+    assert config["architecture"] == "gmlp" and config["num_classes"] == mc.num_classes == 4
+    assert config["num_features"] == mc.embed_dim and config["global_pool"] == "avg"
+    assert config["label_names"] == list(ckpt.classes) and config["model_args"] == dataclasses.asdict(mc)
+    pretrained = config["pretrained_cfg"]
+    assert pretrained["input_size"] == [3, 32, 32] and pretrained["num_classes"] == 4
+    assert (pretrained["crop_mode"], pretrained["crop_pct"]) == ("squash", 0.9)
+    assert config["gmlp_vision"]["pixel_mean"] == pytest.approx(model.pixel_mean.tolist())
+    assert read_export_config(tmp_path / "st").model == mc
+    state = dict(model.state_dict())
+    for key in (pretrained["first_conv"] + ".weight", pretrained["classifier"] + ".weight"):
+        assert key in state
+
+
+def test_a_pipeline_built_from_pretrained_cfg_feeds_the_model_what_it_expects(run, tmp_path, data):
+    """timm's eval pipeline scales pixels to 0..1, then subtracts ``mean`` and divides by ``std``."""
+    export_safetensors(run, tmp_path / "st")
+    pretrained = json.loads((tmp_path / "st" / "config.json").read_text())["pretrained_cfg"]
+    model = load_safetensors(tmp_path / "st")
+    raw = data.test.images[:16].float()
+    mean = torch.tensor(pretrained["mean"])[:, None, None]
+    std = torch.tensor(pretrained["std"])[:, None, None]
+    with torch.no_grad():
+        torch.testing.assert_close(model((raw / 255 - mean) / std), model(raw), atol=1e-4, rtol=0)
+
+
+def test_exports_of_0_1_0_still_load(tmp_path):
+    old_model, old_ckpt = load_model(OLD_RUN / "best.pt")
+    config = read_export_config(OLD_EXPORT)
+    assert config.model == old_model.cfg and (config.resize, config.crop_pct) == ("crop", 1.0)
+    pixels = torch.randint(0, 256, (8, 1, 8, 8), generator=torch.Generator().manual_seed(0)).float()
+    with torch.no_grad():
+        assert torch.equal(load_safetensors(OLD_EXPORT)(pixels), old_model(pixels))
+    assert Classifier.load(OLD_EXPORT / "model.safetensors").classes == old_ckpt.classes
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed; CI installs it")
+    graph = Classifier.load(OLD_EXPORT / "model.onnx")
+    assert graph.classes == old_ckpt.classes
+    torch.testing.assert_close(graph.model(pixels), old_model(pixels), atol=1e-4, rtol=0)
+
+
+def test_cli_export_writes_a_model_card(run, tmp_path, capsys):
+    out = tmp_path / "st"
+    assert main(["export", str(run), "--format", "safetensors", "--out", str(out)]) == 0
+    assert f"wrote {out / 'README.md'}: the model card" in capsys.readouterr().out
+    card = (out / "README.md").read_text()
+    results = json.loads((run / "results.json").read_text())
+    assert card.startswith("---\nlibrary_name: gmlp-vision\npipeline_tag: image-classification\n")
+    for section in ("## Files", "## Data", "## Results", "## Training", "## Classes", "## How to use",
+                    "## Intended use and limits"):  # fmt: skip
+        assert f"\n{section}\n" in card
+    assert f"{100 * results['test']['acc']:.2f} %" in card and results["command"] in card
+    images = results["images"]
+    assert f"{images['train']} for training, {images['validation']} held out" in card
+    assert "`model.safetensors`" in card and "`config.json`" in card and "| `model.onnx` |" not in card
+    assert "In label order: `class0`, `class1`, `class2`, `class3`." in card and "squashed to 32 x 32" in card
+    assert card.rstrip().endswith(MARKER)
+    assert main(["export", str(run), "--format", "safetensors", "--out", str(out)]) == 0  # its own card: rewritten
+    assert (out / "README.md").read_text() == card
+
+
+def test_the_card_lists_the_onnx_files_beside_it(run, tmp_path, capsys):
+    pytest.importorskip("onnx", reason="the onnx extra is not installed; CI installs it")
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed; CI installs it")
+    out = tmp_path / "ex"
+    assert main(["export", str(run), "--out", str(out / "model.onnx"), "--quantize", "int8"]) == 0
+    card = (out / "README.md").read_text()
+    assert "`model.onnx`" in card and "`model.int8.onnx`" in card and "`model.safetensors`" not in card
+
+
+def test_a_readme_gmlp_export_did_not_write_is_left_alone(run, tmp_path, capsys):
+    out = tmp_path / "st"
+    out.mkdir()
+    (out / "README.md").write_text("# my project\n")
+    assert main(["export", str(run), "--format", "safetensors", "--out", str(out)]) == 0
+    assert "kept" in capsys.readouterr().out and (out / "README.md").read_text() == "# my project\n"
+    assert (out / "model.safetensors").is_file()
+    edited = model_card(run / "best.pt", load_checkpoint(run / "best.pt"), []).replace(MARKER, "my notes")
+    (out / "README.md").write_text(edited)  # a card whose marker the user deleted to keep their edits
+    assert main(["export", str(run), "--format", "safetensors", "--out", str(out)]) == 0
+    assert (out / "README.md").read_text() == edited
+
+
+def test_a_checkpoint_without_a_final_evaluation_says_so(run, tmp_path):
+    final = json.loads((run / "results.json").read_text())["final_checkpoint"]
+    other = "last.pt" if final == "best.pt" else "best.pt"
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(run / final, lone / "model.pt")  # a checkpoint away from its run
+    for path in (run / other, lone / "model.pt"):
+        ckpt = load_checkpoint(path)
+        card = model_card(path, ckpt, [])
+        assert "No final evaluation is recorded" in card and f"{100 * ckpt.metrics['val_acc']:.2f} %" in card
+
+
+def test_the_card_leaves_local_paths_out(run):
+    ckpt = load_checkpoint(run / "best.pt")
+    cfg = ckpt.config.replace(dataset="folder", data="/home/someone/private/flowers")
+    card = model_card(run / "best.pt", dataclasses.replace(ckpt, config=cfg), [])
+    assert "/home/someone" not in card and "`flowers`" in card and str(run) not in card
