@@ -29,11 +29,11 @@ def flag_help(text: str, flag: str) -> str:
 def test_help_shows_the_defaults_a_plain_run_uses(capsys, command):
     text = help_text(capsys, command)
     seed, digits = from_preset("seed"), resolve_config({"dataset": "digits"})
-    assert f"(default: {seed.model.image_size}; --dataset digits: {digits.model.image_size})" in flag_help(
-        text, "--image-size N"
-    )
-    assert f"(default: {seed.optim.epochs}; --dataset digits: {digits.optim.epochs})" in flag_help(text, "--epochs N")
-    assert "(default: 4)" in flag_help(text, "--depth N")  # the tutorial's 4 blocks, not the paper's 30
+    folder = resolve_config({"dataset": "folder"})
+    assert f"(default: {seed.model.image_size}; digits: {digits.model.image_size})" in flag_help(text, "--image-size N")
+    epochs = f"(default: {seed.optim.epochs}; digits: {digits.optim.epochs}; folder: {folder.optim.epochs})"
+    assert epochs in flag_help(text, "--epochs N")
+    assert "(default: 4; folder: 6)" in flag_help(text, "--depth N")  # the tutorial's 4 blocks, not the paper's 30
     assert "(default: the dataset's)" in flag_help(text, "--num-classes N")
     assert "224" not in flag_help(text, "--image-size N") and "(default: 30" not in flag_help(text, "--depth N")
 

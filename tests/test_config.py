@@ -46,6 +46,9 @@ def test_dataset_alone_picks_its_preset_and_explicit_preset_wins():
     assert parse(["--dataset", "digits"]).preset == DATASET_PRESET["digits"] == "digits"
     assert parse(["--dataset", "cifar10"]).preset == "seed"
     assert parse(["--dataset", "digits", "--preset", "tiny"]).preset == "tiny"
+    folder = parse(["--dataset", "folder", "--data", "photos"])  # your own images: the general recipe, not seed's
+    assert folder.preset == "general" and folder.optim.schedule == "onecycle" and folder.model.dropout == 0.0
+    assert folder.run.precision == "fp32" and folder.data.val_split == 0.1
 
 
 def test_precedence_preset_then_file_then_flags(tmp_path):

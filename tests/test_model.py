@@ -6,7 +6,7 @@ from gmlp_vision.config import PRESETS, ModelConfig, from_preset
 from gmlp_vision.model import GMLP, GMLPBlock, SpatialGatingUnit, count_parameters, drop_path, flops_per_image
 
 SHAPES = {"seed": (100, 3), "digits": (10, 1), "tiny": (10, 3), "gmlp-ti": (1000, 3), "gmlp-s": (1000, 3),
-          "gmlp-b": (1000, 3), "cifar10-fast": (10, 3), "cifar100-strong": (100, 3)}  # fmt: skip
+          "gmlp-b": (1000, 3), "cifar10-fast": (10, 3), "cifar100-strong": (100, 3), "general": (10, 3)}  # fmt: skip
 
 
 def model_cfg(preset: str, **kw) -> ModelConfig:

@@ -61,7 +61,7 @@ def test_hundred_classes_stay_readable(tmp_path):
     images = torch.randint(0, 256, (600, 3, 32, 32), generator=g, dtype=torch.uint8)
     labels = torch.arange(100).repeat(6)
     classes = [f"class_with_a_long_name_{i}" for i in range(100)]
-    evaluation_report(tmp_path, model, images, labels, classes, max_images=12)
+    evaluation_report(tmp_path, model, images, labels, classes, split="val")
     width, height = check_png(tmp_path / "plots" / "confusion.png", min_width=1000, min_height=700)
     assert width <= 1600 and height <= 1600  # the matrix, and the pairs' table under it
     _, height = check_png(tmp_path / "plots" / "per_class_accuracy.png")

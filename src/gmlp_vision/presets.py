@@ -170,6 +170,23 @@ PRESETS.update(
             epochs=16,
             ema=0.998,
         ),
+        # The default for your own images (--dataset folder), chosen on CIFAR-10 written out as PNG class folders
+        # (benchmarks/bench_folder.py): cifar10-fast's model and schedule, made safe for any data and machine. fp32,
+        # since bf16 is slow on CPUs without AVX-512 bf16 or AMX and on GPUs before Ampere (add --precision bf16
+        # where it is fast); a 10 % validation split to watch over-fitting (the folder's val/ is evaluated at the end).
+        "general": dict(
+            _CIFAR,
+            embed_dim=128,
+            ffn_dim=256,
+            depth=6,
+            batch_size=128,
+            lr=2e-3,
+            schedule="onecycle",
+            warmup_epochs=2.0,
+            epochs=20,
+            ema=0.998,
+            val_split=0.1,
+        ),
         # The accuracy preset for a GPU: 4.1M parameters (at 100 classes), 12 blocks of width 192 / 1152, 300 epochs
         # with the regularisation a long run needs: TrivialAugment, mixup / cutmix, random erasing, drop path, EMA.
         "cifar100-strong": dict(
@@ -202,6 +219,7 @@ PRESET_HELP: dict[str, str] = {
     "gmlp-s": "the paper's gMLP-S: 224 px, patch 16, 30 blocks, width 256 (19.4M params at 1000 classes)",
     "gmlp-b": "the paper's gMLP-B: 224 px, patch 16, 30 blocks, width 512 (73.1M params at 1000 classes)",
     "cifar10-fast": "CPU time-to-accuracy on CIFAR: 333k params, bf16, one-cycle, 81 % CIFAR-10 in 13 min on 2 cores",
+    "general": "your own images (the --dataset folder default): the paper's block, 6 blocks, one-cycle, 20 epochs",
     "cifar100-strong": "accuracy on CIFAR with a GPU: 4.1M params, 12 blocks, 300 epochs of a modern recipe",
 }
 

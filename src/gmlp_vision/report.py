@@ -141,8 +141,11 @@ def write_report(
     *,
     batch_size: int = 500,
     precision: str = "fp32",
+    split: str = "test",
 ) -> list[Path]:
     """Every plot of a finished run: the training curves and the evaluation report of ``model`` on the test split.
+
+    ``split`` is what the data calls that split (``test``, or ``val`` for a folder's ``val/``), for the titles.
 
     The call for the end of training: ``write_report(run_dir, model, ds.test.images, ds.test.labels, ds.classes)``.
 
@@ -154,7 +157,7 @@ def write_report(
     """
     written = plot_history(run_dir)
     written += evaluation_report(
-        run_dir, model, test_images, test_labels, classes, batch_size=batch_size, precision=precision
+        run_dir, model, test_images, test_labels, classes, batch_size=batch_size, precision=precision, split=split
     )
     return written
 

@@ -79,7 +79,7 @@ def _short(name: str, width: int = 18) -> str:
     return name[: width - 1 - tail] + "…" + name[len(name) - tail :]
 
 
-def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path) -> Path:
+def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, split: str = "test") -> Path:
     """The row-normalised confusion matrix beside a list of the most-confused pairs."""
     from matplotlib.colors import PowerNorm
 
@@ -98,7 +98,7 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path) -> Path:
     # A square-root colour scale keeps 1-5 % confusions visible next to a 90 % diagonal.
     norm = PowerNorm(0.5, vmin=0, vmax=100)
     image = ax.imshow(share[np.ix_(order, order)], cmap="Blues", norm=norm)
-    fig.colorbar(image, ax=ax, shrink=0.8, label="% of the true class's test images")
+    fig.colorbar(image, ax=ax, shrink=0.8, label=f"% of the true class's {split} images")
     if many:
         ticks = np.arange(0, k, 10)
         ax.set_xticks(ticks, [str(t + 1) for t in ticks])
@@ -120,7 +120,7 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path) -> Path:
                         colour = "white" if norm(share[t, p]) > 0.6 else "black"
                         ax.text(p, t, str(cm[t, p]), ha="center", va="center", fontsize=9, color=colour)
     total = int(cm.sum())
-    ax.set_title(f"Confusion matrix\n{total:,d} test images, top-1 {100 * np.trace(cm) / max(total, 1):.1f}%")
+    ax.set_title(f"Confusion matrix\n{total:,d} {split} images, top-1 {100 * np.trace(cm) / max(total, 1):.1f}%")
 
     text_ax = fig.add_subplot(grid[1])
     text_ax.axis("off")
@@ -134,8 +134,8 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def plot_per_class(cm: np.ndarray, classes: Sequence[str], path: Path) -> Path:
-    """Horizontal bars of each class's test accuracy, best at the top, with the mean."""
+def plot_per_class(cm: np.ndarray, classes: Sequence[str], path: Path, split: str = "test") -> Path:
+    """Horizontal bars of each class's accuracy on the ``split`` images, best at the top, with the mean."""
     from matplotlib import colormaps
 
     k = len(classes)
@@ -156,9 +156,9 @@ def plot_per_class(cm: np.ndarray, classes: Sequence[str], path: Path) -> Path:
     mean = float(accuracy[totals > 0].mean()) if (totals > 0).any() else 0.0
     ax.axvline(mean, color="0.3", linestyle="--", linewidth=1)  # named in the title: a legend would hide a bar's value
     ax.set_xlim(0, 108)
-    ax.set_xlabel("test accuracy (%)")
+    ax.set_xlabel(f"{split} accuracy (%)")
     ranked = ", ranked" if k > MANY_CLASSES else ""
-    ax.set_title(f"Per-class test accuracy ({k} classes{ranked}; dashed: the mean, {mean:.1f}%)")
+    ax.set_title(f"Per-class {split} accuracy ({k} classes{ranked}; dashed: the mean, {mean:.1f}%)")
     ax.grid(True, axis="x", alpha=0.3)
     return save_figure(fig, path)
 
@@ -171,6 +171,7 @@ def plot_misclassified(
     classes: Sequence[str],
     path: Path,
     max_images: int = 36,
+    split: str = "test",
 ) -> Path:
     """A grid of the most confident mistakes, each enlarged with nearest-neighbour pixels, true and predicted labels."""
     wrong = torch.nonzero(preds != labels).flatten()
@@ -178,7 +179,7 @@ def plot_misclassified(
     cols = max(1, min(6, len(chosen)))
     rows = max(1, math.ceil(len(chosen) / cols))
     fig = new_figure(max(cols * 1.9, 7.0), rows * 2.3 + 0.6)
-    fig.suptitle(f"Most confident mistakes: {len(wrong):,d} of {len(labels):,d} test images misclassified")
+    fig.suptitle(f"Most confident mistakes: {len(wrong):,d} of {len(labels):,d} {split} images misclassified")
     if not chosen:
         ax = fig.add_subplot()
         ax.axis("off")
@@ -215,7 +216,7 @@ def evaluation_report(
     *,
     batch_size: int = 500,
     precision: str = "fp32",
-    max_images: int = 36,
+    split: str = "test",
 ) -> list[Path]:
     """Classify ``images`` and write the evaluation plots and tables into ``run_dir/plots``.
 
@@ -227,7 +228,7 @@ def evaluation_report(
         classes: class names, one per model output.
         batch_size: images per forward pass.
         precision: ``fp32`` or ``bf16``, as `train.evaluate` takes it.
-        max_images: at most this many images in ``misclassified.png``.
+        split: what the data calls these images (``test``, ``val``), for the titles.
 
     Returns:
         The written files: confusion.png, confused_pairs.csv, per_class_accuracy.png, per_class.csv, misclassified.png.
@@ -250,13 +251,13 @@ def evaluation_report(
         (i, classes[i], int(totals[i]), int(cm[i, i]), round(cm[i, i] / max(totals[i], 1), 4)) for i in range(k)
     ]
     return [
-        plot_confusion(cm, classes, out / "confusion.png"),
+        plot_confusion(cm, classes, out / "confusion.png", split),
         _write_csv(
             out / "confused_pairs.csv",
             ("true_index", "true", "predicted_index", "predicted", "count", "percent_of_true"),
             pairs,
         ),
-        plot_per_class(cm, classes, out / "per_class_accuracy.png"),
+        plot_per_class(cm, classes, out / "per_class_accuracy.png", split),
         _write_csv(out / "per_class.csv", ("index", "class", "images", "correct", "accuracy"), per_class),
-        plot_misclassified(images, labels, preds, confidence, classes, out / "misclassified.png", max_images),
+        plot_misclassified(images, labels, preds, confidence, classes, out / "misclassified.png", split=split),
     ]

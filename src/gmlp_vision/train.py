@@ -373,6 +373,7 @@ def _write_results(state: TrainState, summary: dict[str, Any]) -> list[Path]:
         state.ds.classes,
         batch_size=cfg.run.eval_batch_size,
         precision=cfg.run.precision,
+        split=state.ds.test_split,
     )
 
 

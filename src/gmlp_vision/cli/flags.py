@@ -70,7 +70,7 @@ def section(name: str) -> str:
 def shown_defaults() -> dict[str, str]:
     """Each field's default as plain ``gmlp train`` runs it, and what each other dataset's own preset changes.
 
-    For example ``"100; --dataset digits: 40"`` for ``epochs``: the help says what a run will use, not the dataclass.
+    For example ``"100; digits: 40; folder: 20"`` for ``epochs``: the help says what a run will use, not the dataclass.
     Fields the data decides say so; unset optional values show nothing (their help says what happens).
     """
     plain = resolve_config({}).to_flat()
@@ -81,9 +81,7 @@ def shown_defaults() -> dict[str, str]:
         if name in FROM_DATA:
             out[name] = "the dataset's"
             continue
-        changes = [
-            f"--dataset {d}: {flat[name]}" for d, flat in others.items() if flat[name] != value != flat["dataset"]
-        ]
+        changes = [f"{d}: {flat[name]}" for d, flat in others.items() if flat[name] != value != flat["dataset"]]
         out[name] = "; ".join([str(value), *changes]) if value is not None or changes else ""
     return out
 
@@ -93,8 +91,9 @@ _DEFAULT_DATASET = DataConfig().dataset
 USAGE = "%(prog)s [-h] [--preset NAME] [--config JSON] [FLAG VALUE ...]"
 DEFAULTS_NOTE = (
     f"Defaults are those of plain `gmlp train`: {_DEFAULT_DATASET} with the {DATASET_PRESET[_DEFAULT_DATASET]} preset. "
-    "Another --dataset starts from its own preset (shown where it differs), --preset NAME from NAME (`gmlp presets "
-    "-v` lists every value); a --config file, then the flags, override them."
+    "Another --dataset starts from its own preset; where that changes a default, the help adds it (`digits: 8`: with "
+    "--dataset digits). --preset NAME starts from NAME (`gmlp presets -v` lists every value); a --config file, then "
+    "the flags, override them."
 )
 
 

@@ -180,6 +180,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         ckpt.classes,
         batch_size=args.batch_size,
         precision=ckpt.config.run.precision,
+        split=ds.test_split,
     ):
         print(f"wrote {path}")
     return 0

@@ -139,18 +139,17 @@ class AugmentConfig:
     zoom: float = option(0.2, "random zoom: per image and axis a factor from U(1-zoom, 1+zoom); 0 turns it off")
     crop: str = option(
         "none",
-        "random-resized: a random crop (area --crop-scale..100 %%, aspect 3/4..4/3) resized to the input size, taken "
-        "from the full-size file when streaming, else batched on the device; pad: a random input-size window of the "
-        "image reflect-padded by --crop-padding pixels (the CIFAR classic)",
+        "random-resized: a random crop (area --crop-scale..100 %%, aspect 3/4..4/3) resized to the input size (from "
+        "the full-size file when streaming); pad: a random window of the image reflect-padded by --crop-padding px",
         ("none", "random-resized", "pad"),
     )
     crop_scale: float = option(0.08, "smallest area fraction of a random-resized crop")
     crop_padding: int = option(4, "padding in pixels of --crop pad (a random shift of up to this many pixels)")
     policy: str = option(
         "none",
-        "automatic augmentation, batched: trivial (TrivialAugment: one random op per image at a random magnitude, "
-        "over RandAugment's standard ranges, not TrivialAugment-wide's), randaugment (--policy-ops ops per image, "
-        "always applied, at --policy-magnitude) or randaugment-timm (DeiT's: timm's rand-m9-mstd0.5-inc1)",
+        "automatic augmentation, batched: trivial (TrivialAugment, one op per image at a random magnitude, on "
+        "RandAugment's ranges), randaugment (--policy-ops ops per image at --policy-magnitude) or randaugment-timm "
+        "(DeiT's: timm's rand-m9-mstd0.5-inc1)",
         ("none", "trivial", "randaugment", "randaugment-timm"),
     )
     policy_ops: int = option(2, "randaugment, randaugment-timm: ops drawn in a row for each image (N)")
@@ -215,9 +214,8 @@ class OptimConfig:
     min_lr: float = option(0.0, "learning rate at the end of a cosine or onecycle schedule")
     ema: float = option(
         0.0,
-        "keep an exponential moving average of the weights with this decay (e.g. 0.999; warm-up min(decay, "
-        "(1+t)/(10+t))), evaluated beside the model on the validation split every epoch (when there is one) and on "
-        "the test split at the end, saved as ema.pt (0: off)",
+        "an exponential moving average of the weights with this decay (e.g. 0.999; warm-up min(decay, "
+        "(1+t)/(10+t))), evaluated beside the model every epoch and at the end, saved as ema.pt (0: off)",
     )
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy (0.1 is the usual modern value)")
     clip_grad: float = option(0.0, "clip the gradients' global L2 norm to this value before each step (0: off)")

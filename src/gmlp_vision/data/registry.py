@@ -30,7 +30,7 @@ DATASET_KINDS: dict[str, DatasetKind] = {
     "cifar10": DatasetKind("gmlp_vision.data.cifar:load_cifar", "seed", 10, 3, "CIFAR-10 (official python archive)"),
     "cifar100": DatasetKind("gmlp_vision.data.cifar:load_cifar", "seed", 100, 3, "CIFAR-100 (the tutorial's)"),
     "digits": DatasetKind("gmlp_vision.data.digits:load_digits", "digits", 10, 1, "the embedded 8x8 digits"),
-    "folder": DatasetKind("gmlp_vision.data.folders:load_folder", "seed", help="--data DIR with train/ and val/"),
+    "folder": DatasetKind("gmlp_vision.data.folders:load_folder", "general", help="--data DIR with train/ and val/"),
 }
 DATASETS = tuple(DATASET_KINDS)
 
