@@ -74,6 +74,36 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _peer(results: dict[str, Any], name: str, mode: str, key: str) -> float | None:
+    return _mean(results["peers"].get(name, {}).get("modes", {}).get(mode, {}), key)
+
+
+def targets(results: dict[str, Any], summary: dict[str, Any]) -> list[tuple[str, float | None, float]]:
+    """Issue 15's CPU targets: (what, measured, goal) with measured >= goal meaning met; None: not measured."""
+    found: list[tuple[str, float | None, float]] = []
+    for mode, r in results["ours"].items():
+        no_drop, no_aug, infer = _mean(r, "train_no_aug_no_dropout"), _mean(r, "train_no_aug"), _mean(r, "infer")
+        luc_train, luc_infer = _peer(results, "lucidrains", mode, "train"), _peer(results, "lucidrains", mode, "infer")
+        timm_train, timm_infer = _peer(results, "timm", mode, "train"), _peer(results, "timm", mode, "infer")
+        found += [
+            (f"{mode}: train, ours without dropout / g-mlp-pytorch", _ratio(no_drop, luc_train), 1.3),
+            (f"{mode}: infer, ours / g-mlp-pytorch", _ratio(infer, luc_infer), 1.3),
+            (f"{mode}: train, ours with dropout / g-mlp-pytorch (none)", _ratio(no_aug, luc_train), 1.1),
+            (f"{mode}: train, ours / timm", _ratio(no_aug, timm_train), 1.5),
+            (f"{mode}: infer, ours / timm", _ratio(infer, timm_infer), 1.5),
+        ]
+    fp32 = [summary["modes"][m].get("pct_of_mm_peak") for m in ("fp32", "fp32-compile") if m in summary["modes"]]
+    found.append(("fp32 CLI step: % of the fp32 mm peak (best mode)", max((v for v in fp32 if v), default=None), 40.0))
+    peak = summary["mm_peak_gflops"]
+    amx = peak.get("bf16", 0) >= 4 * peak.get("fp32", float("inf"))
+    best = {p: max((_mean(r, "train") or 0 for r in results["ours"].values() if r["precision"] == p), default=0)
+            for p in ("fp32", "bf16")}  # fmt: skip
+    goal = 2.0 if amx else 1.6
+    found.append((f"bf16 / fp32 CLI step (best modes; bf16 peak {'>=' if amx else '<'} 4x fp32)",
+                  _ratio(best["bf16"], best["fp32"]), goal))  # fmt: skip
+    return found
+
+
 def _rates(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Every throughput measurement in the results."""
     found = [results["augment"]["rate"]]
@@ -156,7 +186,7 @@ NOTES_MAIN = """\
 train/ours, infer/ours: the row's img/s over ours in the same mode and precision (training: over ours WITHOUT
 augmentation, the like-for-like row). Peers: a plain AdamW + cross-entropy loop on pre-normalised float inputs, no
 augmentation; ours takes uint8 pixels and normalises inside the model. Inference: batch 512, eval, inference_mode.
-"NO dropout" (eager only): ours with both dropouts at 0, as lucidrains' model has none; its ratio is over ours.
+"NO dropout": ours with both dropouts at 0, as lucidrains' model has none; its ratio is over ours.
 other load: cores kept busy by OTHER processes while timing (train/infer); well above 0 means a noisy row."""
 
 NOTES_DETAIL = """\
@@ -194,6 +224,12 @@ def render(results: dict[str, Any]) -> str:
     ]
     aug = results["augment"]["rate"]
     met = {True: "met", False: "NOT met", None: "?"}
+    lines.append("Issue 15's CPU targets (ratios from this run)")
+    for what, value, goal in targets(results, s):
+        shown = "not measured" if value is None else (f"{value:.1f} %" if "%" in what else f"{value:.2f}x")
+        verdict = "?" if value is None else met[value >= goal]
+        lines.append(f"  {what:64s} {shown:>12s}  goal >= {goal:g}: {verdict}")
+    lines.append("")
     lines.append(
         f"Augmentation + batch gathering alone (augment_batch(images[idx].float(), flip, zoom 0.2), "
         f"batches of 128 from 50,000 uint8 images): {aug['mean']:,.0f} ± {aug['std']:,.0f} img/s, target >= "

@@ -29,7 +29,7 @@ wanted = ["Intended Audience :: Developers", "Intended Audience :: Science/Resea
           *(f"Programming Language :: Python :: 3.{minor}" for minor in range(10, 14)),
           "Topic :: Scientific/Engineering :: Artificial Intelligence",
           "Topic :: Scientific/Engineering :: Image Recognition", "Typing :: Typed"]
-files = ["py.typed", "data/digits.py", "data/digits.csv.gz", "data/digits-LICENSE.txt"]
+files = ["py.typed", "fused.c", "data/digits.py", "data/digits.csv.gz", "data/digits-LICENSE.txt"]
 checks = {
     **{f"{key}: {value}": meta[key] == value for key, value in fields.items()},
     **{f"classifier {c}": c in classifiers for c in wanted},

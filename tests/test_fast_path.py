@@ -77,9 +77,12 @@ def test_cheap_dropout_gradient_uses_the_same_mask():
     torch.testing.assert_close(x.grad, (y.detach() != 0).float() / 0.8)
 
 
-def test_folded_dropout_equals_explicit_inverted_dropout():
+def test_folded_dropout_equals_explicit_inverted_dropout(monkeypatch):
     """In training, the block masks u and v and folds 1/keep into the norm's eps and the product's alpha/beta."""
+    from gmlp_vision import fused
     from gmlp_vision.model import GMLPBlock, keep_masks
+
+    monkeypatch.setattr(fused, "applies", lambda t: False)  # the PyTorch path (tests/test_fused.py: the fused one)
 
     cfg = from_preset("seed", num_classes=10, spatial_init="glorot").model
     block = GMLPBlock(cfg).train()

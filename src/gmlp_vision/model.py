@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import gmlp_vision.fused as fused  # the module, not the package: no import cycle through __init__
 from gmlp_vision.config.groups import ModelConfig
 
 
@@ -133,13 +134,17 @@ class GMLPBlock(nn.Module):
         shortcut = y if self.normed_shortcut else x
         half = self.fc1.out_features // 2
         w, b = self.fc1.weight.to(y.dtype), self.fc1.bias.to(y.dtype)
-        u = F.gelu(F.linear(y, w[:half], b[:half]), approximate=self.approximate)
-        v = F.gelu(F.linear(y, w[half:], b[half:]), approximate=self.approximate)
+        u, v = F.linear(y, w[:half], b[:half]), F.linear(y, w[half:], b[half:])
         scale = 1.0
-        if self.training and self.dropout > 0:
-            # Mask only; the 1 / keep rescaling is folded into the gate (see SpatialGatingUnit.forward).
-            (mask_u, mask_v), scale = keep_masks(u, self.dropout, 2)
-            u, v = u * mask_u, v * mask_v
+        if fused.applies(u):  # float32 on the CPU: GELU and dropout in one pass each way (`fused`)
+            rate = self.dropout if self.training else 0.0
+            u, v = fused.gelu_dropout(u, self.approximate, rate), fused.gelu_dropout(v, self.approximate, rate)
+        else:
+            u, v = F.gelu(u, approximate=self.approximate), F.gelu(v, approximate=self.approximate)
+            if self.training and self.dropout > 0:
+                # Mask only; the 1 / keep rescaling is folded into the gate (see SpatialGatingUnit.forward).
+                (mask_u, mask_v), scale = keep_masks(u, self.dropout, 2)
+                u, v = u * mask_u, v * mask_v
         attn = self.attn(y) if self.attn is not None else None
         y = linear(self.sgu(u, v, scale, attn), self.fc2)
         return shortcut + drop_path(y, self.drop_path, self.training)

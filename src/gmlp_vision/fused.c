@@ -1,0 +1,134 @@
+/* Fused CPU kernels of the gMLP block (gmlp_vision/fused.py builds and loads this file; see its docstring).
+ *
+ * gelu_fwd:  out[i] = keep(i) ? GELU(h[i]) * scale : 0
+ * gelu_bwd:  gh[i]  = keep(i) ? grad[i] * scale * GELU'(h[i]) : 0
+ * gelu_fwd_bf16, gelu_bwd_bf16: the same on bfloat16 tensors, computed in float32 and rounded once
+ *
+ * keep(i) is recomputed from (seed, i) by a counter-based hash, so the backward needs no stored mask; without dropout
+ * every element is kept and scale is 1. GELU is the exact one (x * Phi(x)) or the tanh approximation, which equals
+ * x * sigmoid(2 * sqrt(2 / pi) * (x + 0.044715 x^3)). exp and erf are evaluated with polynomials that the compiler
+ * vectorises (relative errors near 1e-7, a few float32 ulps from PyTorch's kernels). Each loop is split over
+ * `threads` OpenMP threads (the process's libgomp: the one PyTorch loaded).
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define SQRT_2_OVER_PI_X2 1.5957691216057308f /* 2 * sqrt(2 / pi) */
+#define TANH_CUBIC 0.044715f
+#define INV_SQRT_2 0.70710678118654752f
+#define INV_SQRT_2PI 0.39894228040143268f
+
+/* The murmur3 finaliser: a bijection of 32-bit words that mixes every input bit into every output bit. */
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x85ebca6bU;
+    x ^= x >> 13;
+    x *= 0xc2b2ae35U;
+    x ^= x >> 16;
+    return x;
+}
+
+static inline int kept(int64_t i, uint32_t seed, uint32_t threshold) {
+    return mix32(mix32((uint32_t)i ^ seed) + (uint32_t)((uint64_t)i >> 32)) < threshold;
+}
+
+static inline float bits_to_float(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* e^x for x in [-87, 88]: x = k ln2 + r with |r| <= ln2 / 2, e^r by its degree-7 Taylor polynomial, 2^k by exponent bits. */
+static inline float exp_poly(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float k = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - k * 0.693145751953125f - k * 1.428606765330187045e-06f;
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.66666672e-1f + r * (4.16666679e-2f + r * (8.33333377e-3f
+              + r * (1.38888892e-3f + r * 1.98412701e-4f))))));
+    return p * bits_to_float((uint32_t)((int32_t)k + 127) << 23);
+}
+
+/* Phi(x), the standard normal CDF, as 0.5 erfc(-x / sqrt 2); erfc(a) for a >= 0 by the Chebyshev fit of Numerical
+ * Recipes' erfcc (relative error below 1.2e-7 everywhere, so the tails stay accurate too). */
+static inline float normal_cdf(float x) {
+    float z = -x * INV_SQRT_2;
+    float a = z < 0.0f ? -z : z;
+    float t = 1.0f / (1.0f + 0.5f * a);
+    float poly = -1.26551223f + t * (1.00002368f + t * (0.37409196f + t * (0.09678418f + t * (-0.18628806f
+                 + t * (0.27886807f + t * (-1.13520398f + t * (1.48851587f + t * (-0.82215223f + t * 0.17087277f))))))));
+    float erfc_a = t * exp_poly(-a * a + poly);
+    return z < 0.0f ? 1.0f - 0.5f * erfc_a : 0.5f * erfc_a;
+}
+
+static inline float gelu_value(float x, int exact) {
+    if (exact) return x * normal_cdf(x);
+    float s = 1.0f / (1.0f + exp_poly(-SQRT_2_OVER_PI_X2 * (x + TANH_CUBIC * x * x * x)));
+    return x * s;
+}
+
+static inline float gelu_slope(float x, int exact) {
+    if (exact) {
+        float density = INV_SQRT_2PI * exp_poly(-0.5f * x * x);
+        return normal_cdf(x) + x * density;
+    }
+    float s = 1.0f / (1.0f + exp_poly(-SQRT_2_OVER_PI_X2 * (x + TANH_CUBIC * x * x * x)));
+    return s + x * s * (1.0f - s) * SQRT_2_OVER_PI_X2 * (1.0f + 3.0f * TANH_CUBIC * x * x);
+}
+
+/* bfloat16 is the top half of a float32; stores round to nearest, ties to even (NaNs stay NaNs: quiet bit set). */
+static inline float load_bf16(uint16_t v) { return bits_to_float((uint32_t)v << 16); }
+
+static inline uint16_t store_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    uint32_t rounded = (u + 0x7fffU + ((u >> 16) & 1U)) >> 16;
+    return (uint16_t)(f != f ? (u >> 16) | 0x40U : rounded);
+}
+
+/* One loop per (exact, dropout) pair, so each is a straight vectorisable loop. */
+#define FORWARD(EXACT, DROP, LOAD, STORE)                                                                         \
+    _Pragma("omp parallel for simd schedule(static) num_threads(threads)") for (int64_t i = 0; i < n; i++) {      \
+        float g = gelu_value(LOAD(h[i]), EXACT);                                                                  \
+        out[i] = STORE((!(DROP) || kept(i, seed, threshold)) ? g * scale : 0.0f);                                 \
+    }
+
+#define BACKWARD(EXACT, DROP, LOAD, STORE)                                                                        \
+    _Pragma("omp parallel for simd schedule(static) num_threads(threads)") for (int64_t i = 0; i < n; i++) {      \
+        float d = gelu_slope(LOAD(h[i]), EXACT);                                                                  \
+        gh[i] = STORE((!(DROP) || kept(i, seed, threshold)) ? LOAD(grad[i]) * scale * d : 0.0f);                  \
+    }
+
+#define SAME(x) (x)
+
+void gelu_fwd(const float *h, float *out, int64_t n, int exact, int dropout, uint32_t seed, uint32_t threshold,
+              float scale, int threads) {
+    if (exact && dropout) { FORWARD(1, 1, SAME, SAME) }
+    else if (exact) { FORWARD(1, 0, SAME, SAME) }
+    else if (dropout) { FORWARD(0, 1, SAME, SAME) }
+    else { FORWARD(0, 0, SAME, SAME) }
+}
+
+void gelu_bwd(const float *grad, const float *h, float *gh, int64_t n, int exact, int dropout, uint32_t seed,
+              uint32_t threshold, float scale, int threads) {
+    if (exact && dropout) { BACKWARD(1, 1, SAME, SAME) }
+    else if (exact) { BACKWARD(1, 0, SAME, SAME) }
+    else if (dropout) { BACKWARD(0, 1, SAME, SAME) }
+    else { BACKWARD(0, 0, SAME, SAME) }
+}
+
+/* The same on bfloat16 tensors, computed in float32: one rounding, at the store. */
+void gelu_fwd_bf16(const uint16_t *h, uint16_t *out, int64_t n, int exact, int dropout, uint32_t seed,
+                   uint32_t threshold, float scale, int threads) {
+    if (exact && dropout) { FORWARD(1, 1, load_bf16, store_bf16) }
+    else if (exact) { FORWARD(1, 0, load_bf16, store_bf16) }
+    else if (dropout) { FORWARD(0, 1, load_bf16, store_bf16) }
+    else { FORWARD(0, 0, load_bf16, store_bf16) }
+}
+
+void gelu_bwd_bf16(const uint16_t *grad, const uint16_t *h, uint16_t *gh, int64_t n, int exact, int dropout,
+                   uint32_t seed, uint32_t threshold, float scale, int threads) {
+    if (exact && dropout) { BACKWARD(1, 1, load_bf16, store_bf16) }
+    else if (exact) { BACKWARD(1, 0, load_bf16, store_bf16) }
+    else if (dropout) { BACKWARD(0, 1, load_bf16, store_bf16) }
+    else { BACKWARD(0, 0, load_bf16, store_bf16) }
+}

@@ -1,0 +1,34 @@
+"""The benchmark's measurement of our step still runs against the current API (a benchmark that errors measures
+nothing): one eager fp32 mode with a tiny time budget. Speeds are never asserted here (issue 15: benchmarks/)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+
+from bench_ours import bench_mode  # noqa: E402
+from bench_report import targets  # noqa: E402
+from bench_timing import Budget  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_our_rows_measure_without_error():
+    result = bench_mode("fp32", False, 1, Budget(seconds=0.03, repeats=1, warmup=1), 0.01)
+    assert "error" not in result, result.get("error")
+    for row in ("train", "train_no_aug", "train_no_aug_no_dropout", "infer"):
+        assert result[row]["mean"] > 0, row
+
+
+def test_the_targets_read_a_results_file():
+    rate = {"mean": 100.0, "std": 1.0, "other_cores": 0.0}
+    ours = {"precision": "fp32", "train": rate, "train_no_aug": rate, "train_no_aug_no_dropout": rate, "infer": rate}
+    peer = {"modes": {"fp32": {"train": {**rate, "mean": 50.0}, "infer": {**rate, "mean": 200.0}}}}
+    results = {"ours": {"fp32": ours}, "peers": {"lucidrains": peer, "timm": peer}}
+    summary = {"modes": {"fp32": {"pct_of_mm_peak": 30.0}}, "mm_peak_gflops": {"fp32": 100.0, "bf16": 500.0}}
+    found = {what: (value, goal) for what, value, goal in targets(results, summary)}
+    assert found["fp32: train, ours without dropout / g-mlp-pytorch"] == (2.0, 1.3)
+    assert found["fp32: infer, ours / timm"] == (0.5, 1.5)
+    assert found["fp32 CLI step: % of the fp32 mm peak (best mode)"] == (30.0, 40.0)

@@ -1,0 +1,190 @@
+"""The fused CPU kernels (gmlp_vision.fused) against the PyTorch path they replace: GELU, dropout masks, gradients."""
+
+import logging
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gmlp_vision import fused
+from gmlp_vision.config import from_preset
+from gmlp_vision.model import GMLP
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HAVE_COMPILER = shutil.which("cc") is not None or shutil.which("gcc") is not None
+
+
+@pytest.fixture(autouse=True)
+def kernels():
+    """Where a C compiler exists, the kernels must build (a test skipped everywhere could not fail)."""
+    if not HAVE_COMPILER:
+        pytest.skip("no C compiler here: the model uses the PyTorch path")
+    assert fused.library() is not None, "the fused kernels did not build although a C compiler exists"
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """The murmur3 finaliser of fused.c, on int64 tensors holding uint32 values."""
+    m = 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & m
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & m
+    return x ^ (x >> 16)
+
+
+def reference_mask(n: int, seed: int, threshold: int) -> torch.Tensor:
+    """keep(i) of fused.c, written with torch ops."""
+    i = torch.arange(n, dtype=torch.int64)
+    return mix32(mix32((i & 0xFFFFFFFF) ^ seed) + (i >> 32) & 0xFFFFFFFF) < threshold
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_gelu_matches_pytorch_forward_and_backward(approximate):
+    h = (torch.randn(64, 8, 96, generator=torch.Generator().manual_seed(0)) * 3).requires_grad_()
+    grad = torch.randn(64, 8, 96, generator=torch.Generator().manual_seed(1))
+    ours = fused.gelu_dropout(h, approximate, 0.0)
+    (g_ours,) = torch.autograd.grad(ours, h, grad)
+    exact = F.gelu(h.double(), approximate=approximate)  # the truth; PyTorch's float32 erf GELU errs in the tails
+    (g_exact,) = torch.autograd.grad(exact, h, grad.double())
+    torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_ours.double(), g_exact.double(), rtol=1e-5, atol=1e-5)
+    pytorch = F.gelu(h.detach(), approximate=approximate).double()
+    assert (ours.double() - exact).abs().max() <= 1.5 * (pytorch - exact).abs().max()  # no worse than PyTorch
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_dropout_keeps_the_hashed_elements_scaled(approximate):
+    h = torch.randn(32, 16, 128, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    grad = torch.randn(32, 16, 128, generator=torch.Generator().manual_seed(1))
+    rate = 0.2
+    threshold, scale = fused.keep_threshold(rate)
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, 1 << 32, (), dtype=torch.int64))
+    torch.manual_seed(7)  # gelu_dropout draws its seed from the default generator the same way
+    ours = fused.gelu_dropout(h, approximate, rate)
+    mask = reference_mask(h.numel(), seed, threshold).view_as(h)
+    assert torch.equal(ours != 0, mask & (F.gelu(h.double(), approximate=approximate) != 0))
+    assert abs(mask.float().mean().item() - (1 - rate)) < 0.005 and scale == pytest.approx(1 / (1 - rate), rel=1e-6)
+    ref = F.gelu(h.double(), approximate=approximate) * mask * scale
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
+    (g_ours,) = torch.autograd.grad(ours, h, grad)
+    (g_ref,) = torch.autograd.grad(ref, h, grad.double())
+    torch.testing.assert_close(g_ours.double(), g_ref.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_masks_differ_per_call_and_follow_the_generator():
+    h = torch.ones(4096)
+    torch.manual_seed(0)
+    a, b = fused.gelu_dropout(h, "tanh", 0.5), fused.gelu_dropout(h, "tanh", 0.5)
+    torch.manual_seed(0)
+    assert not torch.equal(a != 0, b != 0) and torch.equal(fused.gelu_dropout(h, "tanh", 0.5), a)
+
+
+def test_the_result_does_not_depend_on_the_thread_count():
+    h = torch.randn(256, 1024, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(3)
+    one = fused.gelu_dropout(h, "tanh", 0.1)
+    torch.set_num_threads(2)
+    torch.manual_seed(3)
+    assert torch.equal(fused.gelu_dropout(h, "tanh", 0.1), one)
+
+
+def test_the_model_takes_the_fused_path_and_agrees_with_the_pytorch_one(monkeypatch):
+    cfg = from_preset("seed", num_classes=10).model
+    torch.manual_seed(0)
+    model = GMLP(cfg)
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = fused.gelu_dropout
+    monkeypatch.setattr(fused, "gelu_dropout", lambda *a: calls.append(a[1:]) or real(*a))
+    model.eval()
+    with torch.no_grad():
+        eval_fused = model(x)
+    assert calls == [("tanh", 0.0)] * (2 * cfg.depth)
+    model.train()
+    model(x).sum().backward()
+    assert calls[-1] == ("tanh", cfg.dropout)
+    monkeypatch.setattr(fused, "applies", lambda t: False)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), eval_fused, rtol=1e-5, atol=1e-5)
+
+
+def test_other_tensors_take_the_pytorch_path():
+    assert fused.applies(torch.zeros(4))
+    assert fused.applies(torch.zeros(4, dtype=torch.bfloat16)) and not fused.applies(torch.zeros(4, dtype=torch.half))
+    assert not fused.applies(torch.zeros(4, 4).t())  # not contiguous
+
+
+def test_without_a_compiler_the_model_still_trains(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    fused.library.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="gmlp_vision.fused"):
+            assert fused.library() is None and not fused.applies(torch.zeros(4))
+        assert "using the PyTorch path" in caplog.text
+        model = GMLP(from_preset("tiny", num_classes=3).model).train()
+        model(torch.zeros(2, 3, 32, 32)).sum().backward()
+        assert not list(tmp_path.rglob("*.tmp"))
+    finally:
+        fused.library.cache_clear()
+
+
+def test_a_failing_build_leaves_nothing_behind(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    false = shutil.which("false")
+    with pytest.raises(fused.KernelUnavailable):
+        fused.build(false)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_the_build_is_cached_by_source_compiler_and_cpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = fused.build()
+    assert first.parent == fused.cache_dir() and first.is_file()
+    stamp = first.stat().st_mtime_ns
+    assert fused.build() == first and first.stat().st_mtime_ns == stamp  # not rebuilt
+
+
+def test_a_training_block_equals_the_plain_computation_with_the_hashed_masks():
+    from gmlp_vision.model import GMLPBlock
+
+    cfg = from_preset("seed", num_classes=10, spatial_init="glorot").model
+    block = GMLPBlock(cfg).train()
+    for p in block.parameters():
+        p.data.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(cfg.num_patches, 5, cfg.embed_dim)  # token-major
+    torch.manual_seed(3)
+    ours = block(x)
+    torch.manual_seed(3)
+    seeds = [int(torch.randint(0, 1 << 32, (), dtype=torch.int64)) for _ in range(2)]
+    threshold, scale = fused.keep_threshold(cfg.dropout)
+    y = block.norm(x)
+    u, v = F.gelu(block.fc1(y), approximate=block.approximate).chunk(2, dim=-1)
+    u, v = (t * reference_mask(t.numel(), s, threshold).view_as(t) * scale for t, s in zip((u, v), seeds, strict=True))
+    v = block.sgu.proj(block.sgu.norm(v).permute(1, 2, 0)).permute(2, 0, 1)
+    torch.testing.assert_close(ours, y + block.fc2(u * v), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_bfloat16_is_computed_in_float32_and_rounded_once(approximate):
+    h32 = torch.randn(16, 8, 256, generator=torch.Generator().manual_seed(0)) * 3
+    h = h32.bfloat16().requires_grad_()
+    grad = torch.randn(16, 8, 256, generator=torch.Generator().manual_seed(1)).bfloat16()
+    torch.manual_seed(5)
+    seed = int(torch.randint(0, 1 << 32, (), dtype=torch.int64))
+    torch.manual_seed(5)
+    ours = fused.gelu_dropout(h, approximate, 0.1)
+    assert ours.dtype == torch.bfloat16
+    threshold, scale = fused.keep_threshold(0.1)
+    mask = reference_mask(h.numel(), seed, threshold).view_as(h)
+    exact = F.gelu(h.detach().double(), approximate=approximate) * mask * scale
+    torch.testing.assert_close(ours.double(), exact.bfloat16().double(), rtol=8e-3, atol=1e-6)  # one bf16 rounding
+    (g_ours,) = torch.autograd.grad(ours, h, grad)
+    hd = h.detach().double().requires_grad_()
+    (g_exact,) = torch.autograd.grad(F.gelu(hd, approximate=approximate) * mask * scale, hd, grad.double())
+    assert g_ours.dtype == torch.bfloat16
+    torch.testing.assert_close(g_ours.double(), g_exact.bfloat16().double(), rtol=8e-3, atol=1e-6)
