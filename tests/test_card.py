@@ -95,7 +95,8 @@ def test_cli_export_writes_a_model_card(run, tmp_path, capsys):
     images = results["images"]
     assert f"{images['train']} for training, {images['validation']} held out" in card
     assert "`model.safetensors`" in card and "`config.json`" in card and "| `model.onnx` |" not in card
-    assert "In label order: `class0`, `class1`, `class2`, `class3`." in card and "squashed to 32 x 32" in card
+    assert "In label order: `class0`, `class1`, `class2`, `class3`." in card
+    assert "squashed to 35 x 35 (crop_pct 0.9), then the centre 32 x 32 is cut out" in card
     assert card.rstrip().endswith(MARKER)
     assert main(["export", str(run), "--format", "safetensors", "--out", str(out)]) == 0  # its own card: rewritten
     assert (out / "README.md").read_text() == card

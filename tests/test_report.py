@@ -160,3 +160,20 @@ def test_the_confusion_png_has_no_empty_third(tmp_path, k):
         (len(run) for run in np.split(blank_cols, np.flatnonzero(np.diff(blank_cols)) + 1) if run[0]), default=0
     )
     assert longest < 0.1 * png.shape[1]  # no blank band between the matrix and anything beside it
+
+
+@pytest.mark.parametrize(
+    ("top5", "drawn"), [(True, {"acc", "val_acc", "top5", "val_top5"}), (False, {"acc", "val_acc"})]
+)
+def test_top5_curves_only_where_they_say_something(tmp_path, monkeypatch, top5, drawn):
+    import gmlp_vision.report as report
+
+    header = "epoch,loss,acc,top5,val_loss,val_acc,val_top5,lr,seconds\n"
+    (tmp_path / "history.csv").write_text(header + "1,2.0,0.3,0.8,1.9,0.35,0.85,0.003,1.5\n")
+    seen = []
+    real = report._curves
+    monkeypatch.setattr(
+        report, "_curves", lambda ax, rows, series, scale: seen.append(series) or real(ax, rows, series, scale)
+    )
+    report.plot_history(tmp_path, top5=top5)
+    assert {key for key, *_ in seen[1]} == drawn  # the accuracy plot

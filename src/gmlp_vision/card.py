@@ -38,6 +38,11 @@ def _loss(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
 
 
+def _count(counts: dict[str, Any], key: str) -> str:
+    value = counts.get(key)
+    return f"{value:,}" if isinstance(value, int) else "?"
+
+
 def _read_results(run_dir: Path) -> dict[str, Any]:
     try:
         results = json.loads((run_dir / "results.json").read_text())
@@ -78,17 +83,18 @@ def _data_section(ckpt: Checkpoint, results: dict[str, Any]) -> list[str]:
     if isinstance(counts, dict):
         split = results.get("test_split", "test")
         lines.append(
-            f"- Images: {counts.get('train', '?')} for training, {counts.get('validation', 0)} held out for "
-            f"validation, {counts.get('test', '?')} in the `{split}` split for the final evaluation."
+            f"- Images: {_count(counts, 'train')} for training, {_count(counts, 'validation')} held out for "
+            f"validation, {_count(counts, 'test')} in the `{split}` split for the final evaluation."
         )
+    side, square = int(mc.image_size / data.crop_pct), f"{mc.image_size} x {mc.image_size}"
+    pct = f" (crop_pct {data.crop_pct:g})" if data.crop_pct != 1.0 else ""
     if data.resize == "crop":
-        fit = f"get their shorter side resized to {mc.image_size} / crop_pct {data.crop_pct:g}, then the centre crop"
+        fit = f"get their shorter side resized to {side} px{pct}, then the centre {square} is cut out"
     else:
-        fit = f"are squashed to {mc.image_size} x {mc.image_size}"
+        fit = f"are squashed to {side} x {side}" + (f"{pct}, then the centre {square} is cut out" if pct else "")
     kind = "RGB" if mc.in_chans == 3 else ("grayscale" if mc.in_chans == 1 else f"{mc.in_chans}-channel")
     lines.append(
-        f"- Input: {kind} images of {mc.image_size} x {mc.image_size} pixels; images of another size {fit} "
-        "(bilinear, antialiased)."
+        f"- Input: {kind} images of {square} pixels, used whole; images of another size {fit} (bilinear, antialiased)."
     )
     lines.append("- Pixels go in raw (0..255); the model normalises them with the training images' statistics.")
     return lines

@@ -82,8 +82,10 @@ def _decorate(ax: Any, title: str, ylabel: str, rows: list[dict[str, float]]) ->
     ax.legend(fontsize=9)
 
 
-def plot_history(run_dir: str | Path) -> list[Path]:
+def plot_history(run_dir: str | Path, *, top5: bool = True) -> list[Path]:
     """Draw ``plots/loss.png``, ``plots/accuracy.png`` and ``plots/lr.png`` from the run's ``history.csv``.
+
+    ``top5``: draw the top-5 curves too (they say nothing with 10 classes or fewer, where the run prints none).
 
     Returns:
         The written files.
@@ -109,9 +111,9 @@ def plot_history(run_dir: str | Path) -> list[Path]:
     series = [
         ("acc", "top-1 train", "C0", "-"),
         ("val_acc", "top-1 validation", "C0", "--"),
-        ("top5", "top-5 train", "C2", "-"),
-        ("val_top5", "top-5 validation", "C2", "--"),
     ]
+    if top5:
+        series += [("top5", "top-5 train", "C2", "-"), ("val_top5", "top-5 validation", "C2", "--")]
     _curves(ax, rows, series, 100.0)
     _mark_best(ax, rows)
     _decorate(ax, f"Accuracy: {name}", "accuracy (%)", rows)
@@ -155,7 +157,7 @@ def write_report(
     Raises:
         ReportError: the run directory has no readable history.
     """
-    written = plot_history(run_dir)
+    written = plot_history(run_dir, top5=len(classes) > 10)
     written += evaluation_report(
         run_dir, model, test_images, test_labels, classes, batch_size=batch_size, precision=precision, split=split
     )

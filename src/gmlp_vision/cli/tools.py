@@ -158,11 +158,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from gmlp_vision.checkpoint import load_checkpoint, resolve_checkpoint
+    from gmlp_vision.config import load_config_file
     from gmlp_vision.distributed import resolve_device
     from gmlp_vision.report import evaluation_report, plot_history
 
     run_dir = Path(args.run_dir)
-    written = plot_history(run_dir)
+    try:  # top-5 curves only where the run printed top-5: more than 10 classes
+        classes = load_config_file(run_dir / "config.json").get("num_classes")
+    except ConfigError:
+        classes = None
+    top5 = not isinstance(classes, int) or classes > 10
+    written = plot_history(run_dir, top5=top5)
     for path in written:
         print(f"wrote {path}")
     if not args.evaluate:
