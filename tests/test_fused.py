@@ -188,3 +188,26 @@ def test_bfloat16_is_computed_in_float32_and_rounded_once(approximate):
     (g_exact,) = torch.autograd.grad(F.gelu(hd, approximate=approximate) * mask * scale, hd, grad.double())
     assert g_ours.dtype == torch.bfloat16
     torch.testing.assert_close(g_ours.double(), g_exact.bfloat16().double(), rtol=8e-3, atol=1e-6)
+
+
+def test_compiled_models_call_the_fused_ops(monkeypatch):
+    from gmlp_vision.distributed import maybe_compile
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GMLP(from_preset("tiny", num_classes=3).model)
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = fused._run
+    monkeypatch.setattr(fused, "_run", lambda which, *rest: calls.append(which) or real(which, *rest))
+    model.train()
+    eager_train = model(x)
+    eager_train.sum().backward()
+    assert calls == [0, 0] * model.cfg.depth + [1, 1] * model.cfg.depth
+    calls.clear()
+    compiled = maybe_compile(model, True)
+    compiled(x).sum().backward()
+    assert calls.count(0) == 2 * model.cfg.depth and calls.count(1) == 2 * model.cfg.depth
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+import gmlp_vision.fused as fused  # the module, not the package: no import cycle through __init__
 from gmlp_vision.config.checks import check_device
 from gmlp_vision.errors import ConfigError, GmlpError
 
@@ -180,5 +181,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def maybe_compile(model: nn.Module, compile: bool) -> nn.Module:
-    """``torch.compile(model)`` with ``--compile``; checkpoints always save the unwrapped module."""
-    return torch.compile(model) if compile else model
+    """``torch.compile(model)`` with ``--compile``; checkpoints always save the unwrapped module.
+
+    The fused CPU kernels are loaded first, so the compiled graph calls them (`fused.applies`).
+    """
+    if not compile:
+        return model
+    fused.library()
+    return torch.compile(model)

@@ -15,9 +15,9 @@ against PyTorch's GELU. Where there is no compiler, the build fails, the check f
 model uses the PyTorch path (`model.keep_masks`), which is also the reference the tests hold the kernels to; that
 path draws different masks, so a run is reproducible on one machine either way, not across the two paths.
 
-Used for float32 and bfloat16 CPU tensors in eager mode (bfloat16 is computed in float32 and rounded once, as
-PyTorch does); not on GPUs, in fp16, under ``torch.compile``, or while tracing (ONNX export), where the PyTorch path
-runs.
+Used for float32 and bfloat16 CPU tensors (bfloat16 is computed in float32 and rounded once, as PyTorch does), in
+eager mode and under ``torch.compile`` (as the custom ops ``gmlp_vision::gelu_dropout`` and its backward, opaque to
+Inductor); not on GPUs, in fp16, or while tracing (ONNX export), where the PyTorch path runs.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-m
 DISABLE_ENV = "GMLP_FUSED"  # "0": always the PyTorch path
 _SPAN = 1 << 32  # values of the 32-bit hash that decides keep(i)
 _KERNELS = {torch.float32: ("gelu_fwd", "gelu_bwd"), torch.bfloat16: ("gelu_fwd_bf16", "gelu_bwd_bf16")}
+_LOADED: dict[str, ctypes.CDLL | None] = {"lib": None}  # what `library` loaded: read while compiling
 
 
 class KernelUnavailable(RuntimeError):
@@ -116,22 +118,30 @@ def _self_check(lib: ctypes.CDLL) -> None:
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, built on first use; None where they are unavailable (logged once)."""
+    _LOADED["lib"] = None
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return None
     try:
         lib = _load(build())
         _self_check(lib)
-        return lib
     except (KernelUnavailable, OSError, AttributeError) as e:
         log.info("fused CPU kernels unavailable, using the PyTorch path: %s", e)
         return None
+    _LOADED["lib"] = lib
+    return lib
 
 
 def applies(x: Tensor) -> bool:
-    """Whether the fused kernels take ``x``: a float32 or bfloat16 CPU tensor in eager mode, the library available."""
+    """Whether the fused kernels take ``x``: a float32 or bfloat16 CPU tensor, the library available, not traced.
+
+    Under ``torch.compile`` the kernels run as the opaque custom ops below when `library` was loaded before the
+    compile (`distributed.maybe_compile` loads it), so Inductor compiles the rest of the block around them.
+    """
     if x.device.type != "cpu" or x.dtype not in _KERNELS or not x.is_contiguous():
         return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    if torch.compiler.is_compiling():
+        return _LOADED["lib"] is not None
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return False
     return library() is not None
 
@@ -142,36 +152,60 @@ def keep_threshold(rate: float) -> tuple[int, float]:
     return threshold, _SPAN / threshold
 
 
-class _GeluDropout(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx, h: Tensor, exact: bool, dropout: bool, seed: int, threshold: int, scale: float
-    ) -> Tensor:
-        out = torch.empty_like(h)
-        lib = library()
-        assert lib is not None  # `applies` was checked
-        kernel = getattr(lib, _KERNELS[h.dtype][0])
-        kernel(h.data_ptr(), out.data_ptr(), h.numel(), exact, dropout, seed, threshold, scale, _threads())
-        ctx.save_for_backward(h)
-        ctx.params = (exact, dropout, seed, threshold, scale)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        (h,) = ctx.saved_tensors
-        grad = grad.to(h.dtype).contiguous()
-        gh = torch.empty_like(h)
-        lib = library()
-        assert lib is not None
-        exact, dropout, seed, threshold, scale = ctx.params
-        kernel, n = getattr(lib, _KERNELS[h.dtype][1]), h.numel()
-        kernel(grad.data_ptr(), h.data_ptr(), gh.data_ptr(), n, exact, dropout, seed, threshold, scale, _threads())
-        return gh, None, None, None, None, None
-
-
 def _threads() -> int:
     return torch.get_num_threads()
+
+
+def _run(which: int, tensors: list[Tensor], out: Tensor, seed: Tensor, exact: bool, dropout: bool, threshold: int,
+         scale: float) -> Tensor:  # fmt: skip
+    """Call kernel ``which`` (0 forward, 1 backward) of ``out``'s dtype on contiguous ``tensors``, writing ``out``."""
+    lib = _LOADED["lib"] or library()
+    assert lib is not None  # `applies` was checked
+    kernel = getattr(lib, _KERNELS[out.dtype][which])
+    pointers = [t.data_ptr() for t in (*tensors, out)]
+    kernel(*pointers, out.numel(), exact, dropout, int(seed), threshold, scale, _threads())
+    return out
+
+
+@torch.library.custom_op("gmlp_vision::gelu_dropout", mutates_args=(), device_types="cpu")
+def _forward(h: Tensor, seed: Tensor, exact: bool, dropout: bool, threshold: int, scale: float) -> Tensor:
+    h = h.contiguous()
+    return _run(0, [h], torch.empty_like(h), seed, exact, dropout, threshold, scale)
+
+
+@torch.library.custom_op("gmlp_vision::gelu_dropout_backward", mutates_args=(), device_types="cpu")
+def _backward(
+    grad: Tensor, h: Tensor, seed: Tensor, exact: bool, dropout: bool, threshold: int, scale: float
+) -> Tensor:
+    h = h.contiguous()
+    grad = grad.to(h.dtype).contiguous()
+    return _run(1, [grad, h], torch.empty_like(h), seed, exact, dropout, threshold, scale)
+
+
+@_forward.register_fake
+def _forward_shape(h: Tensor, seed: Tensor, exact: bool, dropout: bool, threshold: int, scale: float) -> Tensor:
+    return torch.empty_like(h, memory_format=torch.contiguous_format)
+
+
+@_backward.register_fake
+def _backward_shape(
+    grad: Tensor, h: Tensor, seed: Tensor, exact: bool, dropout: bool, threshold: int, scale: float
+) -> Tensor:
+    return torch.empty_like(h, memory_format=torch.contiguous_format)
+
+
+def _save(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    h, seed, *params = inputs
+    ctx.save_for_backward(h, seed)
+    ctx.params = params
+
+
+def _gradient(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    h, seed = ctx.saved_tensors
+    return _backward(grad, h, seed, *ctx.params), None, None, None, None, None
+
+
+_forward.register_autograd(_gradient, setup_context=_save)
 
 
 def gelu_dropout(h: Tensor, approximate: str, rate: float) -> Tensor:
@@ -181,8 +215,8 @@ def gelu_dropout(h: Tensor, approximate: str, rate: float) -> Tensor:
     """
     exact, dropout = approximate != "tanh", rate > 0.0
     threshold, scale = keep_threshold(rate) if dropout else (0, 1.0)
-    seed = int(torch.randint(0, _SPAN, (), dtype=torch.int64)) if dropout else 0
-    return _GeluDropout.apply(h, exact, dropout, seed, threshold, scale)
+    seed = torch.randint(0, _SPAN, (), dtype=torch.int64) if dropout else torch.zeros((), dtype=torch.int64)
+    return _forward(h, seed, exact, dropout, threshold, scale)
 
 
 __all__ = ["DISABLE_ENV", "KernelUnavailable", "applies", "build", "cache_dir", "gelu_dropout", "keep_threshold"]
