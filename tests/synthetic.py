@@ -27,3 +27,15 @@ def make_dataset(
         test=make_split(n_test, num_classes, size, seed=1, chans=chans),
         classes=tuple(f"class{k}" for k in range(num_classes)),
     )
+
+
+def perturbed_seed_block():
+    """A `seed` gMLP block in training mode with every weight moved off its initial value, and a token-major input."""
+    from gmlp_vision.config import from_preset
+    from gmlp_vision.model import GMLPBlock
+
+    cfg = from_preset("seed", num_classes=10, spatial_init="glorot").model
+    block = GMLPBlock(cfg).train()
+    for p in block.parameters():
+        p.data.add_(torch.randn_like(p) * 0.1)
+    return cfg, block, torch.randn(cfg.num_patches, 5, cfg.embed_dim)

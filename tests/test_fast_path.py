@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from gmlp_vision.config import from_preset
 from gmlp_vision.model import GMLP, dropout
+from synthetic import perturbed_seed_block
 
 
 def plain_forward(model: GMLP, x: torch.Tensor) -> torch.Tensor:
@@ -80,15 +81,10 @@ def test_cheap_dropout_gradient_uses_the_same_mask():
 def test_folded_dropout_equals_explicit_inverted_dropout(monkeypatch):
     """In training, the block masks u and v and folds 1/keep into the norm's eps and the product's alpha/beta."""
     from gmlp_vision import fused
-    from gmlp_vision.model import GMLPBlock, keep_masks
+    from gmlp_vision.model import keep_masks
 
     monkeypatch.setattr(fused, "applies", lambda t: False)  # the PyTorch path (tests/test_fused.py: the fused one)
-
-    cfg = from_preset("seed", num_classes=10, spatial_init="glorot").model
-    block = GMLPBlock(cfg).train()
-    for p in block.parameters():
-        p.data.add_(torch.randn_like(p) * 0.1)
-    x = torch.randn(cfg.num_patches, 5, cfg.embed_dim)  # token-major
+    cfg, block, x = perturbed_seed_block()
     torch.manual_seed(3)
     ours = block(x)
     # The same computation written plainly, with the same random masks.

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from gmlp_vision import fused
 from gmlp_vision.config import from_preset
 from gmlp_vision.model import GMLP
+from synthetic import perturbed_seed_block
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -150,13 +151,7 @@ def test_the_build_is_cached_by_source_compiler_and_cpu(monkeypatch, tmp_path):
 
 
 def test_a_training_block_equals_the_plain_computation_with_the_hashed_masks():
-    from gmlp_vision.model import GMLPBlock
-
-    cfg = from_preset("seed", num_classes=10, spatial_init="glorot").model
-    block = GMLPBlock(cfg).train()
-    for p in block.parameters():
-        p.data.add_(torch.randn_like(p) * 0.1)
-    x = torch.randn(cfg.num_patches, 5, cfg.embed_dim)  # token-major
+    cfg, block, x = perturbed_seed_block()
     torch.manual_seed(3)
     ours = block(x)
     torch.manual_seed(3)
