@@ -38,7 +38,8 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 def reference_mask(n: int, seed: int, threshold: int) -> torch.Tensor:
     """keep(i) of fused.c, written with torch ops."""
     i = torch.arange(n, dtype=torch.int64)
-    return mix32(mix32((i & 0xFFFFFFFF) ^ seed) + (i >> 32) & 0xFFFFFFFF) < threshold
+    key = (0x9E3779B9 * seed + (i >> 32)) & 0xFFFFFFFF
+    return mix32(mix32((i & 0xFFFFFFFF) ^ seed) ^ key) < threshold
 
 
 @pytest.mark.parametrize("approximate", ["tanh", "none"])
@@ -206,3 +207,46 @@ def test_compiled_models_call_the_fused_ops(monkeypatch):
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_non_finite_and_far_negative_inputs_behave_as_pytorch():
+    h = torch.tensor([float("nan"), float("-inf"), float("inf"), -1e30, -20.0, 20.0, 1e30]).requires_grad_()
+    for approximate in ("tanh", "none"):
+        ours = fused.gelu_dropout(h, approximate, 0.0)
+        ref = F.gelu(h.detach(), approximate=approximate)
+        finite = ref.isfinite()  # non-finite stays non-finite (+inf: PyTorch's tanh form gives NaN, ours inf)
+        assert torch.equal(ours.isfinite(), finite) and ours[:2].isnan().all()
+        torch.testing.assert_close(ours[finite].detach(), ref[finite], rtol=1e-6, atol=1e-30)
+        (grad,) = torch.autograd.grad(ours.sum(), h)
+        assert torch.equal(grad[3:6], torch.tensor([0.0, 0.0, 1.0]))  # -1e30 and -20: flat; 20: slope 1
+
+
+def test_bfloat16_output_is_the_float32_result_rounded_to_nearest_even():
+    h = torch.randn(1 << 16, generator=torch.Generator().manual_seed(0)) * 4
+    for approximate in ("tanh", "none"):
+        as_bf16 = fused.gelu_dropout(h.bfloat16(), approximate, 0.0)
+        rounded = fused.gelu_dropout(h.bfloat16().float(), approximate, 0.0).bfloat16()  # torch rounds to nearest even
+        assert torch.equal(as_bf16, rounded)
+
+
+def test_a_rate_of_one_drops_everything():
+    h = torch.randn(64, requires_grad=True)
+    out = fused.gelu_dropout(h, "tanh", 1.0)
+    assert torch.equal(out, torch.zeros(64)) and out.requires_grad
+
+
+def test_cc_may_carry_arguments(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", f"{shutil.which('env')} {shutil.which('cc') or shutil.which('gcc')}")  # like "ccache gcc"
+    assert fused.build().is_file()
+
+
+def test_a_damaged_cached_build_is_built_again(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = fused.build()
+    path.write_bytes(b"not a shared library")
+    fused.library.cache_clear()
+    try:
+        assert fused.library() is not None and path.read_bytes()[:4] == b"\x7fELF"
+    finally:
+        fused.library.cache_clear()

@@ -28,8 +28,10 @@ static inline uint32_t mix32(uint32_t x) {
     return x;
 }
 
+/* The seed keys both rounds, so the masks of two seeds are not shifts of one pattern. */
 static inline int kept(int64_t i, uint32_t seed, uint32_t threshold) {
-    return mix32(mix32((uint32_t)i ^ seed) + (uint32_t)((uint64_t)i >> 32)) < threshold;
+    uint32_t key = 0x9e3779b9U * seed + (uint32_t)((uint64_t)i >> 32);
+    return mix32(mix32((uint32_t)i ^ seed) ^ key) < threshold;
 }
 
 static inline float bits_to_float(uint32_t u) {
@@ -45,6 +47,7 @@ static inline float exp_poly(float x) {
     float r = x - k * 0.693145751953125f - k * 1.428606765330187045e-06f;
     float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.66666672e-1f + r * (4.16666679e-2f + r * (8.33333377e-3f
               + r * (1.38888892e-3f + r * 1.98412701e-4f))))));
+    k = k == k ? k : 0.0f; /* a NaN x: p is NaN already; keep the integer conversion defined */
     return p * bits_to_float((uint32_t)((int32_t)k + 127) << 23);
 }
 
@@ -60,13 +63,18 @@ static inline float normal_cdf(float x) {
     return z < 0.0f ? 1.0f - 0.5f * erfc_a : 0.5f * erfc_a;
 }
 
+/* Below this GELU and its slope are 0 in float32 (|GELU(-14)| < 1e-43); x * 0 keeps -inf -> NaN, as PyTorch. */
+#define NEGLIGIBLE -14.0f
+
 static inline float gelu_value(float x, int exact) {
+    if (x < NEGLIGIBLE) return x * 0.0f;
     if (exact) return x * normal_cdf(x);
     float s = 1.0f / (1.0f + exp_poly(-SQRT_2_OVER_PI_X2 * (x + TANH_CUBIC * x * x * x)));
     return x * s;
 }
 
 static inline float gelu_slope(float x, int exact) {
+    if (x < NEGLIGIBLE) return x * 0.0f;
     if (exact) {
         float density = INV_SQRT_2PI * exp_poly(-0.5f * x * x);
         return normal_cdf(x) + x * density;

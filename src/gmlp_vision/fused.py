@@ -8,16 +8,21 @@ one C loop (`fused.c`: vectorised by the compiler, split over torch's threads wi
 a run resumes exactly as before (the generator's state is in ``last.pt``). On 2 cores of an Intel Xeon the forward
 of a block's GELU + dropout took 8.9x less time and the backward 2.5x less (`benchmarks/bench_fused.py`).
 
-The C file is compiled on first use with the system compiler (``$CC``, else ``cc``; ``-O3 -march=native -fopenmp``)
-into ``$XDG_CACHE_HOME/gmlp-vision/kernels`` (default ``~/.cache/...``), named by a digest of the source, the
-compiler's version and the CPU's feature flags, and loaded with ctypes. Before first use the library is checked
-against PyTorch's GELU. Where there is no compiler, the build fails, the check fails, or ``GMLP_FUSED=0`` is set, the
-model uses the PyTorch path (`model.keep_masks`), which is also the reference the tests hold the kernels to; that
-path draws different masks, so a run is reproducible on one machine either way, not across the two paths.
+The C file is compiled on first use with the system compiler (``$CC``, split like a shell command, else ``cc``;
+``-O3 -march=native -fopenmp``) into ``$XDG_CACHE_HOME/gmlp-vision/kernels`` (default ``~/.cache/...``), named by a
+digest of the source, the compiler's version and the CPU's feature flags (a temp file per builder, synced, then
+renamed), and loaded with ctypes. Before first use it is checked against PyTorch's GELU and its gradient on torch's
+thread count; a cached build that fails to load or check is built again once. Where there is no compiler, the build
+or the check fails (a warning says why), or ``GMLP_FUSED=0`` is set, the model uses the PyTorch path
+(`model.keep_masks`), which is also the reference the tests hold the kernels to; that path draws different masks,
+so a run is reproducible on one machine either way, not across the two paths.
 
 Used for float32 and bfloat16 CPU tensors (bfloat16 is computed in float32 and rounded once, as PyTorch does), in
 eager mode and under ``torch.compile`` (as the custom ops ``gmlp_vision::gelu_dropout`` and its backward, opaque to
-Inductor); not on GPUs, in fp16, or while tracing (ONNX export), where the PyTorch path runs.
+Inductor); not on GPUs, in fp16, or while tracing (ONNX export), where the PyTorch path runs. Gradients of
+gradients (``create_graph=True`` twice) are not supported on the fused path; ``GMLP_FUSED=0`` gives the PyTorch path.
+The OpenMP loops use the runtime torch loaded (libgomp.so.1 in torch's CPU wheels); where loading the kernels would
+add a second one, they are not used.
 """
 
 from __future__ import annotations
@@ -27,8 +32,11 @@ import functools
 import hashlib
 import logging
 import os
+import shlex
 import shutil
 import subprocess
+import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -62,31 +70,47 @@ def _cpu_flags() -> str:
         return os.uname().machine
 
 
-def build(compiler: str | None = None) -> Path:
-    """Compile `fused.c` into the cache unless a build of this source, compiler and CPU is there already.
+def _compiler(compiler: str | None) -> list[str]:
+    """The compiler command: ``compiler``, else ``$CC`` (split like a shell: ``ccache gcc`` works), else cc or gcc."""
+    command = shlex.split(compiler or os.environ.get("CC", ""))
+    if not command:
+        found = shutil.which("cc") or shutil.which("gcc")
+        if not found:
+            raise KernelUnavailable("no C compiler found (cc, gcc or $CC)")
+        command = [found]
+    return command
+
+
+def build(compiler: str | None = None, *, again: bool = False) -> Path:
+    """Compile `fused.c` into the cache unless a build of this source, compiler and CPU is there (or ``again``).
 
     Raises:
         KernelUnavailable: no compiler, or it failed.
     """
-    compiler = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
-        raise KernelUnavailable("no C compiler found (cc, or $CC)")
+    command = _compiler(compiler)
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60, check=True).stdout
+        version = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=60, check=True)
     except (OSError, subprocess.SubprocessError) as e:
-        raise KernelUnavailable(f"cannot run the C compiler {compiler}: {e}") from None
-    digest = hashlib.sha256(SOURCE.read_bytes() + "\0".join([version, *FLAGS, _cpu_flags()]).encode()).hexdigest()
-    out = cache_dir() / f"fused-{digest[:20]}.so"
-    if out.is_file():
+        raise KernelUnavailable(f"cannot run the C compiler {shlex.join(command)}: {e}") from None
+    key = "\0".join([version.stdout, *FLAGS, _cpu_flags()]).encode()
+    out = cache_dir() / f"fused-{hashlib.sha256(SOURCE.read_bytes() + key).hexdigest()[:20]}.so"
+    if out.is_file() and not again:
         return out
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # concurrent builders each rename a whole file
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=300
-        )
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)  # one per builder
+        os.close(fd)
+    except OSError as e:
+        raise KernelUnavailable(f"cannot build {out}: {e}") from None
+    tmp = Path(name)
+    try:
+        done = subprocess.run([*command, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
         if done.returncode != 0:
-            raise KernelUnavailable(f"{compiler} failed: {(done.stderr or done.stdout).strip().splitlines()[:1]}")
+            first = (done.stderr or done.stdout).strip().splitlines()[:1]
+            raise KernelUnavailable(f"{shlex.join(command)} failed: {first[0] if first else done.returncode}")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # whole on disk before it gets the name others trust
         os.replace(tmp, out)
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelUnavailable(f"cannot build {out}: {e}") from None
@@ -105,28 +129,61 @@ def _load(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def _openmp_runtimes() -> set[str]:
+    """The OpenMP runtime files mapped into this process (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if line.rstrip().endswith(".so") or ".so." in line}
+    except OSError:
+        return set()
+    return {p for p in paths if any(name in Path(p).name for name in ("libgomp", "libiomp", "libomp"))}
+
+
 def _self_check(lib: ctypes.CDLL) -> None:
+    """Forward and backward of both GELUs, both dtypes, on torch's thread count, against PyTorch."""
+    if len(_openmp_runtimes()) > 1:  # ours would be a second thread pool beside torch's: cores oversubscribed
+        raise KernelUnavailable(f"a second OpenMP runtime was loaded: {', '.join(sorted(_openmp_runtimes()))}")
+    threads = torch.get_num_threads()
     for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
         x = torch.linspace(-12.0, 12.0, 4099, dtype=dtype)
+        grad = torch.linspace(-1.0, 1.0, 4099, dtype=dtype)
+        forward, backward = (getattr(lib, name) for name in _KERNELS[dtype])
         for exact, approximate in ((1, "none"), (0, "tanh")):
-            out = torch.empty_like(x)
-            getattr(lib, _KERNELS[dtype][0])(x.data_ptr(), out.data_ptr(), x.numel(), exact, 0, 0, 0, 1.0, 1)
-            if not torch.allclose(out.float(), F.gelu(x.float(), approximate=approximate), rtol=tolerance, atol=1e-5):
-                raise KernelUnavailable(f"the built {dtype} kernel disagrees with PyTorch's GELU")
+            out, gh = torch.empty_like(x), torch.empty_like(x)
+            forward(x.data_ptr(), out.data_ptr(), x.numel(), exact, 0, 0, 0, 1.0, threads)
+            backward(grad.data_ptr(), x.data_ptr(), gh.data_ptr(), x.numel(), exact, 0, 0, 0, 1.0, threads)
+            ref = F.gelu(x.float(), approximate=approximate)
+            ref_grad = torch.ops.aten.gelu_backward(grad.float(), x.float(), approximate=approximate)
+            for ours, theirs in ((out, ref), (gh, ref_grad)):
+                if not torch.allclose(ours.float(), theirs, rtol=tolerance, atol=1e-5):
+                    raise KernelUnavailable(f"the built {dtype} kernel disagrees with PyTorch's GELU")
+
+
+_LOCK = threading.Lock()
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels, built on first use; None where they are unavailable (logged once)."""
+    """The loaded kernels, built on first use; None where they are unavailable (logged once).
+
+    A cached build that does not load or fails the check is built again once, then given up on.
+    """
     _LOADED["lib"] = None
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return None
-    try:
-        lib = _load(build())
-        _self_check(lib)
-    except (KernelUnavailable, OSError, AttributeError) as e:
-        log.info("fused CPU kernels unavailable, using the PyTorch path: %s", e)
-        return None
+    with _LOCK:
+        for again in (False, True):
+            try:
+                lib = _load(build(again=again))
+                _self_check(lib)
+                break
+            except KernelUnavailable as e:
+                log.warning("fused CPU kernels unavailable, using the PyTorch path: %s", e)
+                return None
+            except (OSError, AttributeError) as e:  # a damaged or foreign cached file
+                if again:
+                    log.warning("fused CPU kernels unavailable, using the PyTorch path: %s", e)
+                    return None
     _LOADED["lib"] = lib
     return lib
 
@@ -213,6 +270,8 @@ def gelu_dropout(h: Tensor, approximate: str, rate: float) -> Tensor:
 
     The seed of the dropout hash is drawn from torch's default generator, as PyTorch's own dropout draws from it.
     """
+    if rate >= 1.0:
+        return h * 0.0  # everything dropped, as nn.Dropout(1.0)
     exact, dropout = approximate != "tanh", rate > 0.0
     threshold, scale = keep_threshold(rate) if dropout else (0, 1.0)
     seed = torch.randint(0, _SPAN, (), dtype=torch.int64) if dropout else torch.zeros((), dtype=torch.int64)
