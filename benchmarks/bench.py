@@ -26,7 +26,7 @@ import torch
 from bench_ours import BATCH, INFER_BATCH, bench_augment, bench_mode, new_model, seed_config
 from bench_peers import PEER_MODES, PEERS, bench_peer_mode, probe
 from bench_report import render, summarize
-from bench_timing import Budget, matmul_peak, wait_for_quiet
+from bench_timing import Budget, cpu_model, matmul_peak, wait_for_quiet
 
 import gmlp_vision
 
@@ -85,7 +85,7 @@ def environment(threads: int) -> dict[str, Any]:
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "requested_threads": threads,
-        "cpu_model": lines.get("model name\t", platform.processor() or "?").strip(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpu_features": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile"}),
         "commit": _git("rev-parse", "--short", "HEAD"),

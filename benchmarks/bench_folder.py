@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_timing import cpu_model
 from PIL import Image
 
 from gmlp_vision.data import load_dataset
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{spec:40s} {row['seconds']:7.1f} s  {row['epochs']:3d} epochs  val/ top-1 "
                   f"{100 * row['val_top1']:.2f} %{ema}", flush=True)  # fmt: skip
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    cpu = cpu_model()
     setup = {"train_per_class": args.train_per_class, "val_per_class": args.val_per_class, "threads": args.threads}
     Path(args.json).write_text(json.dumps({"cpu": cpu, **setup, "runs": rows}, indent=2) + "\n")
     return 0

@@ -2,7 +2,8 @@
 
 Times, on a `seed`-sized tensor (64 tokens x batch 128 x 128 channels, float32), GELU + dropout forward and backward:
 the PyTorch path of `model.GMLPBlock` (`F.gelu`, `model.keep_masks` for the two halves' masks, the multiplications,
-`gelu_backward`) against `fused.gelu_dropout`, and GELU alone. Prints milliseconds per call (median of windows).
+`gelu_backward`) against `fused.gelu_dropout`, and GELU alone. Prints milliseconds per call (the median over a
+second of calls).
 
     .venv/bin/python benchmarks/bench_fused.py                # 2 threads
     .venv/bin/python benchmarks/bench_fused.py --threads 1
@@ -11,28 +12,14 @@ the PyTorch path of `model.GMLPBlock` (`F.gelu`, `model.keep_masks` for the two 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from bench_timing import cpu_model, median_latency_ms
 
 from gmlp_vision import fused
 from gmlp_vision.model import keep_masks
-
-
-def per_call_ms(fn: Callable[[], object], calls: int = 50, windows: int = 5) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(windows):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - start) / calls * 1e3)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,15 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     def gelu_fused() -> None:
         lib.gelu_fwd(h.data_ptr(), out.data_ptr(), h.numel(), 0, 0, 0, 0, 1.0, args.threads)
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"{cpu}, {args.threads} threads, torch {torch.__version__}; (64, 128, 128) float32, dropout {args.rate}")
+    print(
+        f"{cpu_model()}, {args.threads} threads, torch {torch.__version__}; (64, 128, 128) float32, dropout {args.rate}"
+    )
     rows = [
         ("GELU + dropout, both halves, forward", pytorch_forward, fused_forward),
         ("GELU + dropout, both halves, backward", pytorch_backward, fused_backward),
         ("GELU alone, one half, forward", gelu_pytorch, gelu_fused),
     ]
     for name, slow, fast in rows:
-        a, b = per_call_ms(slow), per_call_ms(fast)
+        a, b = median_latency_ms(slow, 1.0), median_latency_ms(fast, 1.0)
         print(f"{name:40s} PyTorch {a:6.2f} ms   fused {b:6.2f} ms   {a / b:5.1f}x")
     return 0
 

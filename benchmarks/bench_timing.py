@@ -45,6 +45,17 @@ class Rate:
         return asdict(self)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``; elsewhere what ``platform`` knows)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        return platform.processor() or "?"
+
+
 def timed(fn: Callable[[], object]) -> tuple[object, float]:
     """Result of ``fn()`` and the seconds it took."""
     t0 = time.perf_counter()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gmlp_vision.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
+from gmlp_vision.data.base import shows_top5
 from gmlp_vision.files import write_text
 from gmlp_vision.version import __version__
 
@@ -226,15 +227,17 @@ def model_card(ckpt_path: Path, ckpt: Checkpoint, files: list[str]) -> str:
     lines += ["", "## Files", "", "| file | what it is |", "|---|---|"]
     lines += [f"| `{f}` | {FILES.get(f, 'ONNX graph (`gmlp export --out`)')} |" for f in files]
     lines += ["", *_data_section(ckpt, results), ""]
-    lines += [*_results_section(ckpt_path, ckpt, results, n > 10), ""]
+    lines += [*_results_section(ckpt_path, ckpt, results, shows_top5(n)), ""]
     lines += [*_training_section(ckpt), ""]
     lines += ["## Classes", "", f"In label order: {', '.join(f'`{c}`' for c in ckpt.classes)}.", ""]
     lines += [*_usage_section(ckpt, files), "", *_limits_section(ckpt), "", MARKER, ""]
     return "\n".join(lines)
 
 
-def write_model_card(checkpoint: str | Path, out_dir: str | Path) -> Path | None:
+def write_model_card(checkpoint: str | Path, out_dir: str | Path, *, loaded: Checkpoint | None = None) -> Path | None:
     """Write ``out_dir/README.md``, the card of ``checkpoint`` listing the exports found in ``out_dir``.
+
+    ``loaded``: the checkpoint already read from ``checkpoint`` (a file), so it is not read again.
 
     Returns:
         The card's path, or None when ``out_dir`` holds a ``README.md`` that `MARKER` does not end (left alone).
@@ -244,7 +247,7 @@ def write_model_card(checkpoint: str | Path, out_dir: str | Path) -> Path | None
         OSError: the card cannot be written (nothing half-written is left).
     """
     ckpt_path = resolve_checkpoint(checkpoint)
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = loaded if loaded is not None else load_checkpoint(ckpt_path)
     out_dir = Path(out_dir)
     card = out_dir / "README.md"
     try:

@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from gmlp_vision.data.base import shows_top5
 from gmlp_vision.errors import ReportError
 from gmlp_vision.report_eval import PLOTS_DIR, evaluation_report, new_figure, save_figure
 
@@ -157,7 +158,7 @@ def write_report(
     Raises:
         ReportError: the run directory has no readable history.
     """
-    written = plot_history(run_dir, top5=len(classes) > 10)
+    written = plot_history(run_dir, top5=shows_top5(len(classes)))
     written += evaluation_report(
         run_dir, model, test_images, test_labels, classes, batch_size=batch_size, precision=precision, split=split
     )

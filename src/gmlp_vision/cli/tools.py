@@ -86,10 +86,10 @@ def _mb(path: Path) -> str:
     return f"{path.stat().st_size / 1e6:.2f} MB"
 
 
-def _write_card(ckpt_path: Path, out_dir: Path) -> None:
+def _write_card(ckpt_path: Path, out_dir: Path, ckpt: Any) -> None:
     from gmlp_vision.card import write_model_card
 
-    card = write_model_card(ckpt_path, out_dir)
+    card = write_model_card(ckpt_path, out_dir, loaded=ckpt)
     if card is None:
         print(f"kept {out_dir / 'README.md'}: not a card `gmlp export` wrote (no model card written)")
     else:
@@ -121,7 +121,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         out_dir = Path(args.out) if args.out else export.default_export_dir(ckpt_path)
         weights = export.export_safetensors(ckpt_path, out_dir)
         print(f"wrote {weights} ({_mb(weights)}) and {out_dir / 'config.json'}")
-        _write_card(ckpt_path, out_dir)
+        _write_card(ckpt_path, out_dir, ckpt)
         if args.check:
             with torch.no_grad():
                 diff = (export.load_safetensors(out_dir)(images.float()) - model(images.float())).abs().max().item()
@@ -152,13 +152,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
                 f"check: int8 vs PyTorch fp32: max abs logit difference {diff:.3g} (quantisation error, no limit; "
                 "accuracy: benchmarks/bench_export.py)"
             )
-    _write_card(ckpt_path, out.parent)
+    _write_card(ckpt_path, out.parent, ckpt)
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from gmlp_vision.checkpoint import load_checkpoint, resolve_checkpoint
     from gmlp_vision.config import load_config_file
+    from gmlp_vision.data.base import shows_top5
     from gmlp_vision.distributed import resolve_device
     from gmlp_vision.report import evaluation_report, plot_history
 
@@ -167,7 +168,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         classes = load_config_file(run_dir / "config.json").get("num_classes")
     except ConfigError:
         classes = None
-    top5 = not isinstance(classes, int) or classes > 10
+    top5 = not isinstance(classes, int) or shows_top5(classes)
     written = plot_history(run_dir, top5=top5)
     for path in written:
         print(f"wrote {path}")

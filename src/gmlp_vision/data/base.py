@@ -48,8 +48,8 @@ class Dataset:
 
     @property
     def shows_top5(self) -> bool:
-        """Whether top-5 accuracy says something about this data: with 10 classes or fewer it is printed nowhere."""
-        return self.num_classes > 10
+        """Whether top-5 accuracy says something about this data (`shows_top5`)."""
+        return shows_top5(self.num_classes)
 
     @property
     def image_size(self) -> int:
@@ -60,6 +60,11 @@ class Dataset:
     def in_chans(self) -> int:
         """Number of image channels."""
         return int(self.train.images.shape[1])
+
+
+def shows_top5(num_classes: int) -> bool:
+    """Whether top-5 accuracy says something: with 10 classes or fewer it is shown nowhere (output, plots, card)."""
+    return num_classes > 10
 
 
 def default_cache_dir() -> Path:
