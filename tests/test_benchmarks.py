@@ -32,3 +32,39 @@ def test_the_targets_read_a_results_file():
     assert found["fp32: train, ours without dropout / g-mlp-pytorch"] == (2.0, 1.3)
     assert found["fp32: infer, ours / timm"] == (0.5, 1.5)
     assert found["fp32 CLI step: % of the fp32 mm peak (best mode)"] == (30.0, 40.0)
+
+
+def test_the_gpu_benchmark_runs_its_smoke_scale_on_a_cpu(tmp_path):
+    import json
+
+    from bench_gpu import main
+
+    out = tmp_path / "gpu.json"
+    assert main(["--smoke", "--out", str(out), "--sections", "steps-32", "--seconds", "0.02"]) == 0
+    results = json.loads(out.read_text())
+    rows = results["steps-32"]
+    assert {"ours CLI step fp32 graphs", "ours no aug bf16 graphs", "timm fp32", "lucidrains bf16"} <= rows.keys()
+    assert all(row["img_s"] > 0 for row in rows.values())
+
+
+def test_the_gpu_targets_read_a_results_file():
+    from bench_gpu import targets
+
+    rows = {
+        "ours no aug bf16 graphs": {"img_s": 260.0},
+        "timm fp32": {"img_s": 200.0},
+        "lucidrains bf16": {"img_s": 100.0},
+    }
+    results = {
+        "epoch": {"fp32 eager": {"epoch_s": [2.0, 2.1]}, "bf16 graphs": {"epoch_s": [0.7, 0.65]}},
+        "steps-128": {**rows, "ours CLI step fp32 eager": {"error": "x"}},
+        "gmlp-s": {"ours compile+graphs": {"img_s": 140.0}, "timm gmlp_s16_224 compile": {"img_s": 100.0}},
+        "accuracy": {"fp32 eager": {"mean_top1": 0.50}, "bf16 compile+graphs": {"mean_top1": 0.488}},
+    }
+    found = {what: (round(value, 3), met) for what, value, _, met in targets(results)}
+    assert found == {
+        "seed epoch through train(), s (bf16 graphs)": (0.65, False),
+        "batch 128: our best mode / the best peer's": (1.3, True),
+        "gMLP-S 224 px bf16: ours / timm compiled": (1.4, False),
+        "seed 5 epochs: |fastest - fp32| top-1, points": (1.2, False),
+    }

@@ -1,128 +1,30 @@
-"""The training loop's inner parts: one optimiser step, and one epoch of steps over a `state.TrainState`.
+"""The training loop's inner part: one epoch of optimiser steps over a `state.TrainState`.
 
 An epoch is one permutation of the training images and a batch an index slice of it (`state.EpochProgress`, which a
-checkpoint saves so that an interrupted epoch continues exactly); each step augments on the device (`augment`), runs
-the model, and updates it. `train.train` runs the epochs around these.
-
-fp16 (``--precision fp16``) scales the loss with the state's gradient scaler (`state.gradient_scaler`). A step whose
-gradients overflow is skipped by it: the weights and the optimiser's state (its own step count included) stay as
-they were, and the scale halves. Everything else counts the batch as a step done: ``state.step``, the epoch's
-position, the lr schedule (a function of that count), the weight average (it updates, towards the unchanged weights),
-the periodic checkpoints and the epoch's metrics (the loss itself was finite). Only a non-finite loss stops training,
-as in fp32 and bf16: an overflowing fp16 gradient is expected now and then (most often in the first steps, while the
-scale comes down from 2^16) and is not an error.
+checkpoint saves so that an interrupted epoch continues exactly). Each step is the eager `step.train_step` (augment on
+the device, run the model, update it), or, where `graphs.unsupported` allows, the same step replayed as a CUDA graph
+(`graphs.GraphStep`). `train.train` runs the epochs around this.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
+from torch import Tensor
 from tqdm import tqdm
 
-from gmlp_vision.augment import augment_for_training, mix_for_training, streams_crop, training_loss
+from gmlp_vision.augment import streams_crop
 from gmlp_vision.config import Config
 from gmlp_vision.data.stream import ImageFiles
 from gmlp_vision.distributed import Dist
 from gmlp_vision.errors import NonFiniteLossError
-from gmlp_vision.evaluate import compute_input, topk_correct
-from gmlp_vision.images import resize
+from gmlp_vision.graphs import GraphStep
 from gmlp_vision.optim import LrSchedule
 from gmlp_vision.state import METRICS, EpochProgress, TrainState
+from gmlp_vision.step import BatchInfo, add_metrics, train_step
 
-
-@dataclass(frozen=True)
-class BatchInfo:
-    """What the epoch loop knows of a batch besides its pixels and labels; the defaults describe a plain batch.
-
-    ``weight``: what each image's loss counts in the gradient: one float for all, or one per image (None:
-    ``1 / len(labels)``, the batch mean; the distributed loop passes ``world / global batch``, see `distributed`, and
-    0 for unreadable streamed files). ``cropped``: the images already are random-resized crops (streamed files); else
-    ``--crop`` is applied in the step.
-    """
-
-    weight: float | Tensor | None = None
-    cropped: bool = False
-
-
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    images: Tensor,
-    labels: Tensor,
-    cfg: Config,
-    generator: torch.Generator,
-    *,
-    batch: BatchInfo | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-) -> tuple[Tensor, Tensor]:
-    """One optimiser step on a uint8 batch: resize, augment, forward, loss, backward, update.
-
-    The batch goes through in ``cfg.optim.accum_steps`` micro-batches whose gradients add up (under DDP they are
-    synchronised once, on the last).
-
-    Args:
-        batch: each image's weight in the gradient, and whether the images are crops already (default: the mean).
-        scaler: fp16's gradient scaler (`state.gradient_scaler`; pass one with ``--precision fp16``): the loss is
-            scaled, the gradients unscaled before ``--clip-grad``, and a step whose gradients overflow is skipped.
-
-    Returns:
-        Every image's loss and the float32 logits, both detached.
-    """
-    n, device = len(labels), images.device
-    batch = batch or BatchInfo()
-    weight = batch.weight
-    weights = (
-        weight.to(device)
-        if isinstance(weight, Tensor)
-        else torch.full((n,), 1.0 / n if weight is None else weight, device=device)
-    )
-    parts = min(cfg.optim.accum_steps, n)
-    ddp = _ddp(model)
-    optimizer.zero_grad(set_to_none=True)
-    losses, outputs = [], []
-    for j, (xb, yb, wb) in enumerate(zip(*(t.tensor_split(parts) for t in (images, labels, weights)), strict=True)):
-        with ddp.no_sync() if ddp is not None and j + 1 < parts else nullcontext():
-            x = resize(xb.float(), cfg.model.image_size)
-            x = augment_for_training(x, cfg.augment, generator, cropped=batch.cropped)
-            x, targets = mix_for_training(x, yb, cfg.augment, generator)
-            logits = model(compute_input(x, cfg.run.precision)).float()
-            loss = training_loss(logits, targets, cfg.optim.label_smoothing)
-            total = (loss * wb).sum()
-            (total if scaler is None else scaler.scale(total)).backward()
-        losses.append(loss.detach())
-        outputs.append(logits.detach())
-    _update(model, optimizer, cfg.optim.clip_grad, scaler)
-    return (losses[0], outputs[0]) if parts == 1 else (torch.cat(losses), torch.cat(outputs))
-
-
-def _update(
-    model: nn.Module, optimizer: torch.optim.Optimizer, clip_grad: float, scaler: torch.amp.GradScaler | None
-) -> None:
-    """Clip and apply the gradients; a scaler unscales them first and skips the update when they overflowed."""
-    if scaler is not None and clip_grad:
-        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-    if clip_grad:
-        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-    if scaler is None:
-        optimizer.step()
-        return
-    scaler.step(optimizer)  # checks the gradients for inf/NaN (unscaling them if not done above) and skips if any
-    scaler.update()
-
-
-def _ddp(model: nn.Module) -> DistributedDataParallel | None:
-    """The DDP wrapper of ``model`` (possibly inside a ``torch.compile`` wrapper), if any."""
-    while not isinstance(model, DistributedDataParallel):
-        inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return None
-        model = inner
-    return model
+__all__ = ["BatchInfo", "GraphStep", "train_one_epoch", "train_step"]
 
 
 def train_one_epoch(
@@ -131,6 +33,7 @@ def train_one_epoch(
     labels: Tensor,
     progress: EpochProgress | None = None,
     bar: tqdm | None = None,
+    graphs: GraphStep | None = None,
 ) -> dict[str, float]:
     """One pass over ``images`` (uint8 on the device, or streamed files) in shuffled batches of ``state``'s model.
 
@@ -141,6 +44,7 @@ def train_one_epoch(
     Args:
         progress: continue a partly done epoch (permutation, position, running sums); default: a new permutation.
         bar: a progress bar advanced once per step.
+        graphs: run each step as a captured CUDA graph (`graphs.GraphStep`, built on ``images`` and ``labels``).
 
     Returns:
         The epoch's mean loss, top-1 and top-5 accuracy over every rank's images.
@@ -157,27 +61,21 @@ def train_one_epoch(
         progress.sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in METRICS}
     batches = progress.perm.split(cfg.optim.batch_size)
     plan = _plan(batches, progress.batch, ctx)
-    fetched = _fetch(images, [mine for _, mine, _ in plan], cfg, progress.step)
+    fetched = None if graphs is not None else _fetch(images, [mine for _, mine, _ in plan], cfg, progress.step)
     schedule = LrSchedule.from_config(cfg.optim, len(batches))
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    if graphs is not None:
+        progress.sums, nonfinite = graphs.begin_epoch(progress.sums), graphs.nonfinite
     check_every = 1 if device.type == "cpu" else 50  # .item() and collectives sync the device: not every step on GPUs
     shown = _BarPostfix(bar)
-    for (i, mine, weight), (x, readable) in zip(plan, fetched, strict=True):
+    for i, mine, weight in plan:
         schedule.apply(state.optimizer, progress.step)
-        y = labels[mine]
-        weights = torch.full((len(mine),), weight, device=device)
-        if readable is not None:
-            weights *= readable  # an unreadable streamed file (--skip-bad-images) counts for nothing
-        batch = BatchInfo(weights, cropped=readable is not None and streams_crop(cfg.augment))
-        losses, logits = train_step(
-            state.model, state.optimizer, x, y, cfg, state.generator, batch=batch, scaler=state.scaler
-        )
+        if graphs is not None:
+            losses, loss = graphs.step(mine)
+        else:
+            assert fetched is not None
+            losses, loss = _eager_step(state, next(fetched), labels[mine], weight, progress.sums, nonfinite)
         progress.batch, progress.step = i + 1, progress.step + 1
-        loss = losses.sum() if readable is None else (losses * readable).sum()
-        if weight:
-            with torch.no_grad():
-                nonfinite |= ~torch.isfinite(loss)
-                _add(progress.sums, loss, *topk_correct(logits, y, readable))
         check = progress.step % check_every == 0 or i + 1 == len(batches)
         stop = _check(state, nonfinite, loss, check, check_every == 1, progress)
         shown.step(losses, state.optimizer, check)
@@ -220,10 +118,30 @@ def _plan(batches: tuple[Tensor, ...], start: int, ctx: Dist) -> list[tuple[int,
     return plan
 
 
-def _add(sums: dict[str, Tensor], loss: Tensor, top1: Tensor, top5: Tensor) -> None:
-    sums["loss"] += loss
-    sums["acc"] += top1
-    sums["top5"] += top5
+def _eager_step(
+    state: TrainState,
+    fetched: tuple[Tensor, Tensor | None],
+    y: Tensor,
+    weight: float,
+    sums: dict[str, Tensor],
+    nonfinite: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """One eager `train_step` on a fetched batch; adds to the epoch's metrics unless this rank's share weighs 0.
+
+    Returns:
+        Every image's loss, and their sum over the readable images.
+    """
+    x, readable = fetched
+    weights = torch.full((len(y),), weight, device=y.device)
+    if readable is not None:
+        weights *= readable  # an unreadable streamed file (--skip-bad-images) counts for nothing
+    batch = BatchInfo(weights, cropped=readable is not None and streams_crop(state.cfg.augment))
+    losses, logits = train_step(
+        state.model, state.optimizer, x, y, state.cfg, state.generator, batch=batch, scaler=state.scaler
+    )
+    if not weight:
+        return losses, losses.sum() if readable is None else (losses * readable).sum()
+    return losses, add_metrics(sums, nonfinite, losses, logits, y, readable)
 
 
 def _check(

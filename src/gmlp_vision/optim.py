@@ -66,17 +66,95 @@ class KerasAdamW(torch.optim.Optimizer):
                 s["step"] += 1
             b1, b2 = group["betas"]
             t = states[0]["step"]  # all parameters of a group advance together
+            size = group["lr"] * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
             m = [s["exp_avg"] for s in states]
             v = [s["exp_avg_sq"] for s in states]
-            if group["weight_decay"]:
-                torch._foreach_mul_(params, 1.0 - group["weight_decay"])
-            torch._foreach_lerp_(m, grads, 1.0 - b1)
-            torch._foreach_mul_(v, b2)
-            torch._foreach_addcmul_(v, grads, grads, value=1.0 - b2)
-            step_size = group["lr"] * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_add_(denom, group["eps"])
-            torch._foreach_addcdiv_(params, m, denom, value=-step_size)
+            _adamw_update(params, grads, m, v, group, (1.0 - group["weight_decay"], size, 1.0))
+
+
+def _adamw_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    m: list[Tensor],
+    v: list[Tensor],
+    group: dict[str, Any],
+    scalars: tuple[float | Tensor, float | Tensor, float | Tensor],
+) -> None:
+    """``p = decay * p - size * m / (scale * sqrt(v) + eps)`` after the moment updates, with host or device scalars.
+
+    `KerasAdamW.step` and the captured `adamw_apply` both run it, so the two compute the same bits. ``eps`` is the
+    group's constant: a CUDA graph can hold it, where an add of a device scalar would synchronise.
+    """
+    b1, b2 = group["betas"]
+    decay, size, scale = scalars
+    if not isinstance(decay, float) or decay != 1.0:
+        torch._foreach_mul_(params, decay)
+    torch._foreach_lerp_(m, grads, 1.0 - b1)
+    torch._foreach_mul_(v, b2)
+    torch._foreach_addcmul_(v, grads, grads, value=1.0 - b2)
+    denom = torch._foreach_sqrt(v)
+    if not isinstance(scale, float) or scale != 1.0:
+        torch._foreach_mul_(denom, scale)
+    torch._foreach_add_(denom, group["eps"])
+    step = torch._foreach_div(m, denom)
+    torch._foreach_mul_(step, size)
+    torch._foreach_sub_(params, step)
+
+
+# The whole AdamW step on the device, for a captured CUDA graph (`graphs`): what changes from step to step (the lr,
+# the bias corrections) comes in as device scalars, three per parameter group, which the host sets before each replay.
+ADAMW_SCALARS = 3  # decay factor, step size, scale of sqrt(v): ``p = decay p - size m / (scale sqrt(v) + eps)``
+
+
+def init_adamw_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the moment buffers (and step counts) of every parameter now, as the optimiser's first step would.
+
+    A captured update must find them in place: they are the graph's inputs, and never reallocated afterwards.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            s = optimizer.state[p]
+            if s:
+                continue
+            s["step"] = 0 if isinstance(optimizer, KerasAdamW) else torch.tensor(0.0, dtype=torch.float32)
+            s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def adamw_scalars(optimizer: torch.optim.Optimizer) -> list[tuple[float, float, float]]:
+    """Count one step for every parameter (on the host) and return each group's scalars for `adamw_apply`.
+
+    With ``c1 = 1 - b1^t`` and ``c2 = 1 - b2^t``: ``KerasAdamW`` has decay ``1 - wd``, size ``lr sqrt(c2) / c1`` and
+    scale 1; ``torch.optim.AdamW`` decay ``1 - lr wd``, size ``lr / c1`` and scale ``1 / sqrt(c2)``.
+    """
+    keras = isinstance(optimizer, KerasAdamW)
+    out = []
+    for group in optimizer.param_groups:
+        t = 0
+        for p in group["params"]:
+            s = optimizer.state[p]
+            s["step"] += 1
+            t = int(s["step"])
+        lr, (b1, b2), wd = group["lr"], group["betas"], group["weight_decay"]
+        c1, c2 = 1.0 - b1 ** max(t, 1), math.sqrt(1.0 - b2 ** max(t, 1))
+        out.append((1.0 - wd, lr * c2 / c1, 1.0) if keras else (1.0 - lr * wd, lr / c1, 1.0 / c2))
+    return out
+
+
+@torch.no_grad()
+def adamw_apply(optimizer: torch.optim.Optimizer, scalars: Tensor) -> None:
+    """Apply the update of `adamw_scalars` to every parameter with a gradient; ``scalars`` is (groups, 3), on device.
+
+    No host synchronisation and no Python numbers that change between steps, so a CUDA graph can capture it.
+    """
+    for g, group in enumerate(optimizer.param_groups):
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            continue
+        grads = [p.grad for p in params]
+        m = [optimizer.state[p]["exp_avg"] for p in params]
+        v = [optimizer.state[p]["exp_avg_sq"] for p in params]
+        _adamw_update(params, grads, m, v, group, tuple(scalars[g].unbind()))
 
 
 def scheduled_lr(step: int, total: int, *, lr: float, schedule: str, warmup: int = 0, min_lr: float = 0.0) -> float:

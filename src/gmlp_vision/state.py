@@ -28,6 +28,7 @@ from gmlp_vision.data import Dataset
 from gmlp_vision.distributed import SINGLE, Dist, unwrap
 from gmlp_vision.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted, first_line
 from gmlp_vision.optim import EarlyStopping, Plateau, WeightEMA
+from gmlp_vision.step import METRICS
 
 log = logging.getLogger("gmlp_vision")
 
@@ -71,9 +72,6 @@ class EpochProgress:
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102 (the sums are per rank: saved with each rank's RNG state)
         return {"perm": self.perm.cpu(), "batch": self.batch, "step": self.step}
-
-
-METRICS = ("loss", "acc", "top5")
 
 
 class StopRequests:

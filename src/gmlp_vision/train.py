@@ -34,11 +34,13 @@ from gmlp_vision.data.stream import ImageFiles, stats_sample
 from gmlp_vision.distributed import Dist, distributed, maybe_compile
 from gmlp_vision.errors import ConfigError, NonFiniteLossError
 from gmlp_vision.evaluate import compute_input, evaluate, infer, topk_correct
-from gmlp_vision.loop import train_one_epoch, train_step
+from gmlp_vision.graphs import GraphStep, unsupported
+from gmlp_vision.loop import train_one_epoch
 from gmlp_vision.model import GMLP
 from gmlp_vision.optim import LrSchedule, build_optimizer
 from gmlp_vision.rundir import RunLock, format_epoch, open_run_dir, write_history, write_json
 from gmlp_vision.state import EpochProgress, TrainState, rank_seed
+from gmlp_vision.step import train_step
 from gmlp_vision.transfer import apply_pretrained, read_pretrained
 
 log = logging.getLogger("gmlp_vision")
@@ -140,6 +142,7 @@ class _Data:
     train_y: Tensor
     val_x: Tensor | ImageFiles
     val_y: Tensor
+    graphs: GraphStep | None = None  # the training step captured as CUDA graphs (`graphs.unsupported` says when)
 
 
 def _use_threads(ctx: Dist, requested: int, held: ExitStack) -> None:
@@ -183,11 +186,9 @@ def _start(
     if saved is not None:
         _say(ctx, "resuming %s at epoch %d, step %d", run_dir, state.epoch + 1, state.step)
     state.model, state.best = _wrap(net, cfg, ctx, device), best
+    train_x, train_y = images[:n_train].to(device), labels[:n_train].to(device)
     data = _Data(
-        images[:n_train].to(device),
-        labels[:n_train].to(device),
-        images[n_train:].to(device),
-        labels[n_train:].to(device),
+        train_x, train_y, images[n_train:].to(device), labels[n_train:].to(device), _graphs(state, train_x, train_y)
     )
     if cfg.run.tensorboard and ctx.main:
         from gmlp_vision.report import TensorBoardLogger  # optional extra, imported only when asked for
@@ -248,6 +249,19 @@ def _wrap(net: nn.Module, cfg: Config, ctx: Dist, device: torch.device) -> nn.Mo
     return maybe_compile(model, cfg.run.compile)
 
 
+def _graphs(state: TrainState, images: Tensor | ImageFiles, labels: Tensor) -> GraphStep | None:
+    """The run's training step as CUDA graphs where it can be captured; on CUDA the log says which, and why not."""
+    device, ctx = labels.device, state.ctx
+    why = unsupported(state.cfg, device, distributed=ctx.enabled, streamed=isinstance(images, ImageFiles))
+    if why is None:
+        assert isinstance(images, Tensor)
+        _say(ctx, "CUDA graphs: each training step is captured once per batch size and replayed")
+        return GraphStep(state.model, state.net, state.optimizer, state.cfg, state.generator, images, labels)
+    if device.type == "cuda":
+        _say(ctx, "CUDA graphs off: %s", why)
+    return None
+
+
 def _run_epoch(state: TrainState, data: _Data, resumed: EpochProgress | None) -> dict[str, float]:
     """Train one epoch (or the rest of a resumed one) and validate; returns the epoch's history row."""
     cfg, epoch = state.cfg, state.epoch
@@ -264,7 +278,7 @@ def _run_epoch(state: TrainState, data: _Data, resumed: EpochProgress | None) ->
         leave=False,
         disable=not (cfg.run.progress and state.ctx.main),
     ) as bar:
-        metrics = train_one_epoch(state, data.train_x, data.train_y, progress, bar)
+        metrics = train_one_epoch(state, data.train_x, data.train_y, progress, bar, data.graphs)
     state.epoch = epoch + 1
     state.require_finite(f"in epoch {epoch + 1} (by step {state.step})")
     row: dict[str, float] = {"epoch": epoch + 1, **metrics}

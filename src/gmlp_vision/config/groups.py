@@ -276,6 +276,7 @@ class RunConfig:
         ("fp32", "bf16", "fp16"),
     )
     compile: bool = option(False, "torch.compile the model (slower start; faster steps where the backend pays off)")
+    cuda_graphs: bool = option(True, "replay each CUDA training step as a captured graph where the run allows it")
     threads: int = option(0, "CPU threads for torch (0: the usable cores less those busy with other work at start)")
     eval_batch_size: int = option(500, "images per batch when evaluating")
     out: str | None = option(None, "run directory (default: runs/<dataset>-<preset>-<time>)")
