@@ -22,7 +22,7 @@ def compute_input(images: Tensor, precision: str) -> Tensor:
 
     The model casts its fp32 master weights to that dtype on use (no autocast); its layer norms accumulate their
     statistics in fp32, and the logits come back to fp32 before the loss and the predicted probabilities, so fp16 only
-    adds a gradient scaler in training (`loop.train_step`).
+    adds a gradient scaler in training (`step.train_step`).
     """
     dtype = HALF_DTYPES.get(precision)
     return images.to(dtype) if dtype is not None else images.float()

@@ -44,6 +44,7 @@ def unsupported(cfg: Config, device: torch.device, *, distributed: bool, streame
         (cfg.run.precision == "fp16", "--precision fp16 (its loss scaler decides on the host whether to step)"),
         (bool(aug.mixup or aug.cutmix), "mixup/cutmix (each batch's mixing share is drawn on the host)"),
         (aug.policy != "none", f"--policy {aug.policy} (each op picks its images on the host)"),
+        (cfg.optim.optimizer not in ("keras-adamw", "adamw"), f"--optimizer {cfg.optim.optimizer}"),
         (not captures_generators(), f"torch {torch.__version__} cannot capture the augmentation's own generator"),
     )
     return next((why for bad, why in reasons if bad), None)
@@ -56,7 +57,12 @@ def captures_generators() -> bool:
 
 @dataclass
 class _Captured:
-    """One batch size's graph: its index buffer (the input), what it returns, and the gradients it writes."""
+    """One batch size's graph: its index buffer (the input), what it returns, and the gradients it writes.
+
+    The graphs share one memory pool: what one graph only uses within a replay (activations, and the gradients of the
+    graph captured before it, which ``p.grad`` no longer names) may be overwritten by the next replay of another.
+    Outputs are read right after their replay, in stream order, and nothing else carries over.
+    """
 
     index: Tensor
     graph: Any = None  # torch.cuda.CUDAGraph; None: the step runs eagerly (`GraphStep.capture` False)
@@ -139,11 +145,23 @@ class GraphStep:
 
     def _prepare(self, n: int) -> _Captured:
         """Warm up and capture the step for batches of ``n`` images, then put every state back as it was."""
-        index = torch.arange(n, device=self.labels.device) % len(self.labels)
-        captured = _Captured(index)
+        device = self.labels.device
+        captured = _Captured(torch.arange(n, device=device) % len(self.labels))
         saved = _Snapshot.take(self.net, self.optimizer, self.generator, self.sums, self.nonfinite)
-        cuda = index.device.type == "cuda"
-        side = torch.cuda.Stream() if cuda else None
+        # Streams, captures and the default generator are those of the current device: make it the data's (cuda:N).
+        with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+            try:
+                self._warm_up(captured.index)
+                if self.capture:
+                    self._capture(captured)
+            finally:
+                saved.restore()
+        self._graphs[n] = captured
+        return captured
+
+    def _warm_up(self, index: Tensor) -> None:
+        """Run the step eagerly a few times (on a side stream on a GPU, as captures want)."""
+        side = torch.cuda.Stream() if index.device.type == "cuda" else None
         if side is not None:
             side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side) if side is not None else nullcontext():
@@ -151,11 +169,6 @@ class GraphStep:
                 self._body(index)
         if side is not None:
             torch.cuda.current_stream().wait_stream(side)
-        if self.capture:
-            self._capture(captured)
-        saved.restore()
-        self._graphs[n] = captured
-        return captured
 
     def _capture(self, captured: _Captured) -> None:
         """Record the step into a new graph (sharing the memory pool of the others); its outputs are kept."""
@@ -166,11 +179,11 @@ class GraphStep:
         try:
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 captured.out = self._body(captured.index)
-        except RuntimeError as e:  # torch's CUDA errors; the device's random state is not usable after one
+        except RuntimeError as e:  # torch's CUDA errors; the device's random state may not be usable after one
             raise ConfigError(
                 f"the training step could not be captured as a CUDA graph ({first_line(e)}); "
                 "train with --no-cuda-graphs"
-            ) from None
+            ) from e
         self._pool = graph.pool()
         captured.graph, captured.grads = graph, [p.grad for p in params]
 
@@ -197,8 +210,9 @@ class _Snapshot:
         for s in optimizer.state.values():
             live += [v for k, v in s.items() if isinstance(v, Tensor) and k != "step"]
             counts.append((s, s["step"].clone() if isinstance(s["step"], Tensor) else s["step"]))
-        cuda = generator.device.type == "cuda"
-        streams = (generator.get_state(), torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None)
+        device = generator.device
+        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        streams = (generator.get_state(), torch.get_rng_state(), cuda)
         return cls([(t, t.detach().clone()) for t in live], counts, generator, streams)
 
     @torch.no_grad()
@@ -210,4 +224,4 @@ class _Snapshot:
         self.generator.set_state(self.streams[0])
         torch.set_rng_state(self.streams[1])
         if self.streams[2] is not None:
-            torch.cuda.set_rng_state(self.streams[2])
+            torch.cuda.set_rng_state(self.streams[2], self.generator.device)

@@ -61,7 +61,7 @@ def train_one_epoch(
         progress.sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in METRICS}
     batches = progress.perm.split(cfg.optim.batch_size)
     plan = _plan(batches, progress.batch, ctx)
-    fetched = None if graphs is not None else _fetch(images, [mine for _, mine, _ in plan], cfg, progress.step)
+    fetched = iter(()) if graphs is not None else _fetch(images, [mine for _, mine, _ in plan], cfg, progress.step)
     schedule = LrSchedule.from_config(cfg.optim, len(batches))
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     if graphs is not None:
@@ -73,7 +73,6 @@ def train_one_epoch(
         if graphs is not None:
             losses, loss = graphs.step(mine)
         else:
-            assert fetched is not None
             losses, loss = _eager_step(state, next(fetched), labels[mine], weight, progress.sums, nonfinite)
         progress.batch, progress.step = i + 1, progress.step + 1
         check = progress.step % check_every == 0 or i + 1 == len(batches)

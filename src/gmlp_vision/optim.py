@@ -82,8 +82,10 @@ def _adamw_update(
 ) -> None:
     """``p = decay * p - size * m / (scale * sqrt(v) + eps)`` after the moment updates, with host or device scalars.
 
-    `KerasAdamW.step` and the captured `adamw_apply` both run it, so the two compute the same bits. ``eps`` is the
-    group's constant: a CUDA graph can hold it, where an add of a device scalar would synchronise.
+    `KerasAdamW.step` and the captured `adamw_apply` both run it, so the two compute the same bits on each device:
+    on a CPU the last part is one ``addcdiv`` (with a device scalar, of the moment scaled first, which rounds the
+    same), on a GPU a division, a multiplication by the step size and a subtraction. ``eps`` is the group's
+    constant: a CUDA graph can hold it, where an add of a device scalar would synchronise.
     """
     b1, b2 = group["betas"]
     decay, size, scale = scalars
@@ -96,6 +98,12 @@ def _adamw_update(
     if not isinstance(scale, float) or scale != 1.0:
         torch._foreach_mul_(denom, scale)
     torch._foreach_add_(denom, group["eps"])
+    if params[0].device.type == "cpu":
+        if isinstance(size, Tensor):
+            torch._foreach_addcdiv_(params, torch._foreach_mul(m, size), denom, value=-1.0)
+        else:
+            torch._foreach_addcdiv_(params, m, denom, value=-size)
+        return
     step = torch._foreach_div(m, denom)
     torch._foreach_mul_(step, size)
     torch._foreach_sub_(params, step)
@@ -114,7 +122,7 @@ def init_adamw_state(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
             s = optimizer.state[p]
-            if s:
+            if s or not p.requires_grad:
                 continue
             s["step"] = 0 if isinstance(optimizer, KerasAdamW) else torch.tensor(0.0, dtype=torch.float32)
             s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -132,6 +140,8 @@ def adamw_scalars(optimizer: torch.optim.Optimizer) -> list[tuple[float, float, 
     for group in optimizer.param_groups:
         t = 0
         for p in group["params"]:
+            if not p.requires_grad:  # a frozen parameter gets no gradient: the eager step leaves it uncounted too
+                continue
             s = optimizer.state[p]
             s["step"] += 1
             t = int(s["step"])

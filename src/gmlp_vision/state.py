@@ -42,11 +42,11 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 def gradient_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
-    """The loss scaler ``--precision fp16`` trains with (`loop.train_step`); None for fp32 and bf16.
+    """The loss scaler ``--precision fp16`` trains with (`step.train_step`); None for fp32 and bf16.
 
     fp16 has more precision than bf16 but far less range (65504 at most, 6e-5 the smallest normal number): small
     gradients of fp16 activations underflow to zero unless the loss is scaled up first. The scaler starts at 2^16,
-    halves on every step whose gradients overflow (that step is skipped, see `loop`) and doubles after 2000 clean steps
+    halves on every step whose gradients overflow (that step is skipped, see `step`) and doubles after 2000 clean steps
     (torch's defaults).
 
     Raises:

@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,7 @@ def train(
                 if stopped:
                     _say(ctx, "early stopping: no val_loss improvement for %d epochs", cfg.optim.early_stop_patience)
                     break
+        data = replace(data, graphs=None)  # the captured graphs' memory is not needed to test
         return _finish(state, data, stopped)
 
 
@@ -253,8 +254,7 @@ def _graphs(state: TrainState, images: Tensor | ImageFiles, labels: Tensor) -> G
     """The run's training step as CUDA graphs where it can be captured; on CUDA the log says which, and why not."""
     device, ctx = labels.device, state.ctx
     why = unsupported(state.cfg, device, distributed=ctx.enabled, streamed=isinstance(images, ImageFiles))
-    if why is None:
-        assert isinstance(images, Tensor)
+    if why is None:  # not streamed: the images are a tensor on the device
         _say(ctx, "CUDA graphs: each training step is captured once per batch size and replayed")
         return GraphStep(state.model, state.net, state.optimizer, state.cfg, state.generator, images, labels)
     if device.type == "cuda":
