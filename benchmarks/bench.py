@@ -29,6 +29,7 @@ from bench_report import render, summarize
 from bench_timing import Budget, cpu_model, matmul_peak, wait_for_quiet
 
 import gmlp_vision
+from gmlp_vision.cpu import keep_freed_memory
 
 HERE = Path(__file__).resolve().parent
 MODES = {
@@ -109,6 +110,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     quick_help = "short timings, eager modes only unless --modes says otherwise: a smoke run of a minute or two"
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--no-peers", action="store_true", help="skip timm and g-mlp-pytorch")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it starts (default: keep freed memory, as gmlp train does)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads for everything (default 2)")
     parser.add_argument("--modes", default=None,
                         help=f"comma list of {','.join(MODES)} (default: all; --quick: fp32,bf16)")  # fmt: skip
@@ -135,8 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, budget=replace(plan.budget, seconds=args.seconds))
     budget = plan.budget
     torch.set_num_threads(args.threads)
+    # As `gmlp train` runs (`cpu.use_cpu_threads`); process-wide, so the peers' rows get it too.
+    malloc_reuse = keep_freed_memory() if not args.default_malloc else False
     started = time.perf_counter()
     results: dict[str, Any] = {"env": environment(args.threads), "args": {**vars(args), "json": str(args.json)}}
+    results["env"]["malloc_keeps_freed_memory"] = malloc_reuse
     results["budget"] = {"seconds": budget.seconds, "repeats": budget.repeats, "warmup": budget.warmup,
                          "batch": BATCH, "infer_batch": INFER_BATCH}  # fmt: skip
 

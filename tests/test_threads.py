@@ -189,3 +189,33 @@ def test_train_warns_about_more_threads_than_cores(tmp_path, monkeypatch, caplog
         train(cfg, make_dataset(32, 8), on_epoch_end=stop_after_epoch)
     assert seen.value.args == (2,)  # kept, as asked
     assert "--threads 2 is more than the 1 CPU core this process may use" in caplog.text
+
+
+# Blocks of growing size (1 MB and up), each written and freed at once: glibc's default maps every one afresh, since
+# each is larger than the last one freed (its dynamic threshold), so every page of it faults on the first write.
+PAGE_FAULTS = """
+import resource, statistics, sys, torch
+from gmlp_vision.cpu import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+faults = []
+for i in range(20):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty((1 << 20) + i * 65536, dtype=torch.uint8).fill_(1)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(statistics.median(faults[2:]))
+"""
+
+
+@pytest.mark.skipif(not cpu.keep_freed_memory(), reason="glibc's malloc only")
+def test_freed_memory_is_reused_instead_of_faulted_in_again():
+    import subprocess
+    import sys
+
+    faults = {
+        how: float(subprocess.run([sys.executable, "-c", PAGE_FAULTS, how], capture_output=True, text=True,
+                                  check=True).stdout)
+        for how in ("default", "keep")
+    }  # fmt: skip
+    # By default every page of each block faults (~400 a block); kept, only the heap's growth (16-64 pages).
+    assert faults["default"] > 200 and faults["keep"] * 4 < faults["default"], faults

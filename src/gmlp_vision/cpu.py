@@ -1,4 +1,4 @@
-"""CPU threads for torch: the cores this process may use, how busy they are, and the thread count to run with.
+"""The CPU set-up: torch's thread count (the cores this process may use, how busy they are) and malloc's reuse.
 
 Torch starts one thread per core of the machine. Its threads wait for each other at the end of every parallel op, so one
 that shares its core with another process stalls all of them. With a ``yes > /dev/null`` neighbour on one of 2 cores
@@ -14,10 +14,19 @@ pushed it past 500.
 An explicit ``--threads`` (or ``OMP_NUM_THREADS`` outside torchrun) is kept, with a warning when it exceeds the usable
 cores (4 threads on 2 cores made a ``seed`` step 1.3x slower, 1,000 threads 190x): a refusal would make a config or a
 test that names a count fail on a smaller machine, and could block a run where the count is wrong (nested containers).
+
+Freed memory is kept for reuse (`keep_freed_memory`): glibc's malloc otherwise maps blocks of 128 kB or more afresh
+and unmaps them when freed (the threshold grows as larger blocks are freed, up to 32 MB) and trims the heap's free
+top, so a step's activations can come back as new pages that fault on their first write: 10,000-15,000 faults per
+`seed` step in a fresh process, none once kept. How much that costs depends on what the process freed before (a run
+that loaded a dataset has raised the threshold already): on 2 cores of an Intel Xeon, 2026-11-26, a `seed` epoch of
+12,800 CIFAR-10 images through `train` took 10.1-10.7 s kept against 10.8-12.0 s without in fp32, and the same
+7.0-7.4 s in bf16; an isolated step in a fresh process was 1.09x faster in fp32 and 1.33x in bf16.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import time
@@ -29,6 +38,10 @@ PROC_CGROUP = Path("/proc/self/cgroup")
 PROC_STAT = Path("/proc/stat")
 SAMPLE_SECONDS = 0.2  # 40 jiffies on 2 cores: a busy core reads 1.0 +- 0.05, an idle machine 0.0-0.2
 FREE_SHARE = 0.75  # a core counts as free when at least this much of it was idle during the sample
+# glibc's mallopt parameters (malloc.h) and the values `keep_freed_memory` sets.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 << 20  # glibc's ceiling for it on 64-bit systems: smaller blocks come from the reused heap
+TRIM_THRESHOLD = (1 << 31) - 1  # free memory at the heap's top is kept up to 2 GB
 
 
 @dataclass(frozen=True)
@@ -214,9 +227,25 @@ def cpu_threads(requested: int) -> ThreadChoice:
 
 
 def use_cpu_threads(requested: int) -> ThreadChoice:
-    """`cpu_threads`, then ``torch.set_num_threads`` with its count; the caller logs or prints the choice."""
+    """`cpu_threads`, then ``torch.set_num_threads`` with its count, and `keep_freed_memory`; the caller logs it."""
     import torch
 
     choice = cpu_threads(requested)
     torch.set_num_threads(choice.threads)
+    keep_freed_memory()
     return choice
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed blocks up to 32 MB for the next tensors (the module docstring says why).
+
+    Process-wide and kept until the process ends; a process's resident memory then stays near its peak. Returns
+    whether it took effect: False where the C library is not glibc (musl, macOS, Windows).
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt, _ = libc.mallopt, libc.gnu_get_libc_version
+    except (OSError, AttributeError, TypeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
