@@ -43,8 +43,12 @@ def test_the_gpu_benchmark_runs_its_smoke_scale_on_a_cpu(tmp_path):
     assert main(["--smoke", "--out", str(out), "--sections", "steps-32", "--seconds", "0.02"]) == 0
     results = json.loads(out.read_text())
     rows = results["steps-32"]
-    assert {"ours CLI step fp32 graphs", "ours no aug bf16 graphs", "timm fp32", "lucidrains bf16"} <= rows.keys()
-    assert all(row["img_s"] > 0 for row in rows.values())
+    ours = {k: v for k, v in rows.items() if k.startswith("ours ")}
+    assert {"ours CLI step fp32 graphs", "ours no aug bf16 graphs", "ours CLI step fp32 eager"} <= ours.keys()
+    assert all(row["img_s"] > 0 for row in ours.values())
+    # The peers are measured where benchmarks/setup_peers.sh installed them; elsewhere (CI) the row says why not.
+    for peer in ("timm fp32", "lucidrains bf16"):
+        assert rows[peer].get("img_s", 0) > 0 or "ModuleNotFoundError" in rows[peer]["error"], rows[peer]
 
 
 def test_the_gpu_targets_read_a_results_file():
