@@ -161,6 +161,14 @@ def test_a_capture_that_fails_says_how_to_train_without(monkeypatch):
         step.step(torch.arange(32))
 
 
+def test_a_run_resumes_without_graphs(tmp_path):
+    # What a failed capture tells the user to do must work on a run that already started.
+    ds = make_dataset(n_train=64, n_test=10)
+    train(from_preset("tiny", epochs=1, progress=False, out=str(tmp_path / "run")), ds)
+    resumed = train(resume_config(tmp_path / "run", {"epochs": 2, "cuda_graphs": False}), ds, resume=True)
+    assert len(resumed.history) == 2 and resumed.history[-1]["epoch"] == 2
+
+
 # With a GPU: real graphs.
 
 

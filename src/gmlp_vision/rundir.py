@@ -38,6 +38,7 @@ RESUMABLE_OVERRIDES = frozenset(
         "epochs",
         "device",
         "threads",
+        "cuda_graphs",
         "progress",
         "checkpoint_every",
         "download",
