@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from bench_peers import PEERS
+from torch import Tensor, nn
 
 from gmlp_vision.config import from_preset
 from gmlp_vision.data import Dataset, Split
@@ -198,7 +199,17 @@ def seed_step(run: Run, batch: int, mode: str, augment: bool) -> Callable[[], ob
     return _stepper(run, model, net, optimizer, cfg, generator, images, labels, graphs)
 
 
-def _stepper(run, model, net, optimizer, cfg, generator, images, labels, graphs) -> Callable[[], object]:  # noqa: ANN001
+def _stepper(
+    run: Run,
+    model: nn.Module,
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: Any,
+    generator: torch.Generator,
+    images: Tensor,
+    labels: Tensor,
+    graphs: bool,
+) -> Callable[[], object]:
     """Steps over the resident ``images`` in batches of the config's size, captured (``graphs``) or eager."""
     batch = cfg.optim.batch_size
     batches = torch.randperm(len(labels), device=run.device).split(batch)[: len(labels) // batch]
@@ -223,7 +234,10 @@ def peer_step(run: Run, name: str, batch: int, mode: str) -> Callable[[], object
     return _plain_step(run, torch.compile(model) if compiled else model, optimizer, batch, 32, 100, precision)
 
 
-def _plain_step(run, model, optimizer, batch, size, classes, precision) -> Callable[[], object]:  # noqa: ANN001
+def _plain_step(
+    run: Run, model: nn.Module, optimizer: torch.optim.Optimizer, batch: int, size: int, classes: int, precision: str
+) -> Callable[[], object]:
+    """A plain training step (AdamW, cross-entropy, bf16 autocast or fp32) on one random resident batch."""
     x = torch.randn(batch, 3, size, size, device=run.device)
     y = torch.randint(0, classes, (batch,), device=run.device)
 

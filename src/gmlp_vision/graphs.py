@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gmlp_vision.config import Config
+from gmlp_vision.config.core import Config
 from gmlp_vision.errors import ConfigError, first_line
 from gmlp_vision.optim import ADAMW_SCALARS, adamw_apply, adamw_scalars, init_adamw_state
 from gmlp_vision.step import METRICS, add_metrics, backward_step

@@ -15,7 +15,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from gmlp_vision.augment import streams_crop
-from gmlp_vision.config import Config
+from gmlp_vision.config.core import Config
 from gmlp_vision.data.stream import ImageFiles
 from gmlp_vision.distributed import Dist
 from gmlp_vision.errors import NonFiniteLossError

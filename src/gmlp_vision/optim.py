@@ -60,16 +60,24 @@ class KerasAdamW(torch.optim.Optimizer):
             states = [self.state[p] for p in params]
             for p, s in zip(params, states, strict=True):
                 if not s:
-                    s["step"] = 0
-                    s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    s.update(_fresh_state(p, 0))
                 s["step"] += 1
-            b1, b2 = group["betas"]
-            t = states[0]["step"]  # all parameters of a group advance together
-            size = group["lr"] * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+            size = _keras_step_size(group, states[0]["step"])  # all parameters of a group advance together
             m = [s["exp_avg"] for s in states]
             v = [s["exp_avg_sq"] for s in states]
             _adamw_update(params, grads, m, v, group, (1.0 - group["weight_decay"], size, 1.0))
+
+
+def _fresh_state(p: Tensor, step: int | Tensor) -> dict[str, Any]:
+    """A parameter's optimiser state before its first step: the count and two zero moment buffers."""
+    zeros = [torch.zeros_like(p, memory_format=torch.preserve_format) for _ in range(2)]
+    return {"step": step, "exp_avg": zeros[0], "exp_avg_sq": zeros[1]}
+
+
+def _keras_step_size(group: dict[str, Any], t: int) -> float:
+    """Keras' Adam step size at step ``t``: ``lr sqrt(1 - b2^t) / (1 - b1^t)``."""
+    b1, b2 = group["betas"]
+    return group["lr"] * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
 
 
 def _adamw_update(
@@ -124,9 +132,8 @@ def init_adamw_state(optimizer: torch.optim.Optimizer) -> None:
             s = optimizer.state[p]
             if s or not p.requires_grad:
                 continue
-            s["step"] = 0 if isinstance(optimizer, KerasAdamW) else torch.tensor(0.0, dtype=torch.float32)
-            s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            keras = isinstance(optimizer, KerasAdamW)
+            s.update(_fresh_state(p, 0 if keras else torch.tensor(0.0, dtype=torch.float32)))
 
 
 def adamw_scalars(optimizer: torch.optim.Optimizer) -> list[tuple[float, float, float]]:
@@ -138,16 +145,19 @@ def adamw_scalars(optimizer: torch.optim.Optimizer) -> list[tuple[float, float, 
     keras = isinstance(optimizer, KerasAdamW)
     out = []
     for group in optimizer.param_groups:
-        t = 0
-        for p in group["params"]:
-            if not p.requires_grad:  # a frozen parameter gets no gradient: the eager step leaves it uncounted too
-                continue
-            s = optimizer.state[p]
-            s["step"] += 1
-            t = int(s["step"])
+        # A frozen parameter gets no gradient: the eager step leaves it uncounted too.
+        states = [optimizer.state[p] for p in group["params"] if p.requires_grad]
+        if keras:
+            for s in states:
+                s["step"] += 1
+        elif states:  # torch's counts are CPU tensors: one call for the group, not one op per parameter
+            torch._foreach_add_([s["step"] for s in states], 1.0)
+        t = max(int(states[-1]["step"]), 1) if states else 1
         lr, (b1, b2), wd = group["lr"], group["betas"], group["weight_decay"]
-        c1, c2 = 1.0 - b1 ** max(t, 1), math.sqrt(1.0 - b2 ** max(t, 1))
-        out.append((1.0 - wd, lr * c2 / c1, 1.0) if keras else (1.0 - lr * wd, lr / c1, 1.0 / c2))
+        if keras:
+            out.append((1.0 - wd, _keras_step_size(group, t), 1.0))
+        else:
+            out.append((1.0 - lr * wd, lr / (1.0 - b1**t), 1.0 / math.sqrt(1.0 - b2**t)))
     return out
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from gmlp_vision.checkpoint import Checkpoint, nonfinite_names, save_checkpoint
-from gmlp_vision.config import Config
+from gmlp_vision.config.core import Config
 from gmlp_vision.data import Dataset
 from gmlp_vision.distributed import SINGLE, Dist, unwrap
 from gmlp_vision.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted, first_line

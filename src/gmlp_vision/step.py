@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gmlp_vision.augment import augment_for_training, mix_for_training, training_loss
-from gmlp_vision.config import Config
+from gmlp_vision.config.core import Config
 from gmlp_vision.evaluate import compute_input, topk_correct
 from gmlp_vision.images import resize
 
