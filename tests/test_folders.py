@@ -150,7 +150,7 @@ def test_a_bad_file_met_while_streaming_stops_the_run_or_is_skipped(tmp_path, ca
     assert main([*argv, "--out", str(tmp_path / "fails")]) == 1
     assert "3.png" in capsys.readouterr().err and not (tmp_path / "fails" / "results.json").exists()
     assert main([*argv, "--skip-bad-images", "--out", str(tmp_path / "skips")]) == 0
-    assert capsys.readouterr().out.count("skipped cannot read image") == 1  # once, not every epoch
+    assert capsys.readouterr().err.count("skipped cannot read image") == 1  # once, not every epoch
     assert (tmp_path / "skips" / "results.json").is_file()
 
 

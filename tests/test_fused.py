@@ -25,23 +25,6 @@ def kernels():
     assert fused.library() is not None, "the fused kernels did not build although a C compiler exists"
 
 
-def mix32(x: torch.Tensor) -> torch.Tensor:
-    """The murmur3 finaliser of fused.c, on int64 tensors holding uint32 values."""
-    m = 0xFFFFFFFF
-    x = x ^ (x >> 16)
-    x = (x * 0x85EBCA6B) & m
-    x = x ^ (x >> 13)
-    x = (x * 0xC2B2AE35) & m
-    return x ^ (x >> 16)
-
-
-def reference_mask(n: int, seed: int, threshold: int) -> torch.Tensor:
-    """keep(i) of fused.c, written with torch ops."""
-    i = torch.arange(n, dtype=torch.int64)
-    key = (0x9E3779B9 * seed + (i >> 32)) & 0xFFFFFFFF
-    return mix32(mix32((i & 0xFFFFFFFF) ^ seed) ^ key) < threshold
-
-
 @pytest.mark.parametrize("approximate", ["tanh", "none"])
 def test_gelu_matches_pytorch_forward_and_backward(approximate):
     h = (torch.randn(64, 8, 96, generator=torch.Generator().manual_seed(0)) * 3).requires_grad_()
@@ -66,7 +49,7 @@ def test_dropout_keeps_the_hashed_elements_scaled(approximate):
     seed = int(torch.randint(0, 1 << 32, (), dtype=torch.int64))
     torch.manual_seed(7)  # gelu_dropout draws its seed from the default generator the same way
     ours = fused.gelu_dropout(h, approximate, rate)
-    mask = reference_mask(h.numel(), seed, threshold).view_as(h)
+    mask = fused.keep_mask(h.numel(), seed, threshold).view_as(h)
     assert torch.equal(ours != 0, mask & (F.gelu(h.double(), approximate=approximate) != 0))
     assert abs(mask.float().mean().item() - (1 - rate)) < 0.005 and scale == pytest.approx(1 / (1 - rate), rel=1e-6)
     ref = F.gelu(h.double(), approximate=approximate) * mask * scale
@@ -160,7 +143,7 @@ def test_a_training_block_equals_the_plain_computation_with_the_hashed_masks():
     threshold, scale = fused.keep_threshold(cfg.dropout)
     y = block.norm(x)
     u, v = F.gelu(block.fc1(y), approximate=block.approximate).chunk(2, dim=-1)
-    u, v = (t * reference_mask(t.numel(), s, threshold).view_as(t) * scale for t, s in zip((u, v), seeds, strict=True))
+    u, v = (t * fused.keep_mask(t.numel(), s, threshold).view_as(t) * scale for t, s in zip((u, v), seeds, strict=True))
     v = block.sgu.proj(block.sgu.norm(v).permute(1, 2, 0)).permute(2, 0, 1)
     torch.testing.assert_close(ours, y + block.fc2(u * v), atol=2e-5, rtol=2e-5)
 
@@ -176,7 +159,7 @@ def test_bfloat16_is_computed_in_float32_and_rounded_once(approximate):
     ours = fused.gelu_dropout(h, approximate, 0.1)
     assert ours.dtype == torch.bfloat16
     threshold, scale = fused.keep_threshold(0.1)
-    mask = reference_mask(h.numel(), seed, threshold).view_as(h)
+    mask = fused.keep_mask(h.numel(), seed, threshold).view_as(h)
     exact = F.gelu(h.detach().double(), approximate=approximate) * mask * scale
     torch.testing.assert_close(ours.double(), exact.bfloat16().double(), rtol=8e-3, atol=1e-6)  # one bf16 rounding
     (g_ours,) = torch.autograd.grad(ours, h, grad)

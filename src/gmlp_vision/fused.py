@@ -10,12 +10,14 @@ of a block's GELU + dropout took 8.9x less time and the backward 2.5x less (`ben
 
 The C file is compiled on first use with the system compiler (``$CC``, split like a shell command, else ``cc``;
 ``-O3 -march=native -fopenmp``) into ``$XDG_CACHE_HOME/gmlp-vision/kernels`` (default ``~/.cache/...``), named by a
-digest of the source, the compiler's version and the CPU's feature flags (a temp file per builder, synced, then
-renamed), and loaded with ctypes. Before first use it is checked against PyTorch's GELU and its gradient on torch's
-thread count; a cached build that fails to load or check is built again once. Where there is no compiler, the build
-or the check fails (a warning says why), or ``GMLP_FUSED=0`` is set, the model uses the PyTorch path
-(`model.keep_masks`), which is also the reference the tests hold the kernels to; that path draws different masks,
-so a run is reproducible on one machine either way, not across the two paths.
+digest of the source, the compiler's version and the CPU's feature flags, and loaded with ctypes. Loading runs a
+library's code, so `kernel_cache` loads only from a directory no one else can write (else it builds in a private
+one, with a warning) and only bytes that match the SHA-256 recorded at build time. Before first use every kernel is
+checked against PyTorch's GELU and its gradient, without dropout and at a rate whose dropped elements must be those
+of `keep_mask`, on torch's thread count; a build that fails its digest, its load or its check is built again once.
+Where there is no compiler, the build or the check fails (a warning on stderr says why), or ``GMLP_FUSED=0`` is set,
+the model uses the PyTorch path (`model.keep_masks`), which is also the reference the tests hold the kernels to;
+that path draws different masks, so a run is reproducible on one machine either way, not across the two paths.
 
 Used for float32 and bfloat16 CPU tensors (bfloat16 is computed in float32 and rounded once, as PyTorch does), in
 eager mode and under ``torch.compile`` (as the custom ops ``gmlp_vision::gelu_dropout`` and its backward, opaque to
@@ -30,12 +32,9 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import itertools
 import logging
 import os
-import shlex
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gmlp_vision.kernel_cache import (
+    DamagedLibrary,
+    KernelUnavailable,
+    compile_library,
+    compiler_command,
+    compiler_version,
+    load_verified,
+    trusted_dir,
+)
+
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("fused.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
@@ -51,14 +60,12 @@ DISABLE_ENV = "GMLP_FUSED"  # "0": always the PyTorch path
 _SPAN = 1 << 32  # values of the 32-bit hash that decides keep(i)
 _KERNELS = {torch.float32: ("gelu_fwd", "gelu_bwd"), torch.bfloat16: ("gelu_fwd_bf16", "gelu_bwd_bf16")}
 _LOADED: dict[str, ctypes.CDLL | None] = {"lib": None}  # what `library` loaded: read while compiling
-
-
-class KernelUnavailable(RuntimeError):
-    """The fused kernels cannot be built or loaded here."""
+_WARNED: set[Path] = set()  # private build directories already announced
+_CHECK_SEED = 0x2545F491  # the dropout seed of the self-check (any value; fixed so that a failure repeats)
 
 
 def cache_dir() -> Path:
-    """Where built kernels are kept."""
+    """Where built kernels are kept (when `kernel_cache.untrusted` finds nothing wrong with it)."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gmlp-vision" / "kernels"
 
 
@@ -70,62 +77,42 @@ def _cpu_flags() -> str:
         return os.uname().machine
 
 
-def _compiler(compiler: str | None) -> list[str]:
-    """The compiler command: ``compiler``, else ``$CC`` (split like a shell: ``ccache gcc`` works), else cc or gcc."""
-    command = shlex.split(compiler or os.environ.get("CC", ""))
-    if not command:
-        found = shutil.which("cc") or shutil.which("gcc")
-        if not found:
-            raise KernelUnavailable("no C compiler found (cc, gcc or $CC)")
-        command = [found]
-    return command
-
-
 def build(compiler: str | None = None, *, again: bool = False) -> Path:
-    """Compile `fused.c` into the cache unless a build of this source, compiler and CPU is there (or ``again``).
+    """Compile `fused.c` unless a build of this source, compiler and CPU is cached (or ``again``); its path.
+
+    The library goes to `cache_dir` where that directory is safe to load code from (`kernel_cache`), else to a
+    private directory of this process's, with a warning that says why. A build records its digest, which
+    `kernel_cache.load_verified` checks before loading it.
 
     Raises:
         KernelUnavailable: no compiler, or it failed.
     """
-    command = _compiler(compiler)
-    try:
-        version = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=60, check=True)
-    except (OSError, subprocess.SubprocessError) as e:
-        raise KernelUnavailable(f"cannot run the C compiler {shlex.join(command)}: {e}") from None
-    key = "\0".join([version.stdout, *FLAGS, _cpu_flags()]).encode()
-    out = cache_dir() / f"fused-{hashlib.sha256(SOURCE.read_bytes() + key).hexdigest()[:20]}.so"
-    if out.is_file() and not again:
-        return out
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)  # one per builder
-        os.close(fd)
-    except OSError as e:
-        raise KernelUnavailable(f"cannot build {out}: {e}") from None
-    tmp = Path(name)
-    try:
-        done = subprocess.run([*command, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True,
-                              timeout=300)  # fmt: skip
-        if done.returncode != 0:
-            first = (done.stderr or done.stdout).strip().splitlines()[:1]
-            raise KernelUnavailable(f"{shlex.join(command)} failed: {first[0] if first else done.returncode}")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())  # whole on disk before it gets the name others trust
-        os.replace(tmp, out)
-    except (OSError, subprocess.SubprocessError) as e:
-        raise KernelUnavailable(f"cannot build {out}: {e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    command = compiler_command(compiler)
+    key = "\0".join([compiler_version(command), *FLAGS, _cpu_flags()]).encode()
+    directory, reason = trusted_dir(cache_dir())
+    if reason is not None and directory not in _WARNED:
+        _WARNED.add(directory)
+        log.warning("fused CPU kernels: not using the cache: %s; building in %s instead", reason, directory)
+    out = directory / f"fused-{hashlib.sha256(SOURCE.read_bytes() + key).hexdigest()[:20]}.so"
+    compile_library(command, SOURCE, FLAGS, out, again=again)
     return out
 
 
 def _load(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
+    """The verified library at ``path`` with the kernels' signatures declared.
+
+    Raises:
+        DamagedLibrary: it fails `kernel_cache.load_verified`, or lacks a kernel.
+    """
+    lib = load_verified(path)
     p, i64, i32, u32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_float
-    for forward, backward in _KERNELS.values():
-        getattr(lib, forward).argtypes = [p, p, i64, i32, i32, u32, u32, f32, i32]
-        getattr(lib, backward).argtypes = [p, p, p, i64, i32, i32, u32, u32, f32, i32]
-        getattr(lib, forward).restype = getattr(lib, backward).restype = None
+    try:
+        for forward, backward in _KERNELS.values():
+            getattr(lib, forward).argtypes = [p, p, i64, i32, i32, u32, u32, f32, i32]
+            getattr(lib, backward).argtypes = [p, p, p, i64, i32, i32, u32, u32, f32, i32]
+            getattr(lib, forward).restype = getattr(lib, backward).restype = None
+    except AttributeError as e:
+        raise DamagedLibrary(f"{path.name} lacks a kernel: {e}") from None
     return lib
 
 
@@ -139,24 +126,55 @@ def _openmp_runtimes() -> set[str]:
     return {p for p in paths if any(name in Path(p).name for name in ("libgomp", "libiomp", "libomp"))}
 
 
+def _mix32(x: Tensor) -> Tensor:
+    """The murmur3 finaliser of fused.c, on int64 tensors holding uint32 values."""
+    m = 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & m
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & m
+    return x ^ (x >> 16)
+
+
+def keep_mask(n: int, seed: int, threshold: int) -> Tensor:
+    """``keep(i)`` of fused.c for ``i < n``, written with torch ops: the mask the kernels must draw for ``seed``."""
+    i = torch.arange(n, dtype=torch.int64)
+    key = (0x9E3779B9 * seed + (i >> 32)) & 0xFFFFFFFF
+    return _mix32(_mix32((i & 0xFFFFFFFF) ^ seed) ^ key) < threshold
+
+
 def _self_check(lib: ctypes.CDLL) -> None:
-    """Forward and backward of both GELUs, both dtypes, on torch's thread count, against PyTorch."""
+    """Check every kernel before use: values against PyTorch's GELU and gradient, dropped elements against `keep_mask`.
+
+    Both GELUs, both dtypes, without dropout and at a rate that must drop, forward and backward, on torch's threads.
+
+    Raises:
+        DamagedLibrary: a kernel computes something else.
+        KernelUnavailable: loading it added a second OpenMP runtime.
+    """
     if len(_openmp_runtimes()) > 1:  # ours would be a second thread pool beside torch's: cores oversubscribed
         raise KernelUnavailable(f"a second OpenMP runtime was loaded: {', '.join(sorted(_openmp_runtimes()))}")
     threads = torch.get_num_threads()
+    n = 4099  # odd: the vector loops' remainder runs too
     for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
-        x = torch.linspace(-12.0, 12.0, 4099, dtype=dtype)
-        grad = torch.linspace(-1.0, 1.0, 4099, dtype=dtype)
+        x = torch.linspace(-12.0, 12.0, n, dtype=dtype)
+        grad = torch.linspace(-1.0, 1.0, n, dtype=dtype)
         forward, backward = (getattr(lib, name) for name in _KERNELS[dtype])
-        for exact, approximate in ((1, "none"), (0, "tanh")):
+        for (exact, approximate), rate in itertools.product(((1, "none"), (0, "tanh")), (0.0, 0.5)):
+            threshold, scale = keep_threshold(rate) if rate else (0, 1.0)
+            kept = keep_mask(n, _CHECK_SEED, threshold) if rate else torch.ones(n, dtype=torch.bool)
             out, gh = torch.empty_like(x), torch.empty_like(x)
-            forward(x.data_ptr(), out.data_ptr(), x.numel(), exact, 0, 0, 0, 1.0, threads)
-            backward(grad.data_ptr(), x.data_ptr(), gh.data_ptr(), x.numel(), exact, 0, 0, 0, 1.0, threads)
-            ref = F.gelu(x.float(), approximate=approximate)
-            ref_grad = torch.ops.aten.gelu_backward(grad.float(), x.float(), approximate=approximate)
+            forward(x.data_ptr(), out.data_ptr(), n, exact, rate > 0, _CHECK_SEED, threshold, scale, threads)
+            pointers = (grad.data_ptr(), x.data_ptr(), gh.data_ptr())
+            backward(*pointers, n, exact, rate > 0, _CHECK_SEED, threshold, scale, threads)
+            ref = F.gelu(x.float(), approximate=approximate) * scale * kept
+            ref_grad = torch.ops.aten.gelu_backward(grad.float(), x.float(), approximate=approximate) * scale * kept
             for ours, theirs in ((out, ref), (gh, ref_grad)):
                 if not torch.allclose(ours.float(), theirs, rtol=tolerance, atol=1e-5):
-                    raise KernelUnavailable(f"the built {dtype} kernel disagrees with PyTorch's GELU")
+                    raise DamagedLibrary(
+                        f"the built {dtype} kernel disagrees with PyTorch's GELU"
+                        + (f" with dropout {rate}" if rate else "")
+                    )
 
 
 _LOCK = threading.Lock()
@@ -164,9 +182,10 @@ _LOCK = threading.Lock()
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels, built on first use; None where they are unavailable (logged once).
+    """The loaded kernels, built on first use; None where they are unavailable (logged once, as a warning).
 
-    A cached build that does not load or fails the check is built again once, then given up on.
+    A build that fails its digest, does not load or fails the self-check is built again once, then given up on;
+    nothing is used before it passes the self-check.
     """
     _LOADED["lib"] = None
     if os.environ.get(DISABLE_ENV, "1") == "0":
@@ -177,13 +196,13 @@ def library() -> ctypes.CDLL | None:
                 lib = _load(build(again=again))
                 _self_check(lib)
                 break
-            except KernelUnavailable as e:
-                log.warning("fused CPU kernels unavailable, using the PyTorch path: %s", e)
-                return None
-            except (OSError, AttributeError) as e:  # a damaged or foreign cached file
+            except DamagedLibrary as e:
                 if again:
                     log.warning("fused CPU kernels unavailable, using the PyTorch path: %s", e)
                     return None
+            except KernelUnavailable as e:
+                log.warning("fused CPU kernels unavailable, using the PyTorch path: %s", e)
+                return None
     _LOADED["lib"] = lib
     return lib
 
@@ -272,10 +291,23 @@ def gelu_dropout(h: Tensor, approximate: str, rate: float) -> Tensor:
     """
     if rate >= 1.0:
         return h * 0.0  # everything dropped, as nn.Dropout(1.0)
+    if not applies(h):  # no kernels here (or another tensor): the PyTorch path, with PyTorch's own masks
+        return F.dropout(F.gelu(h, approximate=approximate), rate, training=rate > 0)
     exact, dropout = approximate != "tanh", rate > 0.0
     threshold, scale = keep_threshold(rate) if dropout else (0, 1.0)
     seed = torch.randint(0, _SPAN, (), dtype=torch.int64) if dropout else torch.zeros((), dtype=torch.int64)
     return _forward(h, seed, exact, dropout, threshold, scale)
 
 
-__all__ = ["DISABLE_ENV", "KernelUnavailable", "applies", "build", "cache_dir", "gelu_dropout", "keep_threshold"]
+__all__ = [
+    "DISABLE_ENV",
+    "SOURCE",
+    "KernelUnavailable",
+    "applies",
+    "build",
+    "cache_dir",
+    "gelu_dropout",
+    "keep_mask",
+    "keep_threshold",
+    "library",
+]

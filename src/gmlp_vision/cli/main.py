@@ -197,6 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _below_warning(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.WARNING
+
+
+def _log_to_terminal(level: int) -> None:
+    """Progress and results on stdout; warnings and errors on stderr, so that they never mix into ``--json`` lines."""
+    out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+    out.addFilter(_below_warning)
+    err.setLevel(logging.WARNING)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[out, err], force=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     parser = build_parser()
@@ -209,9 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     from gmlp_vision.distributed import launched
 
     rank = launched().rank  # under torchrun only rank 0 logs; every rank reports its own errors
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", stream=sys.stdout, force=True
-    )
+    _log_to_terminal(logging.INFO if rank == 0 else logging.WARNING)
     prog = "gmlp" if rank == 0 else f"gmlp [rank {rank}]"
     try:
         return args.func(args)
