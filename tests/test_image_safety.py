@@ -88,7 +88,7 @@ def test_training_on_a_folder_with_an_eps_named_png_fails_or_skips_without_runni
     assert not (tmp_path / "fails" / "results.json").exists()
     done = gmlp(env, *argv, "--skip-bad-images", "--out", tmp_path / "skips")
     assert done.returncode == 0, done.stderr
-    assert "skipped" in done.stdout and "x.png" in done.stdout
+    assert "skipped" in done.stderr and "x.png" in done.stderr
     assert (tmp_path / "skips" / "results.json").is_file()
     assert not (tmp_path / "gs-ran").exists()
 

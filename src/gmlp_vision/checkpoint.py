@@ -195,20 +195,28 @@ def usual_file_mode() -> int:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint file as given, or for a run directory the checkpoint its results.json names (else best.pt).
 
+    results.json is read as `untrusted.read_json_file` reads (a regular file of at most 16 MiB), and the name it
+    gives must be a file name in the run directory.
+
     Raises:
-        CheckpointError: the run directory's results.json cannot be read.
+        CheckpointError: the run directory's results.json cannot be read, or names no file of the run.
     """
+    from gmlp_vision.errors import printable, shown  # imported here: hoist beside the module's imports
+    from gmlp_vision.untrusted import JSON_LIMIT, read_json_file
+
     p = Path(path)
     if not p.is_dir():
         return p
     results = p / "results.json"
-    if not results.is_file():
+    if not os.path.lexists(results):
         return p / "best.pt"
-    try:
-        name = json.loads(results.read_text()).get("final_checkpoint", "best.pt")
-    except (OSError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"cannot read {results}: {e}") from None
-    return p / str(name)
+    raw = read_json_file(results, JSON_LIMIT)
+    name = raw.get("final_checkpoint", "best.pt") if isinstance(raw, dict) else None
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise CheckpointError(
+            f"{printable(results)} names no checkpoint file of the run: final_checkpoint {shown(name)}"
+        )
+    return p / name
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
@@ -220,8 +228,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder; pass a checkpoint file such as {path / 'best.pt'}")
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():  # a FIFO would block the read below, a device would feed it forever
+        raise CheckpointError(f"{path} is not a regular file; pass a checkpoint file such as best.pt")
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -245,6 +255,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return checkpoint_from_payload(raw, path)
 
 
+def _check_history_size(raw: dict[str, Any], path: str | Path) -> None:
+    """Refuse a history longer than the epochs done before hashing it: a million rows took the digest 18 s."""
+    state, epoch = raw.get("train_state"), raw.get("epoch")
+    history = state.get("history") if isinstance(state, dict) else None
+    if isinstance(history, list) and isinstance(epoch, int) and len(history) > max(epoch, 0) + 1:  # the rest: resume
+        raise CheckpointError(
+            f"{path} is damaged: its history has {len(history):,} rows for {epoch:,} epochs (one row per epoch)"
+        )
+
+
 def checkpoint_from_payload(raw: Any, path: str | Path) -> Checkpoint:
     """Validate what ``torch.load`` read from the checkpoint at ``path`` (format, version, digest, config).
 
@@ -258,6 +278,7 @@ def checkpoint_from_payload(raw: Any, path: str | Path) -> Checkpoint:
     digest = raw.pop("sha256", None)
     if digest is None:
         raise CheckpointError(f"{path} carries no content digest (written by an older gmlp-vision?); cannot trust it")
+    _check_history_size(raw, path)
     if digest != content_digest(raw):
         raise CheckpointError(f"{path} is corrupt: its content does not match its SHA-256 digest")
     try:

@@ -60,3 +60,14 @@ def shown(value: object, limit: int = 60) -> str:
     """``repr(value)`` for a message, shortened with "..." past ``limit`` characters (a hostile file's values)."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def printable(text: object) -> str:
+    r"""``text`` safe to show on a terminal: each control or invisible character as its escape, the rest as it is.
+
+    A class name or a file name is data, and data must not move the cursor, recolour the screen or start a new
+    output line: ESC, CR, LF and the other C0 and C1 controls, Unicode bidi overrides and line separators, and
+    unpaired surrogates (a file name that is not UTF-8) become ``\x1b``, ``\n``, ``\u202e``, ``\udcff`` (as
+    ``repr`` writes them, without the quotes); backslashes and all printable text are kept.
+    """
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))

@@ -24,14 +24,14 @@ from gmlp_vision.checkpoint import Checkpoint, load_checkpoint
 from gmlp_vision.config import Config, load_config_file
 from gmlp_vision.errors import CheckpointError, ConfigError, RunDirBusy
 from gmlp_vision.files import write_text
+from gmlp_vision.resume_check import EMA_FIELDS, HISTORY_FIELDS, ResumeTarget, check_resume_state
+from gmlp_vision.step import METRICS
 
 try:
     import fcntl
 except ImportError:  # Windows: no flock; runs there are not locked (RunLock says so once)
     fcntl = None  # type: ignore[assignment]
 
-HISTORY_FIELDS = ("epoch", "loss", "acc", "top5", "val_loss", "val_acc", "val_top5", "lr", "seconds")
-EMA_FIELDS = ("val_ema_loss", "val_ema_acc", "val_ema_top5")  # with --ema: the averaged weights on validation
 # What a resumed run may change: where and how fast it runs, and how long. Everything else is the run's identity.
 RESUMABLE_OVERRIDES = frozenset(
     {
@@ -205,6 +205,8 @@ def open_run_dir(
         if (run_dir / "last.pt").exists():
             saved = load_checkpoint(run_dir / "last.pt")
             check_same_run(cfg, saved.config, run_dir / "last.pt")
+            # What the data does not decide is checked before anything here is rewritten (TrainState.load: the rest).
+            check_resume_state(saved, ResumeTarget.described_by(saved.config, METRICS))
             if (run_dir / "best.pt").exists():
                 best_ckpt = load_checkpoint(run_dir / "best.pt")
                 check_same_run(cfg, best_ckpt.config, run_dir / "best.pt")

@@ -28,6 +28,7 @@ from gmlp_vision.data import Dataset
 from gmlp_vision.distributed import SINGLE, Dist, unwrap
 from gmlp_vision.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted, first_line
 from gmlp_vision.optim import EarlyStopping, Plateau, WeightEMA
+from gmlp_vision.resume_check import ResumeTarget, check_resume_state, training_images
 from gmlp_vision.step import METRICS
 
 log = logging.getLogger("gmlp_vision")
@@ -242,14 +243,13 @@ class TrainState:
         Raises:
             CheckpointError: the file cannot be resumed.
         """
+        check_resume_state(saved, self._resume_target())  # every field, before anything is applied
         ts = saved.train_state
         try:
             self.net.load_state_dict(saved.model_state)
             self.optimizer.load_state_dict(ts["optimizer"])
             self.plateau.load_state_dict(ts["plateau"])
             self.stopper.load_state_dict(ts["early_stopping"])
-            if "ranks" not in ts:
-                raise CheckpointError("last.pt comes from an earlier development version; this one cannot resume it")
             self.order.set_state(ts["order_generator"])
             sums = self._load_streams(ts["ranks"], saved)
             part = ts.get("epoch_progress")
@@ -265,6 +265,12 @@ class TrainState:
         device = self.generator.device
         sums = {k: v.to(device) for k, v in sums.items()}
         return EpochProgress(part["perm"].to(device), int(part["batch"]), int(part["step"]), sums)
+
+    def _resume_target(self) -> ResumeTarget:
+        """What this rank puts a ``last.pt`` into: its optimiser, rules, random stream and training set."""
+        n = training_images(self.cfg.data, len(self.ds.train.labels)) if self.ds is not None else None
+        ema, fp16 = self.ema is not None, self.scaler is not None
+        return ResumeTarget(self.optimizer, METRICS, ema, fp16, self.generator, self.ctx.world, self.ctx.rank, n)
 
     def _load_streams(self, ranks: list[dict[str, Any]], saved: Checkpoint) -> dict[str, torch.Tensor]:
         """This rank's random streams back (new ones on another number of ranks); returns its running sums."""

@@ -17,7 +17,7 @@ from typing import Any
 from gmlp_vision.cli.flags import DEFAULTS_NOTE, USAGE, add_config_arguments, config_from_args, explicit_values
 from gmlp_vision.cli.tools import add_commands, checkpoint_dataset, cpu_threads_for, device_flag, positive_int
 from gmlp_vision.data import DATASET_KINDS, DATASETS
-from gmlp_vision.errors import ConfigError, GmlpError, TrainingInterrupted
+from gmlp_vision.errors import ConfigError, GmlpError, TrainingInterrupted, printable
 from gmlp_vision.presets import DATASET_PRESET, PRESET_HELP, PRESETS
 from gmlp_vision.version import __version__
 
@@ -201,12 +201,21 @@ def _below_warning(record: logging.LogRecord) -> bool:
     return record.levelno < logging.WARNING
 
 
+class _TerminalSafe(logging.Formatter):
+    """The message alone, terminal-safe: it may quote class or file names (`errors.printable`), one line each."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
+
 def _log_to_terminal(level: int) -> None:
     """Progress and results on stdout; warnings and errors on stderr, so that they never mix into ``--json`` lines."""
     out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
     out.addFilter(_below_warning)
     err.setLevel(logging.WARNING)
-    logging.basicConfig(level=level, format="%(message)s", handlers=[out, err], force=True)
+    for handler in (out, err):
+        handler.setFormatter(_TerminalSafe("%(message)s"))
+    logging.basicConfig(level=level, handlers=[out, err], force=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,10 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {printable(e)}", file=sys.stderr)
         return 2
-    except (GmlpError, OSError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+    except (GmlpError, OSError) as e:  # messages quote names from files and folders: shown terminal-safe
+        print(f"{prog}: error: {printable(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("gmlp: interrupted", file=sys.stderr)
