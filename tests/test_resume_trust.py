@@ -169,8 +169,7 @@ HOSTILE = {
     "batch-past-end": (ts("epoch_progress.batch", 99), "epoch_progress.batch must be an integer in 0..4"),
     "perm-repeats": (repeated_index, "epoch_progress.perm is not a permutation of 0..56"),
     "perm-float": (ts("epoch_progress.perm", torch.rand(57)), "epoch_progress.perm must be an int64 tensor"),
-    # Refused by TrainState.load (the run's training set decides it): open_run_dir has rewritten config.json and
-    # history.* by then, with the bytes they already held.
+    # The run's training set decides this one: train passes its size to open_run_dir, which checks it first.
     "perm-short": (shorter_perm, "epoch_progress.perm has 56 entries; the run trains on 57 images"),
     "step-inconsistent": (both_steps(7), "step must be 6 (1 epoch(s) of 4 steps, then 2 batches), not 7"),
     "progress-step": (ts("epoch_progress.step", 5), "epoch_progress.step must be 6 (last.pt's), not 5"),

@@ -70,18 +70,19 @@ class ResumeTarget:
     train_images: int | None = None
 
     @classmethod
-    def described_by(cls, cfg: Config, sums: tuple[str, ...]) -> ResumeTarget:
-        """The target ``cfg`` describes, before any data or device: its model and optimiser on the meta device."""
+    def described_by(cls, cfg: Config, sums: tuple[str, ...], train_images: int | None = None) -> ResumeTarget:
+        """The target ``cfg`` describes, before any device: its model and optimiser on the meta device."""
         with torch.device("meta"):  # shapes only: nothing is allocated
             net = GMLP(cfg.model)
         optimizer = build_optimizer(cfg.optim, net)
-        return cls(optimizer, sums, ema=bool(cfg.optim.ema), scaler=cfg.run.precision == "fp16")
+        scaler = cfg.run.precision == "fp16"
+        return cls(optimizer, sums, ema=bool(cfg.optim.ema), scaler=scaler, train_images=train_images)
 
 
 def training_images(data: DataConfig, available: int) -> int:
     """How many of ``available`` training-split images a run trains on: ``--train-limit``, less the validation tail."""
     kept = min(available, data.train_limit) if data.train_limit else available
-    return int(math.floor(kept * (1.0 - data.val_split)))  # Keras validation_split, as `train._start` takes it
+    return int(math.floor(kept * (1.0 - data.val_split)))  # Keras validation_split
 
 
 def check_resume_state(saved: SavedRun, target: ResumeTarget) -> None:

@@ -188,12 +188,13 @@ def remove_stale_temps(run_dir: Path) -> None:
 
 
 def open_run_dir(
-    cfg: Config, resume: bool, held: ExitStack | None
+    cfg: Config, resume: bool, held: ExitStack | None, train_images: int | None = None
 ) -> tuple[Path, Checkpoint | None, dict[str, Tensor] | None]:
     """Rank 0's part of starting a run: the locked run directory with its config.json, and what to resume from.
 
     Args:
         held: where to keep the run directory's lock until training ends (None: the caller holds it already).
+        train_images: how many images an epoch trains on (a resumed epoch's permutation is checked against it).
     """
     saved = best = None
     run_dir = Path(cfg.run.out) if cfg.run.out else default_run_dir(cfg)
@@ -205,8 +206,8 @@ def open_run_dir(
         if (run_dir / "last.pt").exists():
             saved = load_checkpoint(run_dir / "last.pt")
             check_same_run(cfg, saved.config, run_dir / "last.pt")
-            # What the data does not decide is checked before anything here is rewritten (TrainState.load: the rest).
-            check_resume_state(saved, ResumeTarget.described_by(saved.config, METRICS))
+            # Checked before anything here is rewritten (TrainState.load checks again, with the device's streams).
+            check_resume_state(saved, ResumeTarget.described_by(saved.config, METRICS, train_images))
             if (run_dir / "best.pt").exists():
                 best_ckpt = load_checkpoint(run_dir / "best.pt")
                 check_same_run(cfg, best_ckpt.config, run_dir / "best.pt")

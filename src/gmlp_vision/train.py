@@ -38,6 +38,7 @@ from gmlp_vision.graphs import GraphStep, unsupported
 from gmlp_vision.loop import train_one_epoch
 from gmlp_vision.model import GMLP
 from gmlp_vision.optim import LrSchedule, build_optimizer
+from gmlp_vision.resume_check import training_images
 from gmlp_vision.rundir import RunLock, format_epoch, open_run_dir, write_history, write_json
 from gmlp_vision.state import EpochProgress, TrainState, rank_seed
 from gmlp_vision.step import train_step
@@ -171,15 +172,13 @@ def _start(
     """Everything before the first step: the run directory, the model, optimiser and rules, or the resumed state."""
     # Class count and channels are facts of the data, not choices.
     cfg = cfg.replace(num_classes=ds.num_classes, in_chans=ds.in_chans)
-    images, labels = ds.train.images, ds.train.labels
-    if cfg.data.train_limit:
-        images, labels = images[: cfg.data.train_limit], labels[: cfg.data.train_limit]
-    n_train = int(math.floor(len(labels) * (1.0 - cfg.data.val_split)))  # Keras validation_split
+    images, labels = ds.train.images[: cfg.data.train_limit or None], ds.train.labels[: cfg.data.train_limit or None]
+    n_train = training_images(cfg.data, len(ds.train.labels))  # Keras validation_split
     if n_train < 1:
         raise ConfigError(f"no training images left: {len(labels)} images with --val-split {cfg.data.val_split}")
     # Pretrained weights are read and checked before anything is written: a bad --init leaves no run directory.
     pretrained = read_pretrained(cfg.run.init, cfg.model) if cfg.run.init else None
-    run_dir, saved, best = ctx.on_main(partial(open_run_dir, cfg, resume, held))
+    run_dir, saved, best = ctx.on_main(partial(open_run_dir, cfg, resume, held, n_train))
     cfg = cfg.replace(out=str(run_dir))
     net = _new_model(cfg, images, pretrained if saved is None else None, device)
     state = _new_state(cfg, run_dir, ds, ctx, net, math.ceil(n_train / cfg.optim.batch_size))
