@@ -7,6 +7,12 @@ folder, then measures on the dataset's test split, all on the same CPU threads:
 - latency: one image per call (median and p90 of per-call times after a warm-up);
 - throughput: images per second at batch 256.
 
+int8 results depend on the CPU's integer instructions (see `gmlp_vision.export`'s docstring), so the report names
+the CPU, its int8-relevant flags, and the instruction set torch detects through cpuid. Under an emulator such as
+QEMU's user mode (``qemu-x86_64 -cpu EPYC-Rome``: AVX2 without VNNI), cpuid is the emulated CPU's while
+/proc/cpuinfo stays the host's; there the accuracy columns are what that CPU computes, the timings mean nothing, and
+``--limit`` keeps the run short (the timing loops still take many minutes).
+
 Usage (needs the onnx extra; never run in CI)::
 
     gmlp train --dataset cifar10 --data cifar-10-python.tar.gz --train-limit 10000 --epochs 2 --out /tmp/q
@@ -25,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_timing import cpu_model
 
 import gmlp_vision
 from gmlp_vision import export
@@ -47,12 +54,23 @@ def per_call_ms(fn: Callable[[], Any], seconds: float) -> list[float]:
     return times
 
 
+def cpu_flags() -> list[str]:
+    """The int8-relevant x86 flags /proc/cpuinfo lists (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return []
+    return sorted(flags & {"avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8"})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="checkpoint file or run directory")
     parser.add_argument("--data", help="dataset archive (default: the run's)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch and onnxruntime (default 1)")
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per latency number")
+    parser.add_argument("--limit", type=int, help="only the first N test images (default: all)")
     parser.add_argument("--json", default=str(HERE / "results" / "export.json"), help="where the JSON goes")
     args = parser.parse_args()
 
@@ -61,7 +79,7 @@ def main() -> None:
     ckpt = load_checkpoint(path)
     model = ckpt.build_model("cpu")
     ds = load_dataset(ckpt.config.data.dataset, args.data or ckpt.config.data.data, download=False, progress=False)
-    images, labels = ds.test.images.float(), ds.test.labels
+    images, labels = ds.test.images[: args.limit].float(), ds.test.labels[: args.limit]
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export.export_onnx(path, Path(tmp) / "model.onnx")
         int8 = export.quantize_onnx(fp32, Path(tmp) / "model.int8.onnx")
@@ -90,7 +108,10 @@ def main() -> None:
                 "batch256_images_per_s": 256e3 / statistics.median(bat),
             })  # fmt: skip
 
+    isa = torch.backends.cpu.get_cpu_capability()
+    cpu = {"cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "torch_cpu_capability": isa}
     print(f"{ckpt.config.data.dataset} test split ({len(labels)} images), model {path}, {args.threads} thread(s)")
+    print(f"CPU {cpu['cpu_model']}, flags {' '.join(cpu['cpu_flags']) or '?'}, torch detects {isa}")
     print(f"{'engine':18s} {'top-1':>7s} {'agree':>7s} {'max |dlogit|':>13s} {'1-image ms':>11s} {'p90':>6s} "
           f"{'img/s @256':>11s}")  # fmt: skip
     for r in rows:
@@ -105,7 +126,7 @@ def main() -> None:
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "gmlp_vision": gmlp_vision.__version__, "threads": args.threads,
-            "checkpoint": str(path), "images": len(labels), **sizes}  # fmt: skip
+            "checkpoint": str(path), "images": len(labels), **cpu, **sizes}  # fmt: skip
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
 

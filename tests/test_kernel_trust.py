@@ -114,9 +114,7 @@ def test_a_library_planted_in_a_world_writable_cache_never_runs(run, image, cach
     assert not list(private.iterdir())  # the private build folder is gone with the process
 
 
-def test_a_cache_through_a_symlink_to_a_sticky_world_writable_folder_is_not_used(
-    run, image, cache, tmp_path
-):
+def test_a_cache_through_a_symlink_to_a_sticky_world_writable_folder_is_not_used(run, image, cache, tmp_path):
     name = kernel_name()
     world = tmp_path / "world"
     world.mkdir()

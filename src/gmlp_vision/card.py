@@ -13,12 +13,15 @@ keep their edits) is never overwritten.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from gmlp_vision.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
 from gmlp_vision.data.base import shows_top5
-from gmlp_vision.files import write_text
+from gmlp_vision.errors import CheckpointError, ExportError, printable
+from gmlp_vision.files import why_not_written, write_text
+from gmlp_vision.untrusted import JSON_LIMIT, read_json_file
 from gmlp_vision.version import __version__
 
 MARKER = "<!-- gmlp-vision model card: `gmlp export` rewrites this file; delete this line to keep your edits. -->"
@@ -44,12 +47,48 @@ def _count(counts: dict[str, Any], key: str) -> str:
     return f"{value:,}" if isinstance(value, int) else "?"
 
 
+def _code(text: object, *, table: bool = False) -> str:
+    """``text`` as an inline code span that shows it literally, whatever it holds (a class or file name is data).
+
+    Inside a code span Markdown and HTML are not interpreted (``<script>``, ``*``, ``[``); control characters and
+    newlines, which could end the span or start a block, become escapes (`errors.printable`); the span is delimited by
+    one backtick more than the longest run inside it; and in a table (``table``) a ``|``, which GFM reads as the end
+    of the cell even inside a span, is escaped.
+    """
+    body = printable(text)
+    if table:
+        body = body.replace("|", "\\|")
+    fence = _fence(body, 1)
+    pad = " " if body.startswith("`") or body.endswith("`") or not body.strip() else ""
+    return f"{fence}{pad}{body}{pad}{fence}"
+
+
+def _code_block(language: str, text: str) -> list[str]:
+    """The lines of a fenced code block holding ``text`` as it is: its fence is longer than any backtick run inside."""
+    fence = _fence(text, 3)
+    return [fence + language, text, fence]
+
+
+def _fence(text: str, shortest: int) -> str:
+    longest = max((len(run) for run in re.findall("`+", text)), default=0)
+    return "`" * max(shortest, longest + 1)
+
+
 def _read_results(run_dir: Path) -> dict[str, Any]:
     try:
-        results = json.loads((run_dir / "results.json").read_text())
-    except (OSError, ValueError):
+        results = read_json_file(run_dir / "results.json", JSON_LIMIT)
+    except CheckpointError:  # missing, not a regular file, too large, not JSON: a card without the final results
         return {}
     return results if isinstance(results, dict) else {}
+
+
+def _text(results: dict[str, Any], key: str, default: str) -> str:
+    value = results.get(key, default)
+    return value if isinstance(value, str) else default
+
+
+def _whole(value: Any) -> str:
+    return str(value) if type(value) is int else "?"
 
 
 def _final_metrics(ckpt_path: Path, results: dict[str, Any]) -> dict[str, Any] | None:
@@ -73,8 +112,8 @@ def _header(ckpt: Checkpoint) -> str:
 def _data_name(ckpt: Checkpoint) -> str:
     data = ckpt.config.data
     if data.dataset == "folder" and data.data:
-        return f"the image folder `{Path(data.data).name}`"
-    return f"`{data.dataset}`"
+        return f"the image folder {_code(Path(data.data).name)}"
+    return _code(data.dataset)
 
 
 def _data_section(ckpt: Checkpoint, results: dict[str, Any]) -> list[str]:
@@ -82,10 +121,10 @@ def _data_section(ckpt: Checkpoint, results: dict[str, Any]) -> list[str]:
     lines = ["## Data", "", f"- Trained on {_data_name(ckpt)}."]
     counts = results.get("images")
     if isinstance(counts, dict):
-        split = results.get("test_split", "test")
+        split = _text(results, "test_split", "test")
         lines.append(
             f"- Images: {_count(counts, 'train')} for training, {_count(counts, 'validation')} held out for "
-            f"validation, {_count(counts, 'test')} in the `{split}` split for the final evaluation."
+            f"validation, {_count(counts, 'test')} in the {_code(split)} split for the final evaluation."
         )
     side, square = int(mc.image_size / data.crop_pct), f"{mc.image_size} x {mc.image_size}"
     pct = f" (crop_pct {data.crop_pct:g})" if data.crop_pct != 1.0 else ""
@@ -105,25 +144,26 @@ def _results_section(ckpt_path: Path, ckpt: Checkpoint, results: dict[str, Any],
     lines = ["## Results", ""]
     final = _final_metrics(ckpt_path, results)
     if final is not None:
-        split = results.get("test_split", "test")
-        weights = "weight average (`ema.pt`)" if ckpt_path.name == "ema.pt" else f"final weights (`{ckpt_path.name}`)"
+        split = _text(results, "test_split", "test")
+        name = _code(ckpt_path.name, table=True)
+        weights = "weight average (`ema.pt`)" if ckpt_path.name == "ema.pt" else f"final weights ({name})"
         lines += ["| split | weights | top-1 | " + ("top-5 | " if top5 else "") + "loss |"]
         lines += ["|---|---|---|" + ("---|" if top5 else "") + "---|"]
-        row = f"| `{split}` | {weights} | {_pct(final.get('acc'))} | "
+        row = f"| {_code(split, table=True)} | {weights} | {_pct(final.get('acc'))} | "
         lines += [row + (f"{_pct(final.get('top5'))} | " if top5 else "") + f"{_loss(final.get('loss'))} |", ""]
-        epochs, best = results.get("epochs_run", "?"), results.get("best_epoch", "?")
+        epochs, best = _whole(results.get("epochs_run")), _whole(results.get("best_epoch"))
         stopped = ", stopped early" if results.get("stopped_early") else ""
         lines.append(f"Trained for {epochs} epochs (best validation epoch {best}{stopped}).")
     else:
         m = ckpt.metrics
         lines.append(
-            f"No final evaluation is recorded for `{ckpt_path.name}` (the run did not finish, or results.json "
+            f"No final evaluation is recorded for {_code(ckpt_path.name)} (the run did not finish, or results.json "
             f"describes another checkpoint). At epoch {ckpt.epoch} (step {ckpt.step}) it recorded validation top-1 "
             f"{_pct(m.get('val_acc'))}, loss {_loss(m.get('val_loss'))}; training top-1 {_pct(m.get('acc'))}."
         )
     command = results.get("command")
     if isinstance(command, str):
-        lines += ["", "Produced by:", "", "```bash", command, "```"]
+        lines += ["", "Produced by:", "", *_code_block("bash", printable(command))]
     lines += ["", "`gmlp evaluate RUN_DIR` evaluates the run's final weights again."]
     return lines
 
@@ -151,7 +191,7 @@ def _training_section(ckpt: Checkpoint) -> list[str]:
     augment += [f"mixup {a.mixup:g}" if a.mixup else "", f"cutmix {a.cutmix:g}" if a.cutmix else ""]
     augment += [f"random erasing {a.erase:g}" if a.erase else ""]
     settings = [
-        ("preset", f"`{cfg.preset}`"),
+        ("preset", _code(cfg.preset, table=True)),
         ("model", f"{m.depth} blocks, width {m.embed_dim} / {m.ffn_dim}, patch {m.patch_size}"),
         ("epochs, batch", f"{o.epochs}, {o.batch_size}"),
         ("optimizer", f"{o.optimizer}, lr {o.lr:g}, weight decay {o.weight_decay:g}"),
@@ -165,15 +205,18 @@ def _training_section(ckpt: Checkpoint) -> list[str]:
     shared = cfg.to_dict()  # without the local paths of the data and the run
     shared["data"]["data"] = Path(cfg.data.data).name if cfg.data.data else None
     shared["run"]["out"] = None
-    config = json.dumps(shared, indent=2)
-    lines += ["", "<details><summary>The whole configuration</summary>", "", "```json", config, "```", "", "</details>"]
+    config = json.dumps(shared, indent=2)  # ASCII: every control and non-ASCII character escaped
+    lines += ["", "<details><summary>The whole configuration</summary>", "", *_code_block("json", config), ""]
+    lines.append("</details>")
     return lines
 
 
 def _usage_section(ckpt: Checkpoint, files: list[str]) -> list[str]:
     mc = ckpt.config.model
     graph = next((f for f in files if f.endswith(".onnx")), None)
-    load = f"  # or THIS_FOLDER/{graph}, run by onnxruntime" if graph else ""
+    load = f"  # or THIS_FOLDER/{printable(graph)}, run by onnxruntime" if graph else ""
+    code = f'from gmlp_vision import Classifier\n\nclassifier = Classifier.load("THIS_FOLDER"){load}\n'
+    code += 'print(classifier.predict(["photo.jpg"], top_k=3))'
     return [
         "## How to use",
         "",
@@ -182,12 +225,7 @@ def _usage_section(ckpt: Checkpoint, files: list[str]) -> list[str]:
         "gmlp predict THIS_FOLDER photo.jpg          # top-5 classes with their probabilities",
         "```",
         "",
-        "```python",
-        "from gmlp_vision import Classifier",
-        "",
-        f'classifier = Classifier.load("THIS_FOLDER"){load}',
-        'print(classifier.predict(["photo.jpg"], top_k=3))',
-        "```",
+        *_code_block("python", code),  # the file name could hold backticks
         "",
         f"Without gmlp-vision: fit the image to {mc.image_size} x {mc.image_size} as described under Data, and feed "
         f"float32 pixels 0..255 shaped (B, {mc.in_chans}, {mc.image_size}, {mc.image_size}); softmax the logits.",
@@ -225,11 +263,11 @@ def model_card(ckpt_path: Path, ckpt: Checkpoint, files: list[str]) -> str:
         f"{mc.patch_size} patches."
     )
     lines += ["", "## Files", "", "| file | what it is |", "|---|---|"]
-    lines += [f"| `{f}` | {FILES.get(f, 'ONNX graph (`gmlp export --out`)')} |" for f in files]
+    lines += [f"| {_code(f, table=True)} | {FILES.get(f, 'ONNX graph (`gmlp export --out`)')} |" for f in files]
     lines += ["", *_data_section(ckpt, results), ""]
     lines += [*_results_section(ckpt_path, ckpt, results, shows_top5(n)), ""]
     lines += [*_training_section(ckpt), ""]
-    lines += ["## Classes", "", f"In label order: {', '.join(f'`{c}`' for c in ckpt.classes)}.", ""]
+    lines += ["## Classes", "", f"In label order: {', '.join(_code(c) for c in ckpt.classes)}.", ""]
     lines += [*_usage_section(ckpt, files), "", *_limits_section(ckpt), "", MARKER, ""]
     return "\n".join(lines)
 
@@ -244,7 +282,7 @@ def write_model_card(checkpoint: str | Path, out_dir: str | Path, *, loaded: Che
 
     Raises:
         CheckpointError: the checkpoint cannot be loaded.
-        OSError: the card cannot be written (nothing half-written is left).
+        ExportError: the card cannot be written (the message says why; nothing half-written is left).
     """
     ckpt_path = resolve_checkpoint(checkpoint)
     ckpt = loaded if loaded is not None else load_checkpoint(ckpt_path)
@@ -257,7 +295,10 @@ def write_model_card(checkpoint: str | Path, out_dir: str | Path, *, loaded: Che
         pass
     names = [name for name in FILES if (out_dir / name).is_file()]
     names += sorted(p.name for p in out_dir.glob("*.onnx") if p.name not in FILES)
-    write_text(card, model_card(ckpt_path, ckpt, names))
+    try:
+        write_text(card, model_card(ckpt_path, ckpt, names))
+    except OSError as e:
+        raise ExportError(f"cannot write {card}: {why_not_written(card, e, 'export elsewhere with --out')}") from None
     return card
 
 

@@ -12,12 +12,26 @@ The ONNX graph, exported in eval mode with the TorchScript-based exporter (``dyn
 - metadata properties: ``classes`` (JSON list), ``image_size``, ``in_chans``, ``resize`` (crop or squash),
   ``crop_pct``, ``producer`` (gmlp-vision version).
 
-int8: ``onnxruntime.quantization.quantize_dynamic`` (int8 weights, activations quantised per batch at run time) of
-every MatMul/Gemm; for CPU inference. ``benchmarks/bench_export.py`` measures its speed and accuracy.
+int8: ``onnxruntime.quantization.quantize_dynamic`` of every MatMul/Gemm, for CPU inference: int8 weights with one
+scale per tensor, using 7 bits (``reduce_range``: -64..64), and uint8 activations quantised per batch at run time.
+Why 7 bits: onnxruntime multiplies uint8 activations by int8 weights with VNNI where the CPU has it (exact int32
+sums), but on AVX2 CPUs and AVX-512 ones without VNNI with ``vpmaddubsw``, which adds two products in int16 and
+saturates (2 x 255 x 127 > 32767). With 8-bit weights those CPUs predicted differently; 7-bit ones cannot saturate
+(2 x 255 x 64 < 32768), so every x86 CPU computes the same integer sums (measured: the same logits, bit for bit, on
+AVX2 and AVX-512 VNNI). Top-1 agreement with fp32 onnxruntime, VNNI / AVX2 (an AVX-512 VNNI AMD EPYC, and QEMU's
+AVX2-only EPYC-Rome model run on it): the tests' small model 99 % / 85 % with 8 bits, 99 % / 99 % with 7; CIFAR-10
+(the ``benchmarks/bench_export.py`` model, 5,000 test images) 96.4 % / 95.8 % with 8 bits, 96.5 % / 96.5 % with 7,
+at the same speed and size. Per-channel scales alone saturated more (79 % on AVX2) and added nothing measurable to
+7 bits; uint8 weights, also exact, ran ~20 % slower. ``benchmarks/bench_export.py`` measures speed and accuracy.
 
 safetensors: ``model.safetensors`` (the state dict, normalisation buffers included) and ``config.json`` in timm's Hub
 layout (`hub`: the model arguments, class names, input size, ``crop_pct`` and crop mode, precision); `load_safetensors`
 rebuilds the model from the folder alone. ``gmlp export`` also writes a ``README.md`` model card (`card`).
+
+Writing: each file is written to a temp file of its own beside it, then renamed over it (`files.replacing`), with
+the permissions ``open`` gives a new file; so concurrent exports to one place never mix. A place that cannot be
+written (a file where a folder goes or the reverse, read-only, full, not allowed) raises ExportError naming it and
+saying what to do, and leaves no temp file and no folder made for nothing.
 
 ``onnx``/``onnxruntime`` are optional (``pip install 'gmlp-vision[onnx]'``) and imported inside the functions.
 """
@@ -28,13 +42,17 @@ import inspect
 import json
 import logging
 import os
+import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -45,13 +63,15 @@ from gmlp_vision.artifacts import (  # reading exports lives there; re-exported 
     load_safetensors,
     read_safetensors_config,
 )
-from gmlp_vision.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint, usual_file_mode
-from gmlp_vision.errors import ExportError
+from gmlp_vision.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
+from gmlp_vision.errors import ExportError, one_line
 from gmlp_vision.evaluate import infer
-from gmlp_vision.files import write_text
+from gmlp_vision.files import made_folder, replacing, scratch_beside, why_not_written, write_text
 from gmlp_vision.hub import ExportConfig, hub_config
 from gmlp_vision.images import resize
 from gmlp_vision.model import GMLP
+
+ELSEWHERE = "export elsewhere with --out"  # the advice closing a write error: where `gmlp export` writes is --out
 
 
 def _require(name: str) -> ModuleType:
@@ -65,6 +85,21 @@ def _require(name: str) -> ModuleType:
 def default_export_dir(checkpoint: str | Path) -> Path:
     """``export/`` next to the checkpoint (inside the run directory for ``best.pt``/``last.pt`` or a run directory)."""
     return resolve_checkpoint(checkpoint).parent / "export"
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn an OSError met writing the export file ``path`` (or making its folder) into a one-line ExportError."""
+    try:
+        yield
+    except OSError as e:
+        raise ExportError(f"cannot write {path}: {why_not_written(path, e, ELSEWHERE)}") from None
+
+
+def _file_target(path: Path) -> None:
+    """Refuse an export file's path that is an existing folder, before any work."""
+    if path.is_dir():
+        raise ExportError(f"cannot export to {path}: it is a folder; name a file in it: --out {path / 'model.onnx'}")
 
 
 def _legacy_exporter() -> dict[str, Any]:
@@ -89,15 +124,14 @@ def _set_metadata(proto: Any, model: GMLP, ckpt: Checkpoint) -> None:
 
 
 def _save_checked(proto: Any, out_path: Path) -> None:
-    """Run ``onnx.checker`` on ``proto`` and write it atomically to ``out_path``."""
+    """Run ``onnx.checker`` on ``proto`` and write it atomically to ``out_path``, with the usual permissions."""
     onnx = _require("onnx")
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:  # onnx raises ValidationError and friends
         raise ExportError(f"the exported graph fails onnx.checker: {e}") from None
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    onnx.save(proto, tmp)
-    os.replace(tmp, out_path)
+    with _writing(out_path), replacing(out_path) as tmp:
+        onnx.save(proto, str(tmp))
 
 
 def export_onnx(checkpoint: str | Path, out_path: str | Path, *, opset: int = 17, dynamic_batch: bool = True) -> Path:
@@ -114,19 +148,19 @@ def export_onnx(checkpoint: str | Path, out_path: str | Path, *, opset: int = 17
 
     Raises:
         CheckpointError: the checkpoint cannot be loaded.
-        ExportError: onnx is missing, or the graph fails ``onnx.checker``.
+        ExportError: onnx is missing, the graph fails ``onnx.checker``, or ``out_path`` cannot be written (a folder,
+            below a file, read-only, full: the message says which, and nothing is left behind).
     """
     onnx = _require("onnx")
+    out_path = Path(out_path)
+    _file_target(out_path)
     ckpt = load_checkpoint(resolve_checkpoint(checkpoint))
     model = ckpt.build_model("cpu")
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     size, chans = model.cfg.image_size, model.cfg.in_chans
     example = torch.full((1, chans, size, size), 128.0)
     axes = {"pixels": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
-    tmp = out_path.with_name(f".{out_path.name}.export.tmp")
-    try:
-        with warnings.catch_warnings():
+    with _writing(out_path), made_folder(out_path.parent):
+        with scratch_beside(out_path) as tmp, warnings.catch_warnings():
             # The legacy exporter's deprecation notice; and the trace turns the model's input-size check into a
             # constant, which is right for a graph whose input size is fixed.
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -142,44 +176,45 @@ def export_onnx(checkpoint: str | Path, out_path: str | Path, *, opset: int = 17
                 do_constant_folding=True,
                 **_legacy_exporter(),
             )
-        proto = onnx.load(str(tmp))
-    finally:
-        tmp.unlink(missing_ok=True)
-    _set_metadata(proto, model, ckpt)
-    _save_checked(proto, out_path)
+            proto = onnx.load(str(tmp))
+        _set_metadata(proto, model, ckpt)
+        _save_checked(proto, out_path)
     return out_path
 
 
 def quantize_onnx(onnx_path: str | Path, out_path: str | Path) -> Path:
-    """Dynamic int8 quantisation (weights int8, activations per batch) of an exported model, for CPU inference.
+    """Dynamic int8 quantisation (7-bit weights, activations per batch) of an exported model, for CPU inference.
+
+    See the module docstring for why the weights use 7 of their 8 bits (``reduce_range``).
 
     Raises:
-        ExportError: onnxruntime is missing or cannot quantise the graph.
+        ExportError: onnxruntime is missing, cannot quantise the graph, or ``out_path`` cannot be written.
     """
     _require("onnxruntime")
     onnx = _require("onnx")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     onnx_path, out_path = Path(onnx_path), Path(out_path)
+    _file_target(out_path)
     source = onnx.load(str(onnx_path))
-    tmp = out_path.with_name(f".{out_path.name}.quant.tmp")
     previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # the quantiser logs a line per tensor through the root logger
-    try:
-        # No `quant_pre_process`: it turns the token-mixing Gemm into a MatMul the quantiser then skips, which made
-        # the int8 model ~20 % slower with the same accuracy (benchmarks/bench_export.py, CIFAR-10).
-        quantize_dynamic(str(onnx_path), str(tmp), weight_type=QuantType.QInt8)
-        proto = onnx.load(str(tmp))
-    except ExportError:
-        raise
-    except Exception as e:
-        raise ExportError(f"cannot quantise {onnx_path}: {e}") from None
-    finally:
-        logging.disable(previous)
-        tmp.unlink(missing_ok=True)
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(source.metadata_props)
-    _save_checked(proto, out_path)
+    with _writing(out_path), made_folder(out_path.parent):
+        with scratch_beside(out_path) as tmp:
+            logging.disable(logging.WARNING)  # the quantiser logs a line per tensor through the root logger
+            try:
+                # No `quant_pre_process`: it turns the token-mixing Gemm into a MatMul the quantiser then skips,
+                # which made the int8 model ~20 % slower with the same accuracy (benchmarks/bench_export.py, CIFAR-10).
+                quantize_dynamic(str(onnx_path), str(tmp), weight_type=QuantType.QInt8, reduce_range=True)
+                proto = onnx.load(str(tmp))
+            except OSError:
+                raise  # writing the temp: `_writing` says why
+            except Exception as e:
+                raise ExportError(f"cannot quantise {onnx_path}: {e}") from None
+            finally:
+                logging.disable(previous)
+        del proto.metadata_props[:]
+        proto.metadata_props.extend(source.metadata_props)
+        _save_checked(proto, out_path)
     return out_path
 
 
@@ -238,25 +273,30 @@ def export_safetensors(checkpoint: str | Path, out_dir: str | Path) -> Path:
 
     Raises:
         CheckpointError: the checkpoint cannot be loaded.
+        ExportError: ``out_dir`` cannot be written (a file, below a file, read-only, full: the message says which;
+            no temp file is left behind).
     """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"cannot export to {out_dir}: it is a file, and safetensors go in a folder; {ELSEWHERE}")
     ckpt = load_checkpoint(resolve_checkpoint(checkpoint))
     model = ckpt.build_model("cpu")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / "model.safetensors"
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = weights.with_name(f".{weights.name}.tmp")
-    try:
-        save_file(state, str(tmp), metadata={"format": SAFETENSORS_FORMAT})
-        os.chmod(tmp, usual_file_mode())  # safetensors writes 0600; an export is meant to be shared
-        os.replace(tmp, weights)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     data = ckpt.config.data
     export = ExportConfig(model.cfg, tuple(ckpt.classes), ckpt.config.run.precision, data.resize, data.crop_pct)
     config = hub_config(export, model.pixel_mean.tolist(), model.pixel_std.tolist())
-    write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    with _writing(weights), made_folder(out_dir):
+        with replacing(weights) as tmp:  # it keeps the usual permissions: safetensors alone writes 0600
+            try:
+                save_file(state, str(tmp), metadata={"format": SAFETENSORS_FORMAT})
+            except SafetensorError as e:  # how safetensors reports a failed write: "... (os error 28)"
+                code = re.search(r"os error (\d+)\)", str(e))
+                if code is None:
+                    raise ExportError(f"cannot write {weights}: {one_line(e)}") from None
+                raise OSError(int(code[1]), os.strerror(int(code[1]))) from None  # `_writing` says why
+        with _writing(out_dir / "config.json"):
+            write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
     return weights
 
 

@@ -22,8 +22,9 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from gmlp_vision.config.groups import ModelConfig
-from gmlp_vision.images import check_resize
+from gmlp_vision.config.groups import ModelConfig, RunConfig
+from gmlp_vision.errors import shown
+from gmlp_vision.images import RESIZE_MODES
 from gmlp_vision.version import __version__
 
 FORMAT = "gmlp-vision-safetensors"
@@ -31,6 +32,10 @@ VERSION = 2  # 1: gmlp-vision 0.1's flat layout; 2: timm's Hub layout
 ARCHITECTURE = "gmlp"
 INPUT = "float (B, C, S, S) raw pixels 0..255; the per-channel normalisation is inside the model"
 CROP_MODES = {"crop": "center", "squash": "squash"}  # our --resize -> timm's crop_mode
+PRECISIONS: tuple[str, ...] = next(
+    f.metadata["choices"] for f in dataclasses.fields(RunConfig) if f.name == "precision"
+)
+MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
 
 
 class ExportConfig(NamedTuple):
@@ -78,37 +83,99 @@ def hub_config(export: ExportConfig, pixel_mean: Sequence[float], pixel_std: Seq
     }
 
 
-def parse_export_config(raw: Any) -> ExportConfig:
-    """An export's ``config.json`` (version 2, or 0.1's version 1) as an `ExportConfig`.
+def parse_classes(value: Any, num_classes: int | None = None) -> tuple[str, ...]:
+    """Class names as an export stores them: a non-empty list of strings (``num_classes`` of them, if given).
 
     Raises:
-        ValueError, TypeError, KeyError, ConfigError: not a gmlp-vision export config, or an invalid one.
+        ValueError: anything else (a dict, one string, numbers, another count).
+    """
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"the class names must be a non-empty list of strings, got {_kind(value)}")
+    for name in value:
+        if not isinstance(name, str):
+            raise ValueError(f"the class names must be strings, got {_kind(name)}")
+    if num_classes is not None and len(value) != num_classes:
+        raise ValueError(f"{len(value)} class names for a model with {num_classes} outputs")
+    return tuple(value)
+
+
+def parse_fit(resize: Any, crop_pct: Any) -> tuple[str, float]:
+    """How images are fitted to the input (`images.resize`): ``resize`` crop or squash, ``crop_pct`` in (0, 1].
+
+    Raises:
+        ValueError: another mode, or a crop_pct that is no number in (0, 1].
+    """
+    if not isinstance(resize, str) or resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {_kind(resize)}")
+    if type(crop_pct) not in (int, float) or not 0.0 < crop_pct <= 1.0:  # NaN fails the comparison
+        raise ValueError(f"crop_pct must be a number in (0, 1], got {_kind(crop_pct)}")
+    return resize, float(crop_pct)
+
+
+def _kind(value: Any) -> str:
+    """A JSON value for a message: a short scalar as it is (`errors.shown`), a container by its kind alone."""
+    if isinstance(value, dict):
+        return "a JSON object"
+    if isinstance(value, list):
+        return f"a list of {len(value)} items" if value else "an empty list"
+    return shown(value)
+
+
+def _object(parent: dict[str, Any], key: str) -> dict[str, Any]:
+    value = parent.get(key)
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be a JSON object, got {'nothing' if key not in parent else _kind(value)}")
+    return value
+
+
+def _model_config(args: dict[str, Any]) -> ModelConfig:
+    unknown = sorted(args.keys() - MODEL_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown model argument {shown(unknown[0])}")
+    return ModelConfig(**args)  # each field's type and range checked (ConfigError, with the value shortened)
+
+
+def parse_export_config(raw: Any) -> ExportConfig:
+    """An export's ``config.json`` (version 2, or 0.1's version 1) as an `ExportConfig`; every value is checked.
+
+    Raises:
+        ValueError, ConfigError: not a gmlp-vision export config, or an invalid one (the message says which value).
     """
     if not isinstance(raw, dict):
-        raise ValueError("not a JSON object")
+        raise ValueError(f"not a JSON object but {_kind(raw)}")
     ours = raw.get("gmlp_vision")
-    if isinstance(ours, dict) and ours.get("format") == FORMAT and ours.get("version") == VERSION:
-        pretrained = raw["pretrained_cfg"]
+    if isinstance(ours, dict) and ours.get("format") == FORMAT and _is_int(ours.get("version"), VERSION):
+        pretrained = _object(raw, "pretrained_cfg")
         modes = {mode: name for name, mode in CROP_MODES.items()}
-        if pretrained.get("crop_mode") not in modes:
-            raise ValueError(f"crop_mode must be one of {', '.join(modes)}, got {pretrained.get('crop_mode')!r}")
-        fields = (raw["model_args"], raw["label_names"], ours.get("precision", "fp32"))
-        resize, crop_pct = modes[pretrained["crop_mode"]], pretrained.get("crop_pct", 1.0)
-    elif raw.get("format") == FORMAT and raw.get("version") == 1:
-        fields = (raw["model"], raw["classes"], raw.get("precision", "fp32"))
+        crop_mode = pretrained.get("crop_mode")
+        if not isinstance(crop_mode, str) or crop_mode not in modes:
+            raise ValueError(f"crop_mode must be one of {', '.join(modes)}, got {_kind(crop_mode)}")
+        model, classes, precision = _object(raw, "model_args"), raw.get("label_names"), ours.get("precision", "fp32")
+        resize, crop_pct = modes[crop_mode], pretrained.get("crop_pct", 1.0)
+    elif raw.get("format") == FORMAT and _is_int(raw.get("version"), 1):
+        model, classes, precision = _object(raw, "model"), raw.get("classes"), raw.get("precision", "fp32")
         resize, crop_pct = raw.get("resize", "crop"), raw.get("crop_pct", 1.0)
     else:
         raise ValueError(f"not a {FORMAT} config (version {VERSION} or 1)")
-    model_args, classes, precision = fields
-    if type(crop_pct) not in (int, float):
-        raise ValueError(f"crop_pct must be a number, got {crop_pct!r}")
-    check_resize(resize, crop_pct)
-    if not isinstance(model_args, dict) or not isinstance(classes, list):
-        raise ValueError("the model arguments must be an object and the class names a list")
-    model = ModelConfig(**model_args)
-    if len(classes) != model.num_classes:
-        raise ValueError(f"{len(classes)} class names for a model with {model.num_classes} outputs")
-    return ExportConfig(model, tuple(str(c) for c in classes), str(precision), resize, float(crop_pct))
+    resize, crop_pct = parse_fit(resize, crop_pct)
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {_kind(precision)}")
+    config = _model_config(model)
+    return ExportConfig(config, parse_classes(classes, config.num_classes), precision, resize, crop_pct)
 
 
-__all__ = ["ARCHITECTURE", "FORMAT", "VERSION", "ExportConfig", "hub_config", "parse_export_config"]
+def _is_int(value: Any, expected: int) -> bool:
+    return type(value) is int and value == expected  # not True for 1, nor 2.0 for 2
+
+
+__all__ = [
+    "ARCHITECTURE",
+    "FORMAT",
+    "PRECISIONS",
+    "VERSION",
+    "ExportConfig",
+    "hub_config",
+    "parse_classes",
+    "parse_export_config",
+    "parse_fit",
+]

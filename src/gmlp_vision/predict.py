@@ -14,6 +14,7 @@ prediction sees exactly what `evaluate` sees.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from gmlp_vision.artifacts import OnnxModel, load_safetensors, read_export_config
+from gmlp_vision.artifacts import OnnxModel, load_export
 from gmlp_vision.checkpoint import load_checkpoint, resolve_checkpoint
 from gmlp_vision.errors import CheckpointError, ConfigError, ImageError
 from gmlp_vision.evaluate import infer
@@ -136,8 +137,8 @@ class Classifier:
             ExportError: an ONNX file without onnxruntime installed.
         """
         p = Path(path)
-        if p.is_dir() and (p / "model.safetensors").is_file():
-            model, config = load_safetensors(p, device), read_export_config(p)
+        if p.is_dir() and os.path.lexists(p / "model.safetensors"):  # a device or a FIFO there is refused, not passed
+            model, config = load_export(p, device)
             return cls(
                 model,
                 config.classes,
@@ -148,9 +149,7 @@ class Classifier:
             )
         onnx = p / "model.onnx" if p.is_dir() and not _is_run_dir(p) else p
         if onnx.suffix == ".onnx":
-            if not onnx.is_file():
-                raise CheckpointError(f"{onnx} not found: pass a checkpoint, a run directory, or an export")
-            graph = OnnxModel(onnx)
+            graph = OnnxModel(onnx)  # a missing file: "not found"; anything but a regular file: refused
             return cls(graph, graph.classes, batch_size=batch_size, resize=graph.resize, crop_pct=graph.crop_pct)
         if p.suffix == ".safetensors":
             return cls.load(p.parent, device, precision=precision, batch_size=batch_size)

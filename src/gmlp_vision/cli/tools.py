@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gmlp_vision.errors import ConfigError
+from gmlp_vision.errors import ConfigError, printable
 
 CHECK_IMAGES = 64  # random images the export check compares on
 
@@ -74,12 +74,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     # A batch at a time, so results appear while a large folder is still being read.
     for start in range(0, len(files), args.batch_size):
         for pred in classifier.predict(files[start : start + args.batch_size], top_k=args.top_k):
-            if args.json:
-                print(json.dumps(pred.to_dict()), flush=True)
-            else:
-                scores = ", ".join(f"{s.name} {100 * s.probability:.1f}%" for s in pred.top_k)
-                print(f"{pred.source}: {scores}", flush=True)
+            print(_prediction_line(pred, args.json), flush=True)
     return 0
+
+
+def _prediction_line(pred: Any, as_json: bool) -> str:
+    """One image's line: JSON (json.dumps escapes every control and non-ASCII character), or text for people.
+
+    File and class names are data: in text, their control characters are shown as escapes (`errors.printable`), so
+    a name cannot add lines, move the cursor or recolour the terminal.
+    """
+    if as_json:
+        return json.dumps(pred.to_dict())
+    scores = ", ".join(f"{printable(s.name)} {100 * s.probability:.1f}%" for s in pred.top_k)
+    return f"{printable(pred.source)}: {scores}"
 
 
 def _mb(path: Path) -> str:
