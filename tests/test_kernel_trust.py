@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from gmlp_vision import fused, kernel_cache
+from gmlp_vision.cli import main
 from gmlp_vision.config import from_preset
 from gmlp_vision.train import train
 from synthetic import make_dataset
@@ -57,6 +58,7 @@ def image(tmp_path_factory) -> Path:
 def cache(monkeypatch, tmp_path) -> Path:
     """A fresh XDG cache for this test (and the library loaded from it, forgotten after)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(fused, "_WARNED", set())  # a process warns once about its private folder: this test's process
     fused.library.cache_clear()
     yield tmp_path / "xdg"
     fused.library.cache_clear()
@@ -90,6 +92,17 @@ def predict(run: Path, image: Path, env: dict[str, str]) -> subprocess.Completed
     return subprocess.run(command, capture_output=True, text=True, env=full, timeout=120)
 
 
+def predict_here(run: Path, image: Path, capsys) -> subprocess.CompletedProcess:
+    """``gmlp predict --json`` in this process, with the kernels loaded afresh (the environment as the test set it).
+
+    Safe where nothing can crash the process: a planted library here only writes its marker file.
+    """
+    fused.library.cache_clear()
+    code = main(["predict", str(run), str(image), "--json"])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess([], code, out, err)
+
+
 def assert_clean_prediction(done: subprocess.CompletedProcess) -> None:
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
@@ -114,7 +127,9 @@ def test_a_library_planted_in_a_world_writable_cache_never_runs(run, image, cach
     assert not list(private.iterdir())  # the private build folder is gone with the process
 
 
-def test_a_cache_through_a_symlink_to_a_sticky_world_writable_folder_is_not_used(run, image, cache, tmp_path):
+def test_a_cache_through_a_symlink_to_a_sticky_world_writable_folder_is_not_used(
+    run, image, cache, tmp_path, monkeypatch, capsys
+):
     name = kernel_name()
     world = tmp_path / "world"
     world.mkdir()
@@ -124,21 +139,23 @@ def test_a_cache_through_a_symlink_to_a_sticky_world_writable_folder_is_not_used
     (cache / "gmlp-vision" / "kernels").symlink_to(world)
     plant(world, name, tmp_path)
     marker = tmp_path / "marker"
-    done = predict(run, image, {"XDG_CACHE_HOME": str(cache), "PLANTED_MARKER": str(marker)})
+    monkeypatch.setenv("PLANTED_MARKER", str(marker))
+    done = predict_here(run, image, capsys)
     assert_clean_prediction(done)
     assert not marker.exists(), "the planted library's constructor ran"
     assert f"{world} is writable by group or others (mode 0o1777)" in done.stderr
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="giving a folder away needs root")
-def test_a_cache_owned_by_another_user_is_not_used(run, image, cache, tmp_path):
+def test_a_cache_owned_by_another_user_is_not_used(run, image, cache, tmp_path, monkeypatch, capsys):
     name = kernel_name()
     kernels = cache / "gmlp-vision" / "kernels"
     plant(kernels, name, tmp_path)
     for path in (kernels, *kernels.iterdir()):
         os.chown(path, 65534, 65534)
     marker = tmp_path / "marker"
-    done = predict(run, image, {"XDG_CACHE_HOME": str(cache), "PLANTED_MARKER": str(marker)})
+    monkeypatch.setenv("PLANTED_MARKER", str(marker))
+    done = predict_here(run, image, capsys)
     assert_clean_prediction(done)
     assert not marker.exists()
     assert "is owned by another user (uid 65534)" in done.stderr
@@ -156,13 +173,16 @@ def test_a_symlink_owned_by_another_user_is_not_followed(cache, tmp_path):
     assert fused.build().parent != link
 
 
-def test_a_library_without_its_recorded_digest_is_built_again_not_loaded(run, image, cache, tmp_path):
+def test_a_library_without_its_recorded_digest_is_built_again_not_loaded(
+    run, image, cache, tmp_path, monkeypatch, capsys
+):
     name = kernel_name()
     kernels = cache / "gmlp-vision" / "kernels"
     planted = plant(kernels, name, tmp_path)
     (kernels / f"{name}.sha256").unlink()  # planted where we may write, but not built by us
     marker = tmp_path / "marker"
-    done = predict(run, image, {"XDG_CACHE_HOME": str(cache), "PLANTED_MARKER": str(marker)})
+    monkeypatch.setenv("PLANTED_MARKER", str(marker))
+    done = predict_here(run, image, capsys)
     assert_clean_prediction(done)
     assert not marker.exists()
     assert planted.read_bytes()[:4] == b"\x7fELF" and _sha(planted) == (kernels / f"{name}.sha256").read_text().strip()
@@ -177,13 +197,16 @@ def test_a_truncated_cached_library_is_rebuilt_not_mapped(run, image, cache, tmp
     assert path.read_bytes() == whole and done.stderr == ""  # rebuilt quietly: the cache is usable
 
 
-def test_warnings_go_to_stderr_so_json_stays_json(run, image, tmp_path):
+def test_warnings_go_to_stderr_so_json_stays_json(run, image, cache, tmp_path, monkeypatch, capsys):
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("a file where the cache should be: nothing can be created under it")
-    done = predict(run, image, {"XDG_CACHE_HOME": str(blocked), "CC": str(tmp_path / "no-such-cc")})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    done = predict_here(run, image, capsys)
     assert_clean_prediction(done)
     assert done.stderr.count("\n") == 1 and "fused CPU kernels unavailable, using the PyTorch path" in done.stderr
-    done = predict(run, image, {"XDG_CACHE_HOME": str(blocked)})  # a compiler, but no cache: a private build
+    monkeypatch.delenv("CC")
+    done = predict_here(run, image, capsys)  # a compiler, but no cache: a private build
     assert_clean_prediction(done)
     assert "cannot write to" in done.stderr and "building in" in done.stderr and "Traceback" not in done.stderr
 
