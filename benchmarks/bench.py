@@ -1,7 +1,7 @@
 """CPU benchmark of the `seed` gMLP: our real training step and inference against the machine's matmul peak and peers.
 
 One run measures, on the same threads, batch and precision: ``torch.mm`` GFLOP/s (fp32, bf16); our training step
-(`gmlp_vision.train.train_step`, the CLI's) with and without augmentation and our inference (`infer`) in fp32/bf16,
+(`gmlp_vision.step.train_step`, the CLI's) with and without augmentation and our inference (`infer`) in fp32/bf16,
 eager and compiled; the augmentation alone; peak RSS of a training run (in a subprocess); timm's and lucidrains'
 gMLP as the same model. It prints a table and writes JSON. See ``benchmarks/README.md``. Never run in CI.
 

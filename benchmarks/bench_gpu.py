@@ -37,9 +37,12 @@ from torch import Tensor, nn
 
 from gmlp_vision.config import from_preset
 from gmlp_vision.data import Dataset, Split
+from gmlp_vision.distributed import maybe_compile
 from gmlp_vision.graphs import GraphStep
 from gmlp_vision.model import GMLP, flops_per_image
-from gmlp_vision.train import build_optimizer, maybe_compile, train, train_step
+from gmlp_vision.optim import build_optimizer
+from gmlp_vision.step import train_step
+from gmlp_vision.train import train
 
 
 @dataclass(frozen=True)

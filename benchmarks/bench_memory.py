@@ -20,11 +20,15 @@ from pathlib import Path
 
 import torch
 
-import gmlp_vision.train as gmlp_train
 from gmlp_vision.config import from_preset
 from gmlp_vision.data import Dataset, Split
+from gmlp_vision.data.base import channel_stats
+from gmlp_vision.distributed import maybe_compile
+from gmlp_vision.evaluate import evaluate
 from gmlp_vision.model import GMLP
-from gmlp_vision.train import build_optimizer, evaluate, maybe_compile, train, train_step
+from gmlp_vision.optim import build_optimizer
+from gmlp_vision.step import train_step
+from gmlp_vision.train import train
 
 TRAIN, TEST, NUM_CLASSES, VAL = 50_000, 10_000, 100, 5_000
 
@@ -53,11 +57,9 @@ def run(steps: int, max_seconds: float, threads: int, precision: str, full: bool
             ran = "gmlp_vision.train.train, 1 epoch (45,000 train + 5,000 val + 10,000 test images)"
         else:
             model = GMLP(cfg.model)
-            # train() first takes per-channel statistics over all training images; its float64 chunks are part of
-            # the peak, so do the same when the package still has the helper (it is not a promised API).
-            stats = getattr(gmlp_train, "channel_stats", None)
-            if stats is not None:
-                model.set_normalization(*stats(ds.train.images))
+            # train() first takes per-channel statistics over the training images; its float64 chunks are part of
+            # the peak, so do the same.
+            model.set_normalization(*channel_stats(ds.train.images))
             optimizer = build_optimizer(cfg.optim, model)
             model = maybe_compile(model, cfg.run.compile)
             model.train()
@@ -71,8 +73,7 @@ def run(steps: int, max_seconds: float, threads: int, precision: str, full: bool
                     break
             evaluate(model, ds.train.images[-VAL:], ds.train.labels[-VAL:], batch_size=cfg.run.eval_batch_size,
                      precision=precision)  # fmt: skip
-            first = "channel_stats + " if stats is not None else ""
-            ran = f"{first}train_step x{done} + evaluate({VAL:,} images) on full-size tensors"
+            ran = f"channel_stats + train_step x{done} + evaluate({VAL:,} images) on full-size tensors"
     maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
     return {"maxrss_mb": maxrss_mb, "seconds": time.perf_counter() - t0, "ran": ran, "precision": precision}
 

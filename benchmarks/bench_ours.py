@@ -17,8 +17,11 @@ from torch import Tensor
 
 from gmlp_vision.augment import augment_batch
 from gmlp_vision.config import from_preset
+from gmlp_vision.distributed import maybe_compile
+from gmlp_vision.evaluate import infer
 from gmlp_vision.model import GMLP
-from gmlp_vision.train import build_optimizer, infer, maybe_compile, train_step
+from gmlp_vision.optim import build_optimizer
+from gmlp_vision.step import train_step
 
 BATCH = 128  # the seed preset's batch
 INFER_BATCH = 512

@@ -27,7 +27,8 @@ import torch
 
 from gmlp_vision.cli.flags import add_config_arguments, config_from_args
 from gmlp_vision.data import load_dataset
-from gmlp_vision.train import evaluate, train
+from gmlp_vision.evaluate import evaluate
+from gmlp_vision.train import train
 
 THRESHOLDS = (0.70, 0.80, 0.85, 0.90)
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar-10-python.tar.gz"

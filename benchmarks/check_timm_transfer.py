@@ -1,4 +1,4 @@
-"""Check `gmlp_vision.transfer` against timm (issue #7): timm's ``gmlp_s16_224`` and our ``gmlp-s`` compute the same.
+"""Check `gmlp_vision.pretrained` against timm (issue #7): timm's ``gmlp_s16_224`` and our ``gmlp-s`` compute the same.
 
 Not a test (timm is a benchmark peer, installed by ``benchmarks/setup_peers.sh``, never by the package): builds timm's
 model with random weights (every tensor moved off its init: norms, biases, head, spatial projections), saves them
@@ -23,7 +23,7 @@ import timm  # noqa: E402
 
 from gmlp_vision.config import from_preset  # noqa: E402
 from gmlp_vision.model import GMLP  # noqa: E402
-from gmlp_vision.transfer import load_pretrained  # noqa: E402
+from gmlp_vision.pretrained import load_pretrained  # noqa: E402
 
 
 def main() -> int:

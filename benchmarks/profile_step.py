@@ -18,7 +18,8 @@ from bench_ours import new_model, random_uint8, seed_config
 from torch.profiler import ProfilerActivity, profile
 
 from gmlp_vision.cpu import keep_freed_memory
-from gmlp_vision.train import build_optimizer, train_step
+from gmlp_vision.optim import build_optimizer
+from gmlp_vision.step import train_step
 
 # Operator name fragments -> kind of work (first match wins).
 KINDS = (

@@ -21,7 +21,7 @@ from email.parser import HeaderParser
 wheel = zipfile.ZipFile(sys.argv[1])
 names = set(wheel.namelist())
 meta = HeaderParser().parsestr(wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode())
-fields = {"Name": "gmlp-vision", "Version": "0.2.0", "License-Expression": "MIT", "Requires-Python": ">=3.10",
+fields = {"Name": "gmlp-vision", "Version": "0.3.0", "License-Expression": "MIT", "Requires-Python": ">=3.10",
           "Description-Content-Type": "text/markdown"}
 classifiers = set(meta.get_all("Classifier") or ())
 wanted = ["Intended Audience :: Developers", "Intended Audience :: Science/Research",

@@ -1,6 +1,8 @@
 """The package's shape, read from its source with `ast`: imports flow one way, and inference never loads training.
 
 Every ``import`` counts, those inside functions too: a cycle broken only by a function-level import is still a cycle.
+Layers (issue 22): the configuration never loads the data code, training never loads the reports, and the runtime
+(`runtime`, `cpu`) sits below both training and inference.
 """
 
 import ast
@@ -11,10 +13,18 @@ import pytest
 
 SRC = Path(__file__).parents[1] / "src"
 PACKAGE = "gmlp_vision"
-# Inference: what predict, export and the reports run. None of it may load the training loop or its pieces.
-INFERENCE = ("gmlp_vision.evaluate", "gmlp_vision.predict", "gmlp_vision.export", "gmlp_vision.report")
-TRAINING = ("gmlp_vision.train", "gmlp_vision.optim", "gmlp_vision.augment", "gmlp_vision.policy",
-            "gmlp_vision.rundir", "gmlp_vision.transfer", "gmlp_vision.loop", "gmlp_vision.state")  # fmt: skip
+# Training: the loop, its pieces and the run it writes. Only the CLI (and training itself) may import these.
+TRAINING = tuple(
+    f"{PACKAGE}.{name}"
+    for name in "train loop state step graphs distributed optim augment policy policy_timm rundir resume_check "
+    "transfer pretrained".split()
+)
+# Inference: what evaluation, predict, export, the exported files and the reports run. None of it may load training
+# code, directly or through other modules. A module named here that does not exist (yet: ``serve``) is skipped.
+INFERENCE = tuple(
+    f"{PACKAGE}.{name}" for name in "evaluate predict export artifacts card hub report report_eval serve".split()
+)
+NOT_YET = (f"{PACKAGE}.serve",)
 
 
 def module_name(path: Path) -> str:
@@ -61,10 +71,41 @@ def test_no_import_cycles():
     assert not cycles, f"modules on an import cycle: {', '.join(cycles)}"
 
 
+def test_the_layer_lists_name_real_modules():
+    missing = sorted(set(TRAINING + INFERENCE) - import_graph().keys() - set(NOT_YET))
+    assert not missing, f"no such modules (renamed? update the lists): {missing}"
+
+
 @pytest.mark.parametrize("module", INFERENCE)
 def test_inference_never_imports_training_code(module):
-    loaded = reachable(import_graph(), module)
+    graph = import_graph()
+    if module not in graph:
+        pytest.skip(f"{module} does not exist")
+    loaded = reachable(graph, module)
     assert not loaded & set(TRAINING), f"{module} imports {', '.join(sorted(loaded & set(TRAINING)))}"
+
+
+def in_package(module: str, package: str) -> bool:
+    """``module`` is ``package`` or one of its modules (``gmlp_vision.data.base`` is in ``gmlp_vision.data``)."""
+    return module == package or module.startswith(f"{package}.")
+
+
+def test_the_configuration_never_loads_data():
+    graph = import_graph()
+    config = [m for m in graph if in_package(m, f"{PACKAGE}.config") or m == f"{PACKAGE}.presets"]
+    loads = {m: sorted(d for d in reachable(graph, m) if in_package(d, f"{PACKAGE}.data")) for m in config}
+    assert config and not any(loads.values()), f"configuration modules loading data: {loads}"
+
+
+def test_transfer_reads_weights_without_the_checkpoint_module():
+    assert f"{PACKAGE}.checkpoint" not in import_graph()[f"{PACKAGE}.transfer"]
+
+
+@pytest.mark.xfail(strict=True, reason="issue 22: being moved")
+def test_training_never_loads_the_reports():
+    reports = {f"{PACKAGE}.report", f"{PACKAGE}.report_eval"}
+    loaded = reachable(import_graph(), f"{PACKAGE}.train") & reports
+    assert not loaded, f"train imports {', '.join(sorted(loaded))}"
 
 
 # Limits on the code's size and shape (issue 13): a module a newcomer can read, functions that fit on a screen, no
@@ -74,6 +115,9 @@ MAX_FUNCTION_LINES = 60  # from `def` to the last line, docstring included
 MAX_PUBLIC_PARAMETERS = 8  # all but self/cls, keyword-only ones included
 MAX_FMT_SKIPS = 5
 MAX_IMPORT_LEVELS = 9  # the longest chain of package imports, counting the module that starts it
+# The same, on the plain module graph: ``__main__`` and the packages' ``__init__`` count as modules of their own
+# (issue 22: 10 now, 9 is the aim).
+MAX_RAW_IMPORT_LEVELS = 10
 LOOP_MODULES = ("train", "loop", "state", "augment", "optim")
 
 
@@ -141,8 +185,26 @@ def test_the_formatter_lays_out_the_code():
     assert skips <= MAX_FMT_SKIPS
 
 
-def import_levels(graph: dict[str, set[str]]) -> dict[str, int]:
+def stacked_levels(graph: dict[str, set[str]]) -> dict[str, int]:
     """Each module's level: 1 for a module that imports no package module, else 1 + the highest level it imports.
+
+    Modules on a cycle get no level of their own but the number of modules (`test_no_import_cycles` names them).
+    """
+    levels: dict[str, int] = {}
+    while len(levels) < len(graph):
+        placed = {
+            name: 1 + max((levels[d] for d in deps), default=0)
+            for name, deps in graph.items()
+            if name not in levels and deps <= levels.keys()
+        }
+        if not placed:
+            return {**levels, **dict.fromkeys(set(graph) - levels.keys(), len(graph))}
+        levels.update(placed)
+    return levels
+
+
+def import_levels(graph: dict[str, set[str]]) -> dict[str, int]:
+    """`stacked_levels`, where a package's ``__init__`` counts as what it re-exports and ``__main__`` not at all.
 
     A package's ``__init__`` only re-exports, so importing it counts as importing what it re-exports; ``__main__`` is
     the ``python -m`` door to the CLI, not a level of its own.
@@ -152,20 +214,17 @@ def import_levels(graph: dict[str, set[str]]) -> dict[str, int]:
     def through_packages(names: set[str]) -> set[str]:
         return set().union(*(through_packages(graph[n]) if n in packages else {n} for n in names))
 
-    modules = {
-        k: through_packages(v) - {k} for k, v in graph.items() if k not in packages and k != f"{PACKAGE}.__main__"
-    }
-    levels: dict[str, int] = {}
-    while len(levels) < len(modules):
-        placed = {
-            name: 1 + max((levels[d] for d in deps), default=0)
-            for name, deps in modules.items()
-            if name not in levels and deps <= levels.keys()
-        }
-        if not placed:  # the rest import each other in a cycle: no level (test_no_import_cycles names them)
-            return {**levels, **dict.fromkeys(set(modules) - levels.keys(), len(modules))}
-        levels.update(placed)
-    return levels
+    return stacked_levels(
+        {k: through_packages(v) - {k} for k, v in graph.items() if k not in packages and k != f"{PACKAGE}.__main__"}
+    )
+
+
+def deepest_chain(graph: dict[str, set[str]], levels: dict[str, int]) -> list[str]:
+    """The longest chain of imports: from the deepest module, each time on to the deepest module it imports."""
+    chain = [max(sorted(levels), key=levels.__getitem__)]
+    while (deps := graph[chain[-1]] & levels.keys()) and len(chain) <= len(levels):  # bounded on a cycle too
+        chain.append(max(sorted(deps), key=levels.__getitem__))
+    return chain
 
 
 def test_imports_stack_in_few_levels():
@@ -173,3 +232,11 @@ def test_imports_stack_in_few_levels():
     assert levels[f"{PACKAGE}.errors"] == 1 and levels[f"{PACKAGE}.cli.main"] > levels[f"{PACKAGE}.train"]
     top = sorted(levels.items(), key=lambda kv: -kv[1])[:6]
     assert max(levels.values()) <= MAX_IMPORT_LEVELS, f"the deepest modules and their levels: {top}"
+
+
+def test_the_plain_module_graph_stacks_in_few_levels():
+    graph = import_graph()
+    levels = stacked_levels(graph)
+    assert levels[f"{PACKAGE}.__main__"] > levels[f"{PACKAGE}.cli.main"] > levels[f"{PACKAGE}.train"]
+    chain = deepest_chain(graph, levels)
+    assert len(chain) == max(levels.values()) <= MAX_RAW_IMPORT_LEVELS, f"the longest chain: {' -> '.join(chain)}"

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from gmlp_vision.artifacts import read_export_config
+from gmlp_vision.artifacts import load_safetensors, read_export_config
 from gmlp_vision.card import MARKER, model_card
 from gmlp_vision.checkpoint import load_checkpoint, load_model, resolve_checkpoint
 from gmlp_vision.cli import main
 from gmlp_vision.config import from_preset
-from gmlp_vision.export import export_safetensors, load_safetensors
+from gmlp_vision.export import export_safetensors
 from gmlp_vision.predict import Classifier
 from gmlp_vision.train import train
 from synthetic import make_dataset

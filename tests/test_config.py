@@ -7,6 +7,7 @@ import pytest
 from gmlp_vision.cli.flags import add_config_arguments, config_from_args
 from gmlp_vision.config import DATASET_PRESET, GROUP_OF, GROUPS, PRESETS, Config, from_preset, to_flags, train_command
 from gmlp_vision.errors import ConfigError
+from gmlp_vision.kinds import KINDS
 
 
 def parse(argv):
@@ -49,6 +50,11 @@ def test_dataset_alone_picks_its_preset_and_explicit_preset_wins():
     folder = parse(["--dataset", "folder", "--data", "photos"])  # your own images: the general recipe, not seed's
     assert folder.preset == "general" and folder.optim.schedule == "onecycle" and folder.model.dropout == 0.0
     assert folder.run.precision == "fp32" and folder.data.val_split == 0.1
+
+
+def test_every_dataset_kind_starts_from_a_preset():
+    assert tuple(DATASET_PRESET) == tuple(KINDS)
+    assert set(DATASET_PRESET.values()) <= set(PRESETS)
 
 
 def test_precedence_preset_then_file_then_flags(tmp_path):

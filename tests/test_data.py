@@ -24,11 +24,12 @@ import torch
 
 from archives import HOSTILE_KINDS, FakeCifar, hostile_pickle, make_cifar, py2_pickle, write_folder, write_tar
 from gmlp_vision import data
-from gmlp_vision.data import DATASETS, default_cache_dir, load_dataset
+from gmlp_vision.data import DATASET_KINDS, DATASETS, default_cache_dir, load_dataset
 from gmlp_vision.data import cifar as cifar_mod
 from gmlp_vision.data import digits as digits_mod
 from gmlp_vision.data.cifar import download
 from gmlp_vision.errors import DataError
+from gmlp_vision.kinds import KINDS
 
 REAL_CIFAR10 = Path(__file__).parents[1].parent / "shared" / "data" / "cifar-10-python.tar.gz"
 
@@ -243,6 +244,11 @@ def test_missing_path_and_unknown_name(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="unknown dataset 'mnist'; choose one of cifar10, cifar100, digits, folder"):
         load_dataset("mnist")
     assert DATASETS == ("cifar10", "cifar100", "digits", "folder")
+
+
+def test_the_registry_has_a_row_for_each_kind_the_config_offers() -> None:
+    # kinds.KINDS names the kinds for the config (--dataset's choices, each one's preset); the registry loads them.
+    assert tuple(DATASET_KINDS) == DATASETS == tuple(KINDS)
 
 
 def test_odd_members(tmp_path: Path, fake_cifar10: FakeCifar, monkeypatch: pytest.MonkeyPatch) -> None:

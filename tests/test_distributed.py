@@ -20,7 +20,7 @@ import torch
 
 from gmlp_vision.checkpoint import load_checkpoint
 from gmlp_vision.config import from_preset, to_flags
-from gmlp_vision.distributed import Dist
+from gmlp_vision.runtime import Dist
 from gmlp_vision.train import train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("one_thread")]

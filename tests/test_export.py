@@ -9,21 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from gmlp_vision.artifacts import load_safetensors, read_safetensors_config
 from gmlp_vision.checkpoint import load_model
 from gmlp_vision.cli import main
 from gmlp_vision.config import from_preset
 from gmlp_vision.errors import CheckpointError, ExportError
-from gmlp_vision.export import (
-    check_onnx,
-    export_onnx,
-    export_safetensors,
-    load_safetensors,
-    onnx_logits,
-    onnx_session,
-    quantize_onnx,
-    read_safetensors_config,
-)
-from gmlp_vision.train import infer, train
+from gmlp_vision.evaluate import infer
+from gmlp_vision.export import check_onnx, export_onnx, export_safetensors, onnx_logits, onnx_session, quantize_onnx
+from gmlp_vision.train import train
 from synthetic import make_dataset
 
 ONNX_REASON = "the onnx extra is not installed (pip install 'gmlp-vision[onnx]'); CI installs it"

@@ -70,7 +70,7 @@ def test_forward_matches_keras_layer_by_layer(forward_ref):
 
 
 def test_normalization_statistics_match_keras_adapt(forward_ref):
-    from gmlp_vision.train import channel_stats
+    from gmlp_vision.data.base import channel_stats
 
     mean, var = channel_stats(torch.from_numpy(forward_ref["adapt_images"]).permute(0, 3, 1, 2))
     close(mean, forward_ref["norm.mean"])

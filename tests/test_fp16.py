@@ -20,7 +20,8 @@ from gmlp_vision.optim import build_optimizer
 from gmlp_vision.predict import Classifier
 from gmlp_vision.rundir import resume_config
 from gmlp_vision.state import gradient_scaler
-from gmlp_vision.train import train, train_step
+from gmlp_vision.step import train_step
+from gmlp_vision.train import train
 from synthetic import make_dataset, make_split
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -25,7 +25,8 @@ from gmlp_vision.config import from_preset
 from gmlp_vision.errors import NonFiniteLossError
 from gmlp_vision.model import GMLP
 from gmlp_vision.rundir import resume_config, write_json
-from gmlp_vision.train import train, train_step
+from gmlp_vision.step import train_step
+from gmlp_vision.train import train
 from synthetic import make_dataset
 
 MEMORY_LIMIT = 2 << 30  # bytes of address space: plenty for torch and a tiny model, far below a 40 GB allocation
@@ -168,7 +169,7 @@ def test_an_export_config_describing_a_huge_model_is_refused(tmp_path, tiny_chec
     config = json.loads((tmp_path / "st" / "config.json").read_text())
     config["model_args"].update(embed_dim=100_000, ffn_dim=100_000)
     (tmp_path / "st" / "config.json").write_text(json.dumps(config))
-    code = f"from gmlp_vision.export import load_safetensors; load_safetensors({str(tmp_path / 'st')!r})"
+    code = f"from gmlp_vision.artifacts import load_safetensors; load_safetensors({str(tmp_path / 'st')!r})"
 
     def limit():
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))

@@ -13,12 +13,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from gmlp_vision import policy_timm as ra_timm
-from gmlp_vision.augment import random_crop_padded, random_erase
+from gmlp_vision.augment import augment_for_training, random_crop_padded, random_erase
 from gmlp_vision.config import from_preset
 from gmlp_vision.config.groups import AugmentConfig
 from gmlp_vision.errors import ConfigError
 from gmlp_vision.policy import OPS, apply_ops, rand_augment, trivial_augment
-from gmlp_vision.train import augment_for_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

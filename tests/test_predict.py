@@ -16,9 +16,10 @@ from gmlp_vision.cli import main
 from gmlp_vision.config import from_preset
 from gmlp_vision.data import load_dataset
 from gmlp_vision.errors import ImageError
-from gmlp_vision.images import resize_uint8
-from gmlp_vision.predict import Classifier, expand_inputs, load_image
-from gmlp_vision.train import evaluate, infer, train
+from gmlp_vision.evaluate import evaluate, infer
+from gmlp_vision.images import expand_inputs, load_image, resize_uint8
+from gmlp_vision.predict import Classifier
+from gmlp_vision.train import train
 from synthetic import make_dataset
 
 REAL_CIFAR10 = Path(__file__).parents[1].parent / "shared" / "data" / "cifar-10-python.tar.gz"

@@ -10,8 +10,8 @@ from gmlp_vision.augment import mix_batch
 from gmlp_vision.config import from_preset
 from gmlp_vision.errors import ConfigError
 from gmlp_vision.model import GMLP
-from gmlp_vision.optim import scheduled_lr
-from gmlp_vision.train import build_optimizer, train_step
+from gmlp_vision.optim import build_optimizer, scheduled_lr
+from gmlp_vision.step import train_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,7 +15,8 @@ from gmlp_vision.cli import main
 from gmlp_vision.config import from_preset
 from gmlp_vision.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted
 from gmlp_vision.rundir import resume_config
-from gmlp_vision.train import train, train_step
+from gmlp_vision.step import train_step
+from gmlp_vision.train import train
 from synthetic import make_dataset
 
 

@@ -14,7 +14,8 @@ from gmlp_vision.cli import main
 from gmlp_vision.config import from_preset
 from gmlp_vision.errors import ReportError
 from gmlp_vision.model import GMLP
-from gmlp_vision.report import TensorBoardLogger, evaluation_report, plot_history, write_report
+from gmlp_vision.report import TensorBoardLogger, plot_history, write_report
+from gmlp_vision.report_eval import evaluation_report
 from gmlp_vision.train import train
 from synthetic import make_dataset
 

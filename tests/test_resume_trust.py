@@ -38,8 +38,8 @@ from gmlp_vision.optim import build_optimizer
 from gmlp_vision.resume_check import ResumeTarget, check_resume_state, training_images
 from gmlp_vision.rundir import write_json
 from gmlp_vision.state import TrainState
-from gmlp_vision.step import METRICS
-from gmlp_vision.train import train, train_step
+from gmlp_vision.step import METRICS, train_step
+from gmlp_vision.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,9 +7,12 @@ import torch
 from gmlp_vision import train as train_mod
 from gmlp_vision.checkpoint import load_checkpoint
 from gmlp_vision.config import from_preset
+from gmlp_vision.data.base import channel_stats
+from gmlp_vision.evaluate import evaluate
+from gmlp_vision.loop import train_one_epoch
 from gmlp_vision.model import GMLP
 from gmlp_vision.state import TrainState
-from gmlp_vision.train import channel_stats, evaluate, train, train_one_epoch
+from gmlp_vision.train import train
 from synthetic import make_dataset
 
 RUN_FILES = {"config.json", "history.csv", "history.jsonl", "best.pt", "last.pt", "results.json"}

@@ -12,8 +12,9 @@ from gmlp_vision.checkpoint import load_checkpoint
 from gmlp_vision.config import ModelConfig, from_preset
 from gmlp_vision.errors import CheckpointError, ConfigError
 from gmlp_vision.model import GMLP
+from gmlp_vision.pretrained import load_pretrained
 from gmlp_vision.train import train
-from gmlp_vision.transfer import load_pretrained, resample_spatial
+from gmlp_vision.transfer import resample_spatial
 from synthetic import make_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,6 +1,17 @@
 """gmlp-vision: train, evaluate and ship gMLP image classifiers (Liu et al., 2021, "Pay Attention to MLPs").
 
-The names below load their modules (and torch) on first use, so ``import gmlp_vision`` and ``gmlp --help`` stay light.
+The public API, the names of ``__all__`` (from the modules named):
+
+- `GMLP` (`gmlp_vision.model`): the network.
+- `Classifier` (`gmlp_vision.predict`): classify images with a checkpoint, a run directory or an export.
+- `Config`, `ModelConfig`, `from_preset` (`gmlp_vision.config`): a run's configuration; `PRESETS`
+  (`gmlp_vision.presets`).
+- `load_checkpoint`, `load_model` (`gmlp_vision.checkpoint`).
+- ``__version__`` (`gmlp_vision.version`).
+
+This is the one place that re-exports names; every other module's ``__all__`` lists only what it defines
+(`tests/test_public_api.py`), and the packages `config`, `data` and `cli` re-export their own modules' names. The
+names load their modules (and torch) on first use, so ``import gmlp_vision`` and ``gmlp --help`` stay light.
 """
 
 from __future__ import annotations

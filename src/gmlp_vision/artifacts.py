@@ -31,12 +31,10 @@ from gmlp_vision.checkpoint import check_weights_fit
 from gmlp_vision.config.checks import MAX_IMAGE_SIZE
 from gmlp_vision.config.groups import ModelConfig
 from gmlp_vision.errors import CheckpointError, ConfigError, ExportError, first_line, one_line, printable, shown
-from gmlp_vision.hub import FORMAT, VERSION, ExportConfig, parse_classes, parse_export_config, parse_fit
+from gmlp_vision.hub import ExportConfig, parse_classes, parse_export_config, parse_fit
 from gmlp_vision.untrusted import JSON_LIMIT, read_json_file, read_regular_file
 
 ONNX_EXTRA = "pip install 'gmlp-vision[onnx]'"
-SAFETENSORS_FORMAT = FORMAT
-SAFETENSORS_VERSION = VERSION
 WEIGHTS_LIMIT = 8 << 30  # model.safetensors: gMLP-B is 0.3 GB
 ONNX_LIMIT = 2 << 30  # an ONNX file: protobuf's own limit (larger graphs keep their weights in external files)
 MAX_CHANNELS = 64  # image channels an ONNX graph's metadata may claim (gmlp-vision reads 1 or 3)

@@ -1,142 +1,30 @@
 """Data-parallel training on ``torch.distributed``, launched by ``torchrun``: a process per device, any number of nodes.
 
 We add no communication layer of our own: ``torchrun`` starts the processes and sets ``RANK``/``WORLD_SIZE``/
-``LOCAL_RANK``, `distributed` joins its process group (NCCL on CUDA, Gloo on CPU), DDP averages the gradients, and
-`Dist` holds the few collectives the training loop needs (sums of metrics, agreement on stopping, rank 0 doing the I/O).
-Without ``torchrun`` the same code runs as one process with a `Dist` whose collectives do nothing.
+``LOCAL_RANK``, `distributed` joins its process group (NCCL on CUDA, Gloo on CPU) for the run, DDP averages the
+gradients, and `runtime.Dist` holds the few collectives the training loop needs. `maybe_compile` applies
+``--compile``. Without ``torchrun`` the same code runs as one process with a `runtime.Dist` whose collectives do
+nothing.
 
 How a batch is split: ``--batch-size`` is the global batch. Every rank draws the same per-epoch permutation and takes
-its contiguous part of each global batch (`Dist.share`: sizes differ by at most one, the first ranks get the extra
-image, so a last partial batch is split the same way). Each rank's loss is its sum over its images times
+its contiguous part of each global batch (`runtime.Dist.share`: sizes differ by at most one, the first ranks get the
+extra image, so a last partial batch is split the same way). Each rank's loss is its sum over its images times
 ``world / global_batch``, so DDP's average of the ranks' gradients is exactly the gradient of the global batch's mean
 loss, whatever the split. A rank whose share of a tiny last batch is empty takes part with a zero-weight image.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 import gmlp_vision.fused as fused  # the module, not the package: no import cycle through __init__
-from gmlp_vision.config.checks import check_device
-from gmlp_vision.errors import ConfigError, GmlpError
-
-T = TypeVar("T")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU.
-
-    Raises:
-        ConfigError: not auto, cpu, cuda or cuda:N, or CUDA asked for where there is none.
-    """
-    check_device(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return torch.device(name)
-
-
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in the job; the default is the single-process job, where every collective is a no-op."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        """More than one process."""
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        """Rank 0: the one that logs and writes files."""
-        return self.rank == 0
-
-    def share(self, items: Tensor) -> Tensor:
-        """This rank's contiguous part of a global batch (sizes differ by at most one; the first ranks get more)."""
-        return items.tensor_split(self.world)[self.rank] if self.enabled else items
-
-    def sum(self, values: Tensor) -> Tensor:
-        """``values`` summed over all ranks (in place)."""
-        if self.enabled:
-            dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        return values
-
-    def any(self, *flags: Tensor | bool) -> list[bool]:
-        """For each flag, whether it is set on any rank: one collective, the same answer everywhere."""
-        values = torch.stack([torch.as_tensor(f, dtype=torch.float32).reshape(()).cpu() for f in flags])
-        if self.enabled:
-            values = values.to(_collective_device())
-            dist.all_reduce(values, op=dist.ReduceOp.MAX)
-        return [bool(v) for v in values.tolist()]
-
-    def gather(self, value: T) -> list[T]:
-        """Every rank's ``value`` (picklable), in rank order, on every rank."""
-        if not self.enabled:
-            return [value]
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, value)
-        return out
-
-    def on_main(self, fn: Callable[[], T], *, share: bool = True) -> T:
-        """Run ``fn`` on rank 0 only and hand its result to every rank; an error it raises is raised on every rank.
-
-        With ``share=False`` only the error travels, and the other ranks get None.
-        """
-        if not self.enabled:
-            return fn()
-        box: list[Any] = [None]
-        result: Any = None
-        if self.main:
-            try:
-                result = fn()
-                box = [("ok", result if share else None)]
-            except GmlpError as e:
-                box = [("error", e)]
-        dist.broadcast_object_list(box, src=0)
-        kind, value = box[0]
-        if kind == "error":
-            raise value
-        return result if self.main else value
-
-    def main_first(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on rank 0, then on the others, which then find what rank 0 downloaded or cached.
-
-        An error raised on rank 0 is raised on every rank without the others running ``fn``.
-        """
-        if not self.enabled:
-            return fn()
-        result = self.on_main(fn, share=False)  # rank 0's result (a whole dataset) is not sent: each loads its own
-        return result if self.main else fn()
-
-
-SINGLE = Dist()  # the single-process job
-
-
-def _collective_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def launched() -> Dist:
-    """The place ``torchrun`` (or any launcher setting its variables) gave this process; `Dist()` when none."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    except ValueError:
-        raise ConfigError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
-    return Dist(rank, world, local_rank) if world > 1 else Dist()
+from gmlp_vision.errors import ConfigError
+from gmlp_vision.runtime import Dist, launched, resolve_device
 
 
 @contextmanager
@@ -169,15 +57,6 @@ def distributed(device_name: str) -> Iterator[tuple[Dist, torch.device]]:
     finally:
         if joined:
             dist.destroy_process_group()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
 
 
 def maybe_compile(model: nn.Module, compile: bool) -> nn.Module:

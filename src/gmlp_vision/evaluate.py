@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gmlp_vision.distributed import SINGLE, Dist, unwrap
 from gmlp_vision.images import resize
+from gmlp_vision.runtime import SINGLE, Dist, unwrap
 
 # The half-precision ``--precision`` values and their dtypes; anything else computes in fp32.
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -25,8 +25,9 @@ at the same speed and size. Per-channel scales alone saturated more (79 % on AVX
 7 bits; uint8 weights, also exact, ran ~20 % slower. ``benchmarks/bench_export.py`` measures speed and accuracy.
 
 safetensors: ``model.safetensors`` (the state dict, normalisation buffers included) and ``config.json`` in timm's Hub
-layout (`hub`: the model arguments, class names, input size, ``crop_pct`` and crop mode, precision); `load_safetensors`
-rebuilds the model from the folder alone. ``gmlp export`` also writes a ``README.md`` model card (`card`).
+layout (`hub`: the model arguments, class names, input size, ``crop_pct`` and crop mode, precision);
+`artifacts.load_safetensors` rebuilds the model from the folder alone. ``gmlp export`` also writes a ``README.md``
+model card (`card`).
 
 Writing: each file is written to a temp file of its own beside it, then renamed over it (`files.replacing`), with
 the permissions ``open`` gives a new file; so concurrent exports to one place never mix. A place that cannot be
@@ -56,18 +57,12 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 
-from gmlp_vision.artifacts import (  # reading exports lives there; re-exported for `gmlp_vision.export` callers
-    ONNX_EXTRA,
-    SAFETENSORS_FORMAT,
-    SAFETENSORS_VERSION,
-    load_safetensors,
-    read_safetensors_config,
-)
+from gmlp_vision.artifacts import ONNX_EXTRA
 from gmlp_vision.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
 from gmlp_vision.errors import ExportError, one_line
 from gmlp_vision.evaluate import infer
 from gmlp_vision.files import made_folder, replacing, scratch_beside, why_not_written, write_text
-from gmlp_vision.hub import ExportConfig, hub_config
+from gmlp_vision.hub import FORMAT, ExportConfig, hub_config
 from gmlp_vision.images import resize
 from gmlp_vision.model import GMLP
 
@@ -289,7 +284,7 @@ def export_safetensors(checkpoint: str | Path, out_dir: str | Path) -> Path:
     with _writing(weights), made_folder(out_dir):
         with replacing(weights) as tmp:  # it keeps the usual permissions: safetensors alone writes 0600
             try:
-                save_file(state, str(tmp), metadata={"format": SAFETENSORS_FORMAT})
+                save_file(state, str(tmp), metadata={"format": FORMAT})
             except SafetensorError as e:  # how safetensors reports a failed write: "... (os error 28)"
                 code = re.search(r"os error (\d+)\)", str(e))
                 if code is None:
@@ -301,16 +296,11 @@ def export_safetensors(checkpoint: str | Path, out_dir: str | Path) -> Path:
 
 
 __all__ = [
-    "ONNX_EXTRA",
-    "SAFETENSORS_FORMAT",
-    "SAFETENSORS_VERSION",
     "check_onnx",
     "default_export_dir",
     "export_onnx",
     "export_safetensors",
-    "load_safetensors",
     "onnx_logits",
     "onnx_session",
     "quantize_onnx",
-    "read_safetensors_config",
 ]

@@ -302,7 +302,6 @@ def gelu_dropout(h: Tensor, approximate: str, rate: float) -> Tensor:
 __all__ = [
     "DISABLE_ENV",
     "SOURCE",
-    "KernelUnavailable",
     "applies",
     "build",
     "cache_dir",

@@ -17,14 +17,14 @@ from tqdm import tqdm
 from gmlp_vision.augment import streams_crop
 from gmlp_vision.config.core import Config
 from gmlp_vision.data.stream import ImageFiles
-from gmlp_vision.distributed import Dist
 from gmlp_vision.errors import NonFiniteLossError
 from gmlp_vision.graphs import GraphStep
 from gmlp_vision.optim import LrSchedule
-from gmlp_vision.state import METRICS, EpochProgress, TrainState
-from gmlp_vision.step import BatchInfo, add_metrics, train_step
+from gmlp_vision.runtime import Dist
+from gmlp_vision.state import EpochProgress, TrainState
+from gmlp_vision.step import METRICS, BatchInfo, add_metrics, train_step
 
-__all__ = ["BatchInfo", "GraphStep", "train_one_epoch", "train_step"]
+__all__ = ["train_one_epoch"]
 
 
 def train_one_epoch(

@@ -30,12 +30,10 @@ from gmlp_vision.checkpoint import load_checkpoint, resolve_checkpoint
 from gmlp_vision.errors import CheckpointError, ConfigError, ImageError
 from gmlp_vision.evaluate import infer
 from gmlp_vision.images import (
-    IMAGE_EXTENSIONS,
     MAX_IMAGE_PIXELS,
     ImageInput,
     array_to_tensor,
     check_resize,
-    expand_inputs,
     load_image,
     pil_to_tensor,
     resize_uint8,
@@ -258,14 +256,4 @@ class Classifier:
         ]
 
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "MAX_IMAGE_PIXELS",
-    "ClassScore",
-    "Classifier",
-    "ImageInput",
-    "Prediction",
-    "expand_inputs",
-    "load_image",
-    "resolve_checkpoint",
-]
+__all__ = ["ClassScore", "Classifier", "Prediction"]

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from gmlp_vision.data.registry import DATASET_KINDS
 from gmlp_vision.errors import ConfigError, shown
+from gmlp_vision.kinds import KINDS
 
 # A preset is a short list of overrides; the comment says why.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -214,7 +214,7 @@ PRESET_HELP: dict[str, str] = {
 }
 
 # The preset a dataset gets when --dataset is given and --preset is not.
-DATASET_PRESET: dict[str, str] = {name: kind.preset for name, kind in DATASET_KINDS.items()}
+DATASET_PRESET: dict[str, str] = {name: kind.preset for name, kind in KINDS.items()}
 
 
 def preset_overrides(name: str) -> dict[str, Any]:

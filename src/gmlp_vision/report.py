@@ -218,9 +218,7 @@ class TensorBoardLogger:
 
 
 __all__ = [
-    "PLOTS_DIR",
     "TensorBoardLogger",
-    "evaluation_report",
     "plot_history",
     "read_history",
     "require_tensorboard",

@@ -227,7 +227,7 @@ def evaluation_report(
         labels: (N,) true class indices.
         classes: class names, one per model output.
         batch_size: images per forward pass.
-        precision: ``fp32`` or ``bf16``, as `train.evaluate` takes it.
+        precision: ``fp32`` or ``bf16``, as `evaluate.evaluate` takes it.
         split: what the data calls these images (``test``, ``val``), for the titles.
 
     Returns:

@@ -25,10 +25,10 @@ from torch import Tensor, nn
 from gmlp_vision.checkpoint import Checkpoint, nonfinite_names, save_checkpoint
 from gmlp_vision.config.core import Config
 from gmlp_vision.data import Dataset
-from gmlp_vision.distributed import SINGLE, Dist, unwrap
 from gmlp_vision.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted, first_line
 from gmlp_vision.optim import EarlyStopping, Plateau, WeightEMA
 from gmlp_vision.resume_check import ResumeTarget, check_resume_state, training_images
+from gmlp_vision.runtime import SINGLE, Dist, unwrap
 from gmlp_vision.step import METRICS
 
 log = logging.getLogger("gmlp_vision")

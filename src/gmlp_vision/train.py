@@ -25,42 +25,28 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from gmlp_vision.augment import augment_for_training
 from gmlp_vision.config import Config, train_command
 from gmlp_vision.cpu import use_cpu_threads
 from gmlp_vision.data import Dataset, load_dataset
 from gmlp_vision.data.base import channel_stats
 from gmlp_vision.data.stream import ImageFiles, stats_sample
-from gmlp_vision.distributed import Dist, distributed, maybe_compile
+from gmlp_vision.distributed import distributed, maybe_compile
 from gmlp_vision.errors import ConfigError, NonFiniteLossError
-from gmlp_vision.evaluate import compute_input, evaluate, infer, topk_correct
+from gmlp_vision.evaluate import evaluate
 from gmlp_vision.graphs import GraphStep, unsupported
 from gmlp_vision.loop import train_one_epoch
 from gmlp_vision.model import GMLP
 from gmlp_vision.optim import LrSchedule, build_optimizer
+from gmlp_vision.pretrained import read_pretrained
 from gmlp_vision.resume_check import training_images
 from gmlp_vision.rundir import RunLock, format_epoch, open_run_dir, write_history, write_json
+from gmlp_vision.runtime import Dist
 from gmlp_vision.state import EpochProgress, TrainState, rank_seed
-from gmlp_vision.step import train_step
-from gmlp_vision.transfer import apply_pretrained, read_pretrained
+from gmlp_vision.transfer import apply_pretrained
 
 log = logging.getLogger("gmlp_vision")
 
-# The training API, and what moved out of this module but is still imported from here (evaluation, the optimiser).
-__all__ = [
-    "Result",
-    "augment_for_training",
-    "build_optimizer",
-    "channel_stats",
-    "compute_input",
-    "evaluate",
-    "infer",
-    "maybe_compile",
-    "topk_correct",
-    "train",
-    "train_one_epoch",
-    "train_step",
-]
+__all__ = ["EpochCallback", "Result", "train"]
 
 
 @dataclass

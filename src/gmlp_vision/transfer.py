@@ -1,6 +1,7 @@
-"""Start from trained weights: timm's gMLP checkpoints (``gmlp_s16_224``, the only public gMLP weights) or our own.
+"""Fit trained weights to a model: timm's gMLP weights (``gmlp_s16_224``, the only public gMLP weights) or our own.
 
-`load_pretrained` fills a fresh `GMLP` from a file and adapts it to the new task:
+Tensors and state dicts only; reading the files is `pretrained`'s. `fit_pretrained` adapts a state dict to an
+architecture and `apply_pretrained` copies it into a fresh `GMLP`:
 
 - timm names map one to one onto ours (`timm_to_gmlp`); timm's patch stem is a Conv2d whose (D, C, p, p) kernel
   becomes our Linear over patches flattened as (row, column, channel). timm models expect pixels scaled to
@@ -25,9 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gmlp_vision.checkpoint import FORMAT, checkpoint_from_payload
 from gmlp_vision.config.groups import ModelConfig
-from gmlp_vision.errors import CheckpointError, first_line
+from gmlp_vision.errors import CheckpointError
 from gmlp_vision.model import GMLP
 
 log = logging.getLogger("gmlp_vision")
@@ -88,36 +88,6 @@ def _plane(x: Tensor, old: int, grid: int) -> Tensor:
     return x.reshape(rows, grid * grid)
 
 
-def read_state(path: str | Path) -> tuple[dict[str, Tensor], Tensor | None, Tensor | None]:
-    """Weights from a timm file (.safetensors, .pth, .bin) or a gmlp checkpoint (.pt) or export (.safetensors).
-
-    Returns the state dict (our names) and, for gmlp files, the normalisation buffers (None for timm). gmlp training
-    checkpoints are validated as `load_checkpoint` does (format, version, digest), from the one read.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"--init {path}: no such file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt or hostile files raise many kinds; one clear line for all
-        raise CheckpointError(f"--init {path}: not a readable weights file ({first_line(e)})") from None
-    if isinstance(state, dict) and state.get("format") == FORMAT:
-        state = checkpoint_from_payload(state, path).model_state
-    for key in ("state_dict", "model"):  # common wrappers of plain PyTorch checkpoints
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError(f"--init {path}: holds no state dict of tensors")
-    if is_timm_state(state):
-        return timm_to_gmlp(state), None, None
-    return state, state.get("pixel_mean"), state.get("pixel_std")
-
-
 @dataclass
 class Pretrained:
     """Weights read and fitted to one architecture, ready for `apply_pretrained`."""
@@ -129,13 +99,21 @@ class Pretrained:
     fresh: list[str]  # parameters left as initialised (the head, for another class count)
 
 
-def read_pretrained(path: str | Path, cfg: ModelConfig) -> Pretrained:
-    """Read ``path`` and fit it to a model of architecture ``cfg`` (see the module docstring), touching no model.
+def fit_pretrained(
+    state: dict[str, Tensor], mean: Tensor | None, std: Tensor | None, cfg: ModelConfig, path: str | Path
+) -> Pretrained:
+    """Fit weights read from ``path`` to a model of architecture ``cfg`` (see the module docstring), touching no model.
+
+    Args:
+        state: The state dict, under our names (`timm_to_gmlp` for timm's).
+        mean: The pixel normalisation that came with it (None: timm's).
+        std: Likewise.
+        cfg: The architecture to fit.
+        path: Where the weights were read from, for `Pretrained.path` and the messages.
 
     Raises:
-        CheckpointError: unreadable file, or weights of another architecture (width, depth, patch size).
+        CheckpointError: weights of another architecture (width, depth, patch size).
     """
-    state, mean, std = read_state(path)
     state = {k: v for k, v in state.items() if k not in ("pixel_mean", "pixel_std")}
     with torch.device("meta"):  # the target's names and shapes, without allocating it
         own = {k: v.shape for k, v in GMLP(cfg).state_dict().items()}
@@ -175,12 +153,3 @@ def apply_pretrained(model: GMLP, pretrained: Pretrained) -> list[str]:
             model.pixel_std.copy_(pretrained.std)
     log.info("initialised from %s%s", pretrained.path, "; new classifier head" if pretrained.fresh else "")
     return pretrained.fresh
-
-
-def load_pretrained(model: GMLP, path: str | Path) -> list[str]:
-    """Fill ``model`` from ``path``; returns the names left as initialised (the head, for another class count).
-
-    Raises:
-        CheckpointError: unreadable file, or weights of another architecture (width, depth, patch size).
-    """
-    return apply_pretrained(model, read_pretrained(path, model.cfg))

@@ -23,8 +23,8 @@ from gmlp_vision.version import __version__
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from gmlp_vision.distributed import launched
     from gmlp_vision.rundir import resume_config
+    from gmlp_vision.runtime import launched
     from gmlp_vision.train import train
 
     if args.resume:
@@ -68,8 +68,8 @@ def _print_accuracy(split: str, metrics: dict[str, float], top5: bool) -> None:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from gmlp_vision.checkpoint import load_checkpoint, resolve_checkpoint
-    from gmlp_vision.distributed import resolve_device
     from gmlp_vision.evaluate import evaluate
+    from gmlp_vision.runtime import resolve_device
 
     device = resolve_device(args.device)
     cpu_threads_for(device)
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as e:  # argparse: 0 for --help/--version, 2 for usage errors (it already printed why)
         return int(e.code or 0)
-    from gmlp_vision.distributed import launched
+    from gmlp_vision.runtime import launched
 
     rank = launched().rank  # under torchrun only rank 0 logs; every rank reports its own errors
     _log_to_terminal(logging.INFO if rank == 0 else logging.WARNING)

@@ -64,8 +64,9 @@ def checkpoint_dataset(ckpt: Any, args: argparse.Namespace) -> Any:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from gmlp_vision.distributed import resolve_device
-    from gmlp_vision.predict import Classifier, expand_inputs
+    from gmlp_vision.images import expand_inputs
+    from gmlp_vision.predict import Classifier
+    from gmlp_vision.runtime import resolve_device
 
     device = resolve_device(args.device)
     cpu_threads_for(device)
@@ -108,6 +109,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     import gmlp_vision.export as export
+    from gmlp_vision.artifacts import load_safetensors
     from gmlp_vision.checkpoint import load_checkpoint, resolve_checkpoint
 
     if args.quantize and args.format != "onnx":
@@ -132,7 +134,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         _write_card(ckpt_path, out_dir, ckpt)
         if args.check:
             with torch.no_grad():
-                diff = (export.load_safetensors(out_dir)(images.float()) - model(images.float())).abs().max().item()
+                diff = (load_safetensors(out_dir)(images.float()) - model(images.float())).abs().max().item()
             print(
                 f"check: reloaded weights vs the checkpoint on {CHECK_IMAGES} random images: max abs logit "
                 f"difference {diff:.3g}"
@@ -168,8 +170,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from gmlp_vision.checkpoint import load_checkpoint, resolve_checkpoint
     from gmlp_vision.config import load_config_file
     from gmlp_vision.data.base import shows_top5
-    from gmlp_vision.distributed import resolve_device
-    from gmlp_vision.report import evaluation_report, plot_history
+    from gmlp_vision.report import plot_history
+    from gmlp_vision.report_eval import evaluation_report
+    from gmlp_vision.runtime import resolve_device
 
     run_dir = Path(args.run_dir)
     try:  # top-5 curves only where the run printed top-5: more than 10 classes

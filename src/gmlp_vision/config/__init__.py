@@ -2,6 +2,9 @@
 
 `checks.py` holds the rules every field obeys, `groups.py` the groups, `core.py` `Config` and its construction from
 presets, files and flat values. The command line's flags are generated from these fields in `gmlp_vision.cli.flags`.
+
+The package's API is ``__all__``: the names of `checks`, `core`, `groups` and `presets` that callers use, imported
+from here (``from gmlp_vision.config import Config``); like `gmlp_vision/__init__.py`, this file re-exports on purpose.
 """
 
 from gmlp_vision.config.checks import MAX_IMAGE_SIZE, MAX_INT, MAX_THREADS, MAX_TOKENS, check_device, field_types, flag

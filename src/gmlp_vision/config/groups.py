@@ -21,8 +21,8 @@ from gmlp_vision.config.checks import (
     positive,
     require,
 )
-from gmlp_vision.data.registry import DATASET_KINDS
 from gmlp_vision.errors import shown
+from gmlp_vision.kinds import KINDS
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class DataConfig:
     dataset: str = option(
         "cifar100",
         "dataset; folder: --data DIR with train/ and val/ (or test/) class folders",
-        tuple(DATASET_KINDS),
+        tuple(KINDS),
     )
     data: str | None = option(
         None, "local archive (.tar.gz) or extracted folder; default: the cache, downloading if needed"

@@ -1,7 +1,7 @@
-"""The dataset kinds: one row each, the only place a kind is named (config choices, presets, CLI and loading read it).
+"""The dataset kinds: one row each, on the names of `kinds.KINDS` (which the config reads), for the CLI and loading.
 
-A row names the loader as ``module:function`` and imports it only when that kind is loaded, so this table sits below
-the config and the loaders alike. A loader is called as ``loader(name, path, options)`` (`base.LoadOptions`).
+A row names the loader as ``module:function`` and imports it only when that kind is loaded, so reading this table
+loads no loader (nor torch). A loader is called as ``loader(name, path, options)`` (`base.LoadOptions`).
 """
 
 from __future__ import annotations
@@ -13,26 +13,26 @@ from typing import Any
 
 from gmlp_vision.data.base import Dataset, LoadOptions
 from gmlp_vision.errors import DataError
+from gmlp_vision.kinds import KINDS
 
 
 @dataclass(frozen=True)
 class DatasetKind:
-    """One dataset kind: how to load it, the shape of its data where that is fixed, and the preset it starts from."""
+    """One dataset kind: how to load it and the shape of its data where that is fixed (its preset: `kinds.KINDS`)."""
 
     loader: str  # "module:function", imported on first use
-    preset: str  # the preset `gmlp train --dataset NAME` uses when no --preset is given
     num_classes: int | None = None  # None: known only from the data (folder datasets)
     in_chans: int | None = None
     help: str = ""
 
 
 DATASET_KINDS: dict[str, DatasetKind] = {
-    "cifar10": DatasetKind("gmlp_vision.data.cifar:load_cifar", "seed", 10, 3, "CIFAR-10 (official python archive)"),
-    "cifar100": DatasetKind("gmlp_vision.data.cifar:load_cifar", "seed", 100, 3, "CIFAR-100 (the tutorial's)"),
-    "digits": DatasetKind("gmlp_vision.data.digits:load_digits", "digits", 10, 1, "the embedded 8x8 digits"),
-    "folder": DatasetKind("gmlp_vision.data.folders:load_folder", "general", help="--data DIR with train/ and val/"),
+    "cifar10": DatasetKind("gmlp_vision.data.cifar:load_cifar", 10, 3, "CIFAR-10 (official python archive)"),
+    "cifar100": DatasetKind("gmlp_vision.data.cifar:load_cifar", 100, 3, "CIFAR-100 (the tutorial's)"),
+    "digits": DatasetKind("gmlp_vision.data.digits:load_digits", 10, 1, "the embedded 8x8 digits"),
+    "folder": DatasetKind("gmlp_vision.data.folders:load_folder", help="--data DIR with train/ and val/"),
 }
-DATASETS = tuple(DATASET_KINDS)
+DATASETS = tuple(KINDS)  # the names the config offers; tests/test_data.py keeps the rows above on the same ones
 
 
 def load_dataset(name: str, path: str | Path | None = None, **options: Any) -> Dataset:
