@@ -43,3 +43,14 @@ def one_thread():
         patch.setenv("OMP_NUM_THREADS", "1")  # what train(threads=0) then runs with (gmlp_vision.cpu), too
         yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished one-epoch `tiny` run on synthetic images, trained once for the tests that only read it."""
+    from gmlp_vision.config import from_preset
+    from gmlp_vision.train import train
+    from synthetic import make_dataset
+
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    return train(from_preset("tiny", epochs=1, progress=False, out=str(out), threads=1), make_dataset()).run_dir

@@ -83,8 +83,8 @@ def test_the_model_takes_the_fused_path_and_agrees_with_the_pytorch_one(monkeypa
     model = GMLP(cfg)
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     calls = []
-    real = fused.gelu_dropout
-    monkeypatch.setattr(fused, "gelu_dropout", lambda *a: calls.append(a[1:]) or real(*a))
+    real = fused.fused_gelu_dropout  # what the model calls once it has checked `applies`
+    monkeypatch.setattr(fused, "fused_gelu_dropout", lambda *a: calls.append(a[1:]) or real(*a))
     model.eval()
     with torch.no_grad():
         eval_fused = model(x)

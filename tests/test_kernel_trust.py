@@ -18,9 +18,6 @@ import torch
 
 from gmlp_vision import fused, kernel_cache
 from gmlp_vision.cli import main
-from gmlp_vision.config import from_preset
-from gmlp_vision.train import train
-from synthetic import make_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,9 +37,8 @@ __attribute__((constructor)) static void planted(void) {
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("trust") / "run"
-    return train(from_preset("tiny", epochs=1, progress=False, out=str(out)), make_dataset()).run_dir
+def run(tiny_run) -> Path:
+    return tiny_run  # read only here: the session's one tiny run
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +72,7 @@ def plant(directory: Path, name: str, tmp_path: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / name
     subprocess.run([CC, "-shared", "-fPIC", str(source), "-o", str(target)], check=True)
-    kernel_cache._write_private(target.with_name(name + ".sha256"), (_sha(target) + "\n").encode())
+    target.with_name(name + ".sha256").write_text(_sha(target) + "\n")
     return target
 
 

@@ -20,7 +20,6 @@ from gmlp_vision.evaluate import evaluate, infer
 from gmlp_vision.images import expand_inputs, load_image, resize_uint8
 from gmlp_vision.predict import Classifier
 from gmlp_vision.train import train
-from synthetic import make_dataset
 
 REAL_CIFAR10 = Path(__file__).parents[1].parent / "shared" / "data" / "cifar-10-python.tar.gz"
 
@@ -29,9 +28,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("predict") / "run"
-    return train(from_preset("tiny", epochs=1, progress=False, out=str(out)), make_dataset()).run_dir
+def run(tiny_run) -> Path:
+    return tiny_run  # read only here: the session's one tiny run
 
 
 @pytest.fixture(scope="module")

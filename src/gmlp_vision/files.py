@@ -45,10 +45,11 @@ def scratch_beside(path: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def replacing(path: Path) -> Iterator[Path]:
+def replacing(path: Path, mode: int | None = None) -> Iterator[Path]:
     """A `temp_beside` file for the block to write, renamed over ``path`` when the block succeeds.
 
-    ``path`` gets the temp's first permissions even where the writer changed them (safetensors makes its file 0600).
+    ``path`` gets ``mode``, or else the temp's first permissions, even where the writer changed them (safetensors
+    makes its file 0600, a compiler its output as the umask says).
 
     Raises:
         OSError: the temp cannot be made or renamed; the temp is removed and ``path`` is left as it was, as on
@@ -56,7 +57,7 @@ def replacing(path: Path) -> Iterator[Path]:
     """
     tmp = temp_beside(path)
     try:
-        mode = stat.S_IMODE(tmp.stat().st_mode)
+        mode = stat.S_IMODE(tmp.stat().st_mode) if mode is None else mode
         yield tmp
         os.chmod(tmp, mode)
         os.replace(tmp, path)

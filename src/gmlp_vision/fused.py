@@ -285,14 +285,23 @@ _forward.register_autograd(_gradient, setup_context=_save)
 
 
 def gelu_dropout(h: Tensor, approximate: str, rate: float) -> Tensor:
-    """``dropout(GELU(h), rate)`` in one fused pass (``rate`` 0: GELU alone); for tensors `applies` accepts.
+    """``dropout(GELU(h), rate)`` in one fused pass (``rate`` 0: GELU alone), for any tensor.
+
+    A tensor `applies` refuses, and every tensor where the kernels are unavailable, takes the PyTorch path (with
+    PyTorch's own masks).
+    """
+    if rate < 1.0 and not applies(h):
+        return F.dropout(F.gelu(h, approximate=approximate), rate, training=rate > 0)
+    return fused_gelu_dropout(h, approximate, rate)
+
+
+def fused_gelu_dropout(h: Tensor, approximate: str, rate: float) -> Tensor:
+    """`gelu_dropout` for a tensor the caller has already checked with `applies` (the model's block, once per step).
 
     The seed of the dropout hash is drawn from torch's default generator, as PyTorch's own dropout draws from it.
     """
     if rate >= 1.0:
         return h * 0.0  # everything dropped, as nn.Dropout(1.0)
-    if not applies(h):  # no kernels here (or another tensor): the PyTorch path, with PyTorch's own masks
-        return F.dropout(F.gelu(h, approximate=approximate), rate, training=rate > 0)
     exact, dropout = approximate != "tanh", rate > 0.0
     threshold, scale = keep_threshold(rate) if dropout else (0, 1.0)
     seed = torch.randint(0, _SPAN, (), dtype=torch.int64) if dropout else torch.zeros((), dtype=torch.int64)
@@ -305,6 +314,7 @@ __all__ = [
     "applies",
     "build",
     "cache_dir",
+    "fused_gelu_dropout",
     "gelu_dropout",
     "keep_mask",
     "keep_threshold",

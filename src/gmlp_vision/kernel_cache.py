@@ -33,6 +33,8 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from gmlp_vision.files import replacing
+
 DIGEST_SUFFIX = ".sha256"
 MAX_LIBRARY_BYTES = 64 << 20  # a kernel library is ~70 KB; anything this large is not one of ours
 _PRIVATE: dict[str, Path] = {}  # this process's private build directory, once made
@@ -264,25 +266,12 @@ def _dlopen(fd: int, path: Path) -> ctypes.CDLL:
             os.close(extra)
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def compile_library(command: Sequence[str], source: Path, flags: Sequence[str], out: Path, *, again: bool) -> None:
     """Compile ``source`` into ``out`` and record its digest, unless a build with a digest is there (or ``again``).
 
-    The library is compiled to a temp file of its own, synced, hashed, then renamed over ``out``; a failure leaves
-    nothing behind.
+    The library is compiled to a temp file of its own (`files.replacing`), hashed, then renamed over ``out``, after
+    its digest (a library torn by a crash fails that digest and is built again); a failure leaves nothing behind.
+    Both are written 0755/0644 whatever the umask: `load_verified` refuses files others may write.
 
     Raises:
         KernelUnavailable: the compiler failed, or the files could not be written.
@@ -291,25 +280,18 @@ def compile_library(command: Sequence[str], source: Path, flags: Sequence[str], 
         digest = out.with_name(out.name + DIGEST_SUFFIX)
         if not again and out.is_file() and digest.is_file():
             return
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)  # one per builder
-        os.close(fd)
-        tmp = Path(name)
         try:
-            done = subprocess.run([*command, *flags, str(source), "-o", str(tmp)], capture_output=True, text=True,
-                                  timeout=300)  # fmt: skip
-            if done.returncode != 0:
-                first = (done.stderr or done.stdout).strip().splitlines()[:1]
-                raise KernelUnavailable(f"{shlex.join(command)} failed: {first[0] if first else done.returncode}")
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())  # whole on disk before it gets the name others trust
-                sha = _digest_of(f.fileno())
-            os.chmod(tmp, 0o755)
-            _write_private(digest, (sha + "\n").encode())
-            os.replace(tmp, out)
+            with replacing(out, 0o755) as tmp:
+                done = subprocess.run([*command, *flags, str(source), "-o", str(tmp)], capture_output=True, text=True,
+                                      timeout=300)  # fmt: skip
+                if done.returncode != 0:
+                    first = (done.stderr or done.stdout).strip().splitlines()[:1]
+                    raise KernelUnavailable(f"{shlex.join(command)} failed: {first[0] if first else done.returncode}")
+                sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
+                with replacing(digest, 0o644) as record:
+                    record.write_text(sha + "\n")
         except (OSError, subprocess.SubprocessError) as e:
             raise KernelUnavailable(f"cannot build {out}: {e}") from None
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 __all__ = [

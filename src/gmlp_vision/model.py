@@ -138,7 +138,10 @@ class GMLPBlock(nn.Module):
         scale = 1.0
         if fused.applies(u):  # float32 on the CPU: GELU and dropout in one pass each way (`fused`)
             rate = self.dropout if self.training else 0.0
-            u, v = fused.gelu_dropout(u, self.approximate, rate), fused.gelu_dropout(v, self.approximate, rate)
+            u, v = (
+                fused.fused_gelu_dropout(u, self.approximate, rate),
+                fused.fused_gelu_dropout(v, self.approximate, rate),
+            )
         else:
             u, v = F.gelu(u, approximate=self.approximate), F.gelu(v, approximate=self.approximate)
             if self.training and self.dropout > 0:
