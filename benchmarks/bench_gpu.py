@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from bench_peers import PEERS
 from torch import Tensor, nn
 
+from gmlp_vision.batches import Batch, BatchSource
+from gmlp_vision.callbacks import Callback, RunInfo
 from gmlp_vision.config import from_preset
 from gmlp_vision.data import Dataset, Split
 from gmlp_vision.distributed import maybe_compile
@@ -146,13 +148,13 @@ class Run:
         return rate(step, items, self.seconds, self.device)
 
 
-class EpochClock:
-    """The time at the end of each epoch (`train`'s ``on_epoch_end``)."""
+class EpochClock(Callback):
+    """The time at the end of each epoch (a `callbacks.Callback`)."""
 
     def __init__(self) -> None:
         self.ends: list[float] = []
 
-    def __call__(self, *_: object) -> None:
+    def on_epoch_end(self, run: RunInfo, row: dict[str, float]) -> None:
         self.ends.append(time.perf_counter())
 
 
@@ -169,7 +171,7 @@ def timed_epochs(run: Run, ds: Dataset, name: str) -> dict[str, Any]:
         out=str(run.out_dir / name.replace(" ", "-")),
     )
     clock = EpochClock()
-    history = train(cfg, ds, on_epoch_end=clock).history
+    history = train(cfg, ds, callbacks=[clock]).history
     epoch_s = [b - a for a, b in zip(clock.ends, clock.ends[1:], strict=False)]
     return {"epoch_s": epoch_s, "row_s": [r["seconds"] for r in history]}
 
@@ -218,8 +220,9 @@ def _stepper(
     batches = torch.randperm(len(labels), device=run.device).split(batch)[: len(labels) // batch]
     counter = iter(range(1 << 62))
     if graphs:
-        step = GraphStep(model, net, optimizer, cfg, generator, images, labels, capture=run.device.type == "cuda")
-        return lambda: step.step(batches[next(counter) % len(batches)])
+        source = BatchSource(images, labels, cfg.optim.batch_size)
+        step = GraphStep(model, net, optimizer, cfg, generator, source, capture=run.device.type == "cuda")
+        return lambda: step.step(Batch(0, batches[next(counter) % len(batches)], 1.0 / batch))
 
     def eager() -> object:
         idx = batches[next(counter) % len(batches)]

@@ -25,13 +25,38 @@ from pathlib import Path
 
 import torch
 
+from gmlp_vision.callbacks import Callback, RunInfo
 from gmlp_vision.cli.flags import add_config_arguments, config_from_args
-from gmlp_vision.data import load_dataset
+from gmlp_vision.data import Dataset, load_dataset
 from gmlp_vision.evaluate import evaluate
 from gmlp_vision.train import train
 
 THRESHOLDS = (0.70, 0.80, 0.85, 0.90)
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar-10-python.tar.gz"
+
+
+class TestEachEpoch(Callback):
+    """After each epoch: the test accuracy of the weights (and of their average), and the training seconds so far.
+
+    The time this benchmark spends on its own test evaluations is left out of the seconds.
+    """
+
+    def __init__(self, ds: Dataset, precision: str, t0: float, rows: list[dict[str, float]]) -> None:
+        self.ds, self.precision, self.t0, self.rows, self.excluded = ds, precision, t0, rows, 0.0
+
+    def on_epoch_end(self, run: RunInfo, row: dict[str, float]) -> None:
+        t = time.perf_counter()
+        seconds = t - self.t0 - self.excluded
+        images, labels = self.ds.test.images, self.ds.test.labels
+        test = evaluate(run.model, images, labels, precision=self.precision)
+        entry = {"epoch": row["epoch"], "seconds": seconds, "train_loss": row["loss"], "test_acc": test["acc"]}
+        if run.averaged is not None:
+            entry["test_ema_acc"] = evaluate(run.averaged, images, labels, precision=self.precision)["acc"]
+        self.rows.append(entry)
+        ema_text = f"  ema {100 * entry['test_ema_acc']:.2f} %" if run.averaged is not None else ""
+        print(f"epoch {int(row['epoch']):3d}  {seconds:7.1f} s  train loss {row['loss']:.4f}  "
+              f"test {100 * test['acc']:.2f} %{ema_text}", flush=True)  # fmt: skip
+        self.excluded += time.perf_counter() - t
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,24 +81,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     ds = load_dataset("cifar10", cfg.data.data, download=False, progress=False, image_size=cfg.model.image_size)
-    excluded = 0.0  # seconds spent on this benchmark's own test evaluations
+
     rows: list[dict[str, float]] = []
-
-    def on_epoch_end(row: dict[str, float], model: torch.nn.Module, ema: torch.nn.Module | None) -> None:
-        nonlocal excluded
-        t = time.perf_counter()
-        seconds = t - t0 - excluded
-        test = evaluate(model, ds.test.images, ds.test.labels, precision=cfg.run.precision)
-        entry = {"epoch": row["epoch"], "seconds": seconds, "train_loss": row["loss"], "test_acc": test["acc"]}
-        if ema is not None:
-            entry["test_ema_acc"] = evaluate(ema, ds.test.images, ds.test.labels, precision=cfg.run.precision)["acc"]
-        rows.append(entry)
-        ema_text = f"  ema {100 * entry['test_ema_acc']:.2f} %" if ema is not None else ""
-        print(f"epoch {int(row['epoch']):3d}  {seconds:7.1f} s  train loss {row['loss']:.4f}  "
-              f"test {100 * test['acc']:.2f} %{ema_text}", flush=True)  # fmt: skip
-        excluded += time.perf_counter() - t
-
-    train(cfg, ds, on_epoch_end=on_epoch_end)
+    train(cfg, ds, callbacks=[TestEachEpoch(ds, cfg.run.precision, t0, rows)])
     best = lambda r: max(r["test_acc"], r.get("test_ema_acc", 0.0))  # noqa: E731
     reached = {f"{round(100 * a)}%": next((r["seconds"] for r in rows if best(r) >= a), None) for a in THRESHOLDS}
     within = [r for r in rows if r["seconds"] <= args.budget]

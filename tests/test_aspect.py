@@ -1,4 +1,4 @@
-"""Aspect handling (issue 14): non-square images are centre-cropped, not squashed, everywhere images are fitted.
+"""Aspect handling: non-square images are centre-cropped, not squashed, everywhere images are fitted.
 
 `images.resize` is the one rule (timm's evaluation transform: shorter side to ``size / crop_pct``, centre crop);
 ``--resize squash`` keeps the old stretch, and square images at the model's size never change.

@@ -1,5 +1,5 @@
 """The benchmark's measurement of our step still runs against the current API (a benchmark that errors measures
-nothing): one eager fp32 mode with a tiny time budget. Speeds are never asserted here (issue 15: benchmarks/)."""
+nothing): one eager fp32 mode with a tiny time budget. Speeds are never asserted here (benchmarks/ holds them)."""
 
 import sys
 from pathlib import Path

@@ -7,8 +7,6 @@ import signal
 import pytest
 import torch
 
-from gmlp_vision import loop as loop_mod
-from gmlp_vision import state as state_mod
 from gmlp_vision.checkpoint import load_checkpoint
 from gmlp_vision.cli import main
 from gmlp_vision.config import from_preset
@@ -17,12 +15,14 @@ from gmlp_vision.errors import ConfigError, TrainingInterrupted
 from gmlp_vision.evaluate import evaluate, infer
 from gmlp_vision.model import GMLP, layer_norm
 from gmlp_vision.optim import build_optimizer
+from gmlp_vision.precision import PRECISIONS, Precision
 from gmlp_vision.predict import Classifier
 from gmlp_vision.rundir import resume_config
-from gmlp_vision.state import gradient_scaler
-from gmlp_vision.step import train_step
+from gmlp_vision.step import EagerStep, train_step
 from gmlp_vision.train import train
 from synthetic import make_dataset, make_split
+
+eager_step = EagerStep.step  # the real step, for the wrappers below that count or poison steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,7 +35,7 @@ def step_setup(**overrides):
     torch.manual_seed(0)
     model = GMLP(cfg.model)
     batch = make_split(32, 4, 32, seed=0)
-    return cfg, model, build_optimizer(cfg.optim, model), gradient_scaler("fp16", CPU), (batch.images, batch.labels)
+    return cfg, model, build_optimizer(cfg.optim, model), PRECISIONS["fp16"].scaler(CPU), (batch.images, batch.labels)
 
 
 def weights(model):
@@ -47,12 +47,12 @@ def adam_steps(optimizer):
 
 
 def test_only_fp16_gets_a_scaler_and_an_old_torch_is_told_which_flag_needs_a_newer_one(monkeypatch):
-    assert gradient_scaler("fp32", CPU) is None and gradient_scaler("bf16", CPU) is None
-    scaler = gradient_scaler("fp16", CPU)
+    assert PRECISIONS["fp32"].scaler(CPU) is None and PRECISIONS["bf16"].scaler(CPU) is None
+    scaler = PRECISIONS["fp16"].scaler(CPU)
     assert scaler.is_enabled() and scaler.get_scale() == 2.0**16
     monkeypatch.delattr(torch.amp, "GradScaler")
     with pytest.raises(ConfigError, match="--precision fp16 needs torch 2.3"):
-        gradient_scaler("fp16", CPU)
+        PRECISIONS["fp16"].scaler(CPU)
 
 
 def test_an_overflowing_gradient_skips_the_step_halves_the_scale_and_training_goes_on():
@@ -99,24 +99,24 @@ def same_weights(a, b):
 
 def start_high(precision, device):
     """A scaler starting at 2^24, so that the first steps overflow and the scale at the cut is not the initial one."""
-    return torch.amp.GradScaler(device.type, init_scale=2.0**24) if precision == "fp16" else None
+    return torch.amp.GradScaler(device.type, init_scale=2.0**24) if precision.needs_scaler else None
 
 
 def interrupt_at(monkeypatch, calls):
     """SIGTERM during optimiser step number ``calls`` (1-based)."""
     count = {"n": 0}
 
-    def step(*args, **kw):
+    def step(stepper, batch):
         count["n"] += 1
         if count["n"] == calls:
             os.kill(os.getpid(), signal.SIGTERM)
-        return train_step(*args, **kw)
+        return eager_step(stepper, batch)
 
-    monkeypatch.setattr(loop_mod, "train_step", step)
+    monkeypatch.setattr(EagerStep, "step", step)
 
 
 def test_an_interrupted_fp16_run_resumes_its_scaler_and_equals_a_straight_run(monkeypatch, tmp_path):
-    monkeypatch.setattr(state_mod, "gradient_scaler", start_high)
+    monkeypatch.setattr(Precision, "scaler", start_high)
     ds = make_dataset()
     straight = train(cfg_for(tmp_path, "straight"), ds)
     end = load_checkpoint(straight.run_dir / "last.pt")

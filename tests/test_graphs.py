@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from gmlp_vision import graphs as graphs_mod
+from gmlp_vision.batches import Batch, BatchSource
 from gmlp_vision.checkpoint import load_checkpoint
 from gmlp_vision.config import from_preset
 from gmlp_vision.errors import ConfigError
@@ -20,6 +21,7 @@ from gmlp_vision.model import GMLP
 from gmlp_vision.optim import KerasAdamW, adamw_apply, adamw_scalars, build_optimizer, init_adamw_state
 from gmlp_vision.rundir import resume_config
 from gmlp_vision.state import TrainState
+from gmlp_vision.step import EagerStep
 from gmlp_vision.train import train
 from synthetic import make_dataset
 
@@ -59,19 +61,21 @@ def run_epochs(device, graph: str, epochs=2, **kw):
     cfg = from_preset("tiny", num_classes=ds.num_classes, progress=False, clip_grad=1.0, **kw)
     torch.manual_seed(0)
     net = GMLP(cfg.model).to(device)
-    state = TrainState(cfg, net, build_optimizer(cfg.optim, net), torch.Generator(device).manual_seed(0))
-    images, labels = ds.train.images.to(device), ds.train.labels.to(device)
-    step = None
-    if graph != "eager":
-        step = GraphStep(net, net, state.optimizer, cfg, state.generator, images, labels, capture=graph == "captured")
-    rows = [train_one_epoch(state, images, labels, graphs=step) for _ in range(epochs)]
+    source = BatchSource(ds.train.images.to(device), ds.train.labels.to(device), cfg.optim.batch_size)
+    generator = torch.Generator(device).manual_seed(0)
+    state = TrainState(cfg, net, build_optimizer(cfg.optim, net), generator, steps_per_epoch=source.steps_per_epoch)
+    if graph == "eager":
+        step = EagerStep(net, state.optimizer, cfg, generator)
+    else:
+        step = GraphStep(net, net, state.optimizer, cfg, generator, source, capture=graph == "captured")
+    rows = [train_one_epoch(state, source, step, source.new_epoch(state.order, state.step)) for _ in range(epochs)]
     default = torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()  # dropout's stream
     return state, rows, default
 
 
 def assert_same_run(a, b, exact):
     (sa, rows_a, default_a), (sb, rows_b, default_b) = a, b
-    pa, pb = list(sa.net.parameters()), list(sb.net.parameters())
+    pa, pb = list(sa.model.parameters()), list(sb.model.parameters())
     if exact:
         assert all(torch.equal(x, y) for x, y in zip(pa, pb, strict=True))
         assert rows_a == rows_b
@@ -96,12 +100,12 @@ def test_torch_adamw_and_its_lr_schedule_through_the_graph_step(one_thread):
 def test_a_warm_up_leaves_no_trace():
     state, _, _ = run_epochs("cpu", "eager", epochs=1)
     ds = make_dataset(n_train=100, n_test=10)
-    images, labels = ds.train.images, ds.train.labels
-    before = (copy.deepcopy(state.net.state_dict()), copy.deepcopy(state.optimizer.state_dict()))
+    source = BatchSource(ds.train.images, ds.train.labels, state.cfg.optim.batch_size)
+    before = (copy.deepcopy(state.model.state_dict()), copy.deepcopy(state.optimizer.state_dict()))
     streams = (state.generator.get_state(), torch.get_rng_state())
-    step = GraphStep(state.net, state.net, state.optimizer, state.cfg, state.generator, images, labels, capture=False)
+    step = GraphStep(state.model, state.model, state.optimizer, state.cfg, state.generator, source, capture=False)
     step._prepare(32)
-    after = state.net.state_dict(), state.optimizer.state_dict()
+    after = state.model.state_dict(), state.optimizer.state_dict()
     assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
     for k, s in before[1]["state"].items():
         assert s["step"] == after[1]["state"][k]["step"]
@@ -156,9 +160,10 @@ def test_a_capture_that_fails_says_how_to_train_without(monkeypatch):
     cfg = from_preset("tiny", num_classes=ds.num_classes)
     net = GMLP(cfg.model)
     gen = torch.Generator().manual_seed(0)
-    step = GraphStep(net, net, build_optimizer(cfg.optim, net), cfg, gen, ds.train.images, ds.train.labels)
+    source = BatchSource(ds.train.images, ds.train.labels, cfg.optim.batch_size)
+    step = GraphStep(net, net, build_optimizer(cfg.optim, net), cfg, gen, source)
     with pytest.raises(ConfigError, match=r"not permitted when stream is capturing\); train with --no-cuda-graphs$"):
-        step.step(torch.arange(32))
+        step.step(Batch(0, torch.arange(32), 1 / 32))
 
 
 def test_a_run_resumes_without_graphs(tmp_path):

@@ -17,7 +17,6 @@ import pytest
 import torch
 from PIL import Image
 
-from gmlp_vision import loop as loop_mod
 from gmlp_vision import train as train_mod
 from gmlp_vision.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from gmlp_vision.cli import main
@@ -25,9 +24,11 @@ from gmlp_vision.config import from_preset
 from gmlp_vision.errors import NonFiniteLossError
 from gmlp_vision.model import GMLP
 from gmlp_vision.rundir import resume_config, write_json
-from gmlp_vision.step import train_step
+from gmlp_vision.step import EagerStep
 from gmlp_vision.train import train
 from synthetic import make_dataset
+
+eager_step = EagerStep.step  # the real step, for the wrappers below that count or poison steps
 
 MEMORY_LIMIT = 2 << 30  # bytes of address space: plenty for torch and a tiny model, far below a 40 GB allocation
 
@@ -81,17 +82,17 @@ def test_a_mid_epoch_checkpoint_is_never_written_with_infinite_weights(tmp_path)
 def test_weights_that_diverge_later_keep_the_last_finite_checkpoint_which_resumes(monkeypatch, tmp_path):
     count = {"n": 0}
 
-    def diverging(model, *args, **kw):
-        out = train_step(model, *args, **kw)
+    def diverging(stepper, batch):
+        out = eager_step(stepper, batch)
         count["n"] += 1
         if count["n"] == 11:  # epoch 2: the update leaves inf weights behind a finite loss
             with torch.no_grad():
-                next(model.parameters()).fill_(float("inf"))
+                next(stepper.model.parameters()).fill_(float("inf"))
         return out
 
     cfg = from_preset("tiny", epochs=3, progress=False, out=str(tmp_path / "run"), val_split=0.2, batch_size=32,
                       checkpoint_every=1)  # fmt: skip
-    monkeypatch.setattr(loop_mod, "train_step", diverging)
+    monkeypatch.setattr(EagerStep, "step", diverging)
     with pytest.raises(NonFiniteLossError, match="by step 11 .* keeps the last finite weights"):
         train(cfg, make_dataset())
     last = load_checkpoint(tmp_path / "run" / "last.pt")

@@ -1,4 +1,4 @@
-"""The fused kernels' cache is trusted before anything in it is loaded (issue 21): planted, damaged and wrong builds.
+"""The fused kernels' cache is trusted before anything in it is loaded: planted, damaged and wrong builds.
 
 A planted or truncated library would run or crash inside the process that loads it, so those cases run ``gmlp
 predict`` in a child process and look at what it left: the planted library's constructor writes a marker file when

@@ -1,4 +1,4 @@
-"""One address per name (issue 22): a module's ``__all__`` lists what it defines, and importers take it from there.
+"""One address per name: a module's ``__all__`` lists what it defines, and importers take it from there.
 
 Re-exports are allowed only in the packages' ``__init__`` files, each a documented API: `gmlp_vision` (the public
 API, loaded lazily), `gmlp_vision.config`, `gmlp_vision.data` and `gmlp_vision.cli`. Read from the source with `ast`,

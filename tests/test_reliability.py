@@ -9,15 +9,16 @@ import pytest
 import torch
 
 from gmlp_vision import checkpoint as checkpoint_mod
-from gmlp_vision import loop as loop_mod
 from gmlp_vision.checkpoint import load_checkpoint
 from gmlp_vision.cli import main
 from gmlp_vision.config import from_preset
 from gmlp_vision.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted
 from gmlp_vision.rundir import resume_config
-from gmlp_vision.step import train_step
+from gmlp_vision.step import EagerStep
 from gmlp_vision.train import train
 from synthetic import make_dataset
+
+eager_step = EagerStep.step  # the real step, for the wrappers below that count or poison steps
 
 
 def cfg_for(tmp_path, name, **kw):
@@ -35,13 +36,13 @@ def interrupt_at(monkeypatch, calls, signum=signal.SIGTERM):
     """Deliver ``signum`` to this process during optimiser step number ``calls`` (1-based)."""
     count = {"n": 0}
 
-    def step(*args, **kw):
+    def step(stepper, batch):
         count["n"] += 1
         if count["n"] == calls:
             os.kill(os.getpid(), signum)
-        return train_step(*args, **kw)
+        return eager_step(stepper, batch)
 
-    monkeypatch.setattr(loop_mod, "train_step", step)
+    monkeypatch.setattr(EagerStep, "step", step)
 
 
 # The modern recipe's random ops and the weight average must resume exactly too.
@@ -83,14 +84,14 @@ def test_periodic_checkpoints_within_an_epoch(tmp_path):
 def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(monkeypatch, tmp_path):
     count = {"n": 0}
 
-    def poisoned(model, *args, **kw):
+    def poisoned(stepper, batch):
         count["n"] += 1
         if count["n"] == 11:  # epoch 2, after the epoch-1 checkpoint
             with torch.no_grad():
-                model.head.weight.fill_(float("nan"))
-        return train_step(model, *args, **kw)
+                stepper.model.head.weight.fill_(float("nan"))
+        return eager_step(stepper, batch)
 
-    monkeypatch.setattr(loop_mod, "train_step", poisoned)
+    monkeypatch.setattr(EagerStep, "step", poisoned)
     with pytest.raises(NonFiniteLossError, match="became nan at step 11"):
         train(cfg_for(tmp_path, "run"), make_dataset())
     last = load_checkpoint(tmp_path / "run" / "last.pt")

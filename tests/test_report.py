@@ -122,14 +122,19 @@ def test_tensorboard_logger(tmp_path, monkeypatch):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_train_logs_to_tensorboard_when_asked(tmp_path):
+def test_train_logs_to_tensorboard_and_plots_when_asked(tmp_path):
     pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
-    from gmlp_vision.train import train
-    from synthetic import make_dataset
+    from gmlp_vision.reporting import default_callbacks
 
     cfg = from_preset("tiny", epochs=1, progress=False, out=str(tmp_path / "run"), tensorboard=True, threads=1)
-    train(cfg, make_dataset(n_train=64, n_test=16))
+    result = train(cfg, make_dataset(n_train=64, n_test=16), callbacks=default_callbacks(cfg))
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in result.plots) == sorted(HISTORY_PLOTS + EVAL_FILES)
+    assert all(p.parent == tmp_path / "run" / "plots" and p.is_file() for p in result.plots)
+    # Without callbacks the loop writes the run's own files and no plot or event file.
+    bare = train(cfg.replace(out=str(tmp_path / "bare")), make_dataset(n_train=64, n_test=16))
+    assert bare.plots == [] and not (tmp_path / "bare" / "plots").exists()
+    assert not (tmp_path / "bare" / "tensorboard").exists() and (tmp_path / "bare" / "results.json").is_file()
 
 
 def test_tensorboard_without_its_extra_stops_before_the_data_or_the_run_directory(tmp_path, monkeypatch, capsys):

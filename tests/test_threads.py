@@ -1,4 +1,4 @@
-"""CPU threads (issue 14): usable cores from affinity and cgroups, the busy rule, warnings, torchrun, train()."""
+"""CPU threads: usable cores from affinity and cgroups, the busy rule, warnings, torchrun, train()."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from gmlp_vision import cpu
-from gmlp_vision.cli.tools import cpu_threads_for
+from gmlp_vision.callbacks import Callback
+from gmlp_vision.cli.model_commands import cpu_threads_for
 from gmlp_vision.config import from_preset
 from gmlp_vision.cpu import busy_between, cgroup_cores, choose_threads, cpu_threads, cpu_times, idle_cores, usable_cores
 from gmlp_vision.train import train
@@ -164,8 +165,9 @@ class Seen(Exception):
     """Raised from the epoch callback: the test has what it needs, and the run's plots are skipped."""
 
 
-def stop_after_epoch(row, net, ema):
-    raise Seen(torch.get_num_threads())
+class StopAfterEpoch(Callback):
+    def on_epoch_end(self, run, row):
+        raise Seen(torch.get_num_threads())
 
 
 def test_train_runs_with_the_decided_thread_count_and_restores_it(tmp_path, monkeypatch, caplog):
@@ -175,7 +177,7 @@ def test_train_runs_with_the_decided_thread_count_and_restores_it(tmp_path, monk
 
     cfg = from_preset("tiny", epochs=1, progress=False, out=str(tmp_path / "run"), val_split=0.2, threads=0)
     with caplog.at_level(logging.INFO, logger="gmlp_vision"), pytest.raises(Seen) as seen:
-        train(cfg, make_dataset(32, 8), on_epoch_end=stop_after_epoch)
+        train(cfg, make_dataset(32, 8), callbacks=[StopAfterEpoch()])
     assert seen.value.args == (1,)
     assert "CPU threads: 1 (2 usable cores, 1.0 busy with other work at start" in caplog.text
     assert torch.get_num_threads() == 2  # the caller's count again
@@ -186,7 +188,7 @@ def test_train_warns_about_more_threads_than_cores(tmp_path, monkeypatch, caplog
 
     cfg = from_preset("tiny", epochs=1, progress=False, out=str(tmp_path / "run"), val_split=0.2, threads=2)
     with caplog.at_level(logging.INFO, logger="gmlp_vision"), pytest.raises(Seen) as seen:
-        train(cfg, make_dataset(32, 8), on_epoch_end=stop_after_epoch)
+        train(cfg, make_dataset(32, 8), callbacks=[StopAfterEpoch()])
     assert seen.value.args == (2,)  # kept, as asked
     assert "--threads 2 is more than the 1 CPU core this process may use" in caplog.text
 

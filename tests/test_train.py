@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from gmlp_vision import train as train_mod
+from gmlp_vision.batches import BatchSource
 from gmlp_vision.checkpoint import load_checkpoint
 from gmlp_vision.config import from_preset
 from gmlp_vision.data.base import channel_stats
@@ -12,6 +13,7 @@ from gmlp_vision.evaluate import evaluate
 from gmlp_vision.loop import train_one_epoch
 from gmlp_vision.model import GMLP
 from gmlp_vision.state import TrainState
+from gmlp_vision.step import EagerStep
 from gmlp_vision.train import train
 from synthetic import make_dataset
 
@@ -56,9 +58,11 @@ def test_one_batch_can_be_overfit():
     )
     model = GMLP(cfg.model)
     model.set_normalization(*channel_stats(ds.train.images))
+    source = BatchSource(ds.train.images, ds.train.labels, cfg.optim.batch_size)
     state = TrainState(cfg, model, torch.optim.Adam(model.parameters(), lr=3e-3), torch.Generator().manual_seed(0))
+    step = EagerStep(model, state.optimizer, cfg, state.generator)
     for _ in range(60):
-        metrics = train_one_epoch(state, ds.train.images, ds.train.labels)
+        metrics = train_one_epoch(state, source, step, source.new_epoch(state.order, state.step))
     assert state.step == 60
     assert metrics["acc"] == 1.0
     assert metrics["loss"] < 0.05

@@ -7,6 +7,9 @@ The public API, the names of ``__all__`` (from the modules named):
 - `Config`, `ModelConfig`, `from_preset` (`gmlp_vision.config`): a run's configuration; `PRESETS`
   (`gmlp_vision.presets`).
 - `load_checkpoint`, `load_model` (`gmlp_vision.checkpoint`).
+- `Callback` (`gmlp_vision.callbacks`): hooks into a training run (``from gmlp_vision.train import train``: the
+  package's attribute ``train`` is that module); `default_callbacks` (`gmlp_vision.reporting`): the plots (and
+  TensorBoard) that ``gmlp train`` writes.
 - ``__version__`` (`gmlp_vision.version`).
 
 This is the one place that re-exports names; every other module's ``__all__`` lists only what it defines
@@ -30,25 +33,31 @@ _WHERE = {
     "from_preset": "gmlp_vision.config",
     "load_checkpoint": "gmlp_vision.checkpoint",
     "load_model": "gmlp_vision.checkpoint",
+    "Callback": "gmlp_vision.callbacks",
+    "default_callbacks": "gmlp_vision.reporting",
 }
 __all__ = [
     "GMLP",
     "PRESETS",
+    "Callback",
     "Classifier",
     "Config",
     "ModelConfig",
     "__version__",
+    "default_callbacks",
     "from_preset",
     "load_checkpoint",
     "load_model",
 ]
 
 if TYPE_CHECKING:
+    from gmlp_vision.callbacks import Callback
     from gmlp_vision.checkpoint import load_checkpoint, load_model
     from gmlp_vision.config import Config, ModelConfig, from_preset
     from gmlp_vision.model import GMLP
     from gmlp_vision.predict import Classifier
     from gmlp_vision.presets import PRESETS
+    from gmlp_vision.reporting import default_callbacks
 
 
 def __getattr__(name: str) -> Any:

@@ -27,11 +27,11 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from torch import Tensor
 
-from gmlp_vision.checkpoint import check_weights_fit
 from gmlp_vision.config.checks import MAX_IMAGE_SIZE
 from gmlp_vision.config.groups import ModelConfig
 from gmlp_vision.errors import CheckpointError, ConfigError, ExportError, first_line, one_line, printable, shown
 from gmlp_vision.hub import ExportConfig, parse_classes, parse_export_config, parse_fit
+from gmlp_vision.model import check_weights_fit
 from gmlp_vision.untrusted import JSON_LIMIT, read_json_file, read_regular_file
 
 ONNX_EXTRA = "pip install 'gmlp-vision[onnx]'"

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gmlp_vision.config.groups import AugmentConfig
+from gmlp_vision.metrics import Targets
 from gmlp_vision.policy import rand_augment, trivial_augment
 from gmlp_vision.policy_timm import rand_augment_timm
 
@@ -206,9 +207,6 @@ def augment_for_training(x: Tensor, aug: AugmentConfig, generator: torch.Generat
     return x
 
 
-Targets = tuple[Tensor, Tensor | None, Tensor | float]  # labels, the mixing partner's index, the kept share lam
-
-
 def mix_for_training(
     x: Tensor, labels: Tensor, aug: AugmentConfig, generator: torch.Generator
 ) -> tuple[Tensor, Targets]:
@@ -217,16 +215,3 @@ def mix_for_training(
         return x, (labels, None, 1.0)
     x, partner, lam = mix_batch(x, aug.mixup, aug.cutmix, generator)
     return x, (labels, partner, lam)
-
-
-def training_loss(logits: Tensor, targets: Targets, label_smoothing: float = 0.0) -> Tensor:
-    """Every image's cross-entropy, label-smoothed as configured.
-
-    A mixed batch's target ``lam * y + (1 - lam) * y[partner]`` is taken as the same mix of the two targets' losses.
-    """
-    labels, partner, lam = targets
-    loss = F.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing)
-    if partner is None:
-        return loss
-    other = F.cross_entropy(logits, labels[partner], reduction="none", label_smoothing=label_smoothing)
-    return lam * loss + (1.0 - lam) * other

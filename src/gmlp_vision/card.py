@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from gmlp_vision.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
-from gmlp_vision.data.base import shows_top5
 from gmlp_vision.errors import CheckpointError, ExportError, printable
 from gmlp_vision.files import why_not_written, write_text
+from gmlp_vision.metrics import shows_top5
 from gmlp_vision.untrusted import JSON_LIMIT, read_json_file
 from gmlp_vision.version import __version__
 

@@ -1,8 +1,8 @@
 """The CPU set-up: torch's thread count (the cores this process may use, how busy they are) and malloc's reuse.
 
 Torch starts one thread per core of the machine. Its threads wait for each other at the end of every parallel op, so one
-that shares its core with another process stalls all of them. With a ``yes > /dev/null`` neighbour on one of 2 cores
-(issue 14), 2 threads took 35.7 s for the digits quickstart and 1.14 s per ``seed`` step, 1 thread 8.2 s and 0.32 s. Too
+that shares its core with another process stalls all of them. With a ``yes > /dev/null`` neighbour on one of 2 cores,
+2 threads took 35.7 s for the digits quickstart and 1.14 s per ``seed`` step, 1 thread 8.2 s and 0.32 s. Too
 few threads costs less: on the idle machine 1 thread made a step 0.30 s instead of 0.16-0.18 s, so a core is left out
 when in doubt (one less than 75 % idle). So ``--threads 0`` counts the cores this process may use (its affinity, then
 the cgroup v2 ``cpu.max`` or v1 CFS quota, rounded up), shares them among the machine's processes under ``torchrun``

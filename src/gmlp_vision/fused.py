@@ -1,4 +1,4 @@
-"""Fused CPU kernels for the gMLP block: GELU and dropout in one pass forward and one pass backward (issue 15).
+"""Fused CPU kernels for the gMLP block: GELU and dropout in one pass forward and one pass backward.
 
 On the CPU PyTorch runs a block's GELU, the dropout mask (drawn by its single-threaded Mersenne Twister), the mask
 comparison and the multiplications as separate passes over the hidden activations, and the backward as two more. Here

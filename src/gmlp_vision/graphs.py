@@ -23,10 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gmlp_vision.batches import Batch, BatchSource
 from gmlp_vision.config.core import Config
 from gmlp_vision.errors import ConfigError, first_line
+from gmlp_vision.metrics import METRICS, add_metrics
 from gmlp_vision.optim import ADAMW_SCALARS, adamw_apply, adamw_scalars, init_adamw_state
-from gmlp_vision.step import METRICS, add_metrics, backward_step
+from gmlp_vision.precision import precision_named
+from gmlp_vision.step import backward_step
 
 # Eager steps run before a capture: lazy initialisation (cuBLAS workspaces, the first gradients, torch.compile's
 # compilation and autotuning) must not happen inside it.
@@ -35,13 +38,13 @@ WARMUP_STEPS = 3
 
 def unsupported(cfg: Config, device: torch.device, *, distributed: bool, streamed: bool) -> str | None:
     """Why a run's training step cannot be captured as a CUDA graph; None when it can."""
-    aug = cfg.augment
+    aug, not_capturable = cfg.augment, precision_named(cfg.run.precision).not_capturable
     reasons = (
         (device.type != "cuda", "not on a CUDA device"),
         (not cfg.run.cuda_graphs, "--no-cuda-graphs"),
         (distributed, "torchrun (DDP synchronises the gradients from its own hooks)"),
         (streamed, "the images are streamed from files (each batch is decoded on the host)"),
-        (cfg.run.precision == "fp16", "--precision fp16 (its loss scaler decides on the host whether to step)"),
+        (bool(not_capturable), not_capturable),
         (bool(aug.mixup or aug.cutmix), "mixup/cutmix (each batch's mixing share is drawn on the host)"),
         (aug.policy != "none", f"--policy {aug.policy} (each op picks its images on the host)"),
         (cfg.optim.optimizer not in ("keras-adamw", "adamw"), f"--optimizer {cfg.optim.optimizer}"),
@@ -73,31 +76,35 @@ class _Captured:
 class GraphStep:
     """A run's training step, captured once per batch size and replayed (`unsupported` says when it applies).
 
+    A `step.Stepper`: it takes batches of indices alone (``gathers``) and gathers their images inside the graph, from
+    the training set its `batches.BatchSource` holds on the device.
+
     Args:
-        model: the model as training runs it (possibly compiled).
-        net: the model itself (its parameters).
+        wrapped: the model as training runs it (possibly compiled).
+        model: the model itself (its parameters).
         optimizer: ``KerasAdamW`` or ``torch.optim.AdamW``; its state is created now (`optim.init_adamw_state`).
         cfg: the run's config (augmentation, loss, clipping).
         generator: the augmentation's random stream.
-        images, labels: the training set, uint8 images and labels on the device; a step gathers its batch from them.
+        source: the training set, uint8 images and labels on the device; a step gathers its batch from it.
         capture: False runs the same step without a graph (on a CPU, for tests): every host-side part is the same.
     """
 
+    gathers = True
+
     def __init__(
         self,
+        wrapped: nn.Module,
         model: nn.Module,
-        net: nn.Module,
         optimizer: torch.optim.Optimizer,
         cfg: Config,
         generator: torch.Generator,
-        images: Tensor,
-        labels: Tensor,
+        source: BatchSource,
         *,
         capture: bool = True,
     ) -> None:
-        self.model, self.net, self.optimizer, self.cfg, self.generator = model, net, optimizer, cfg, generator
-        self.images, self.labels, self.capture = images, labels, capture
-        device = labels.device
+        self.wrapped, self.model, self.optimizer, self.cfg, self.generator = wrapped, model, optimizer, cfg, generator
+        self.source, self.capture = source, capture
+        device = source.device
         init_adamw_state(optimizer)
         self.scalars = torch.zeros(len(optimizer.param_groups), ADAMW_SCALARS, device=device)
         self._written: list[tuple[float, ...]] = [(0.0,) * ADAMW_SCALARS] * len(optimizer.param_groups)
@@ -114,11 +121,11 @@ class GraphStep:
             self.sums[i] = sums[k] if sums else 0.0
         return self.views
 
-    def step(self, mine: Tensor) -> tuple[Tensor, Tensor]:
-        """One optimiser step on training images ``mine`` (indices on the device); returns the losses and their sum."""
+    def step(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """One optimiser step on the training images ``batch.index``; returns the losses and their sum."""
         self._set_scalars(adamw_scalars(self.optimizer))  # before a warm-up, so that it runs with this step's values
-        captured = self._graphs.get(len(mine)) or self._prepare(len(mine))
-        captured.index.copy_(mine)
+        captured = self._graphs.get(len(batch.index)) or self._prepare(len(batch.index))
+        captured.index.copy_(batch.index)
         if captured.graph is None:
             return self._body(captured.index)
         captured.graph.replay()
@@ -135,19 +142,19 @@ class GraphStep:
 
     def _body(self, index: Tensor) -> tuple[Tensor, Tensor]:
         """The step itself, as captured: gather, augment, forward, backward, clip, update, add the metrics."""
-        x, y = self.images[index], self.labels[index]
+        x, y = self.source.gather(index)
         self.optimizer.zero_grad(set_to_none=True)  # host-side only: inside a capture the gradients are None already
-        losses, logits = backward_step(self.model, x, y, self.cfg, self.generator)
+        losses, logits = backward_step(self.wrapped, x, y, self.cfg, self.generator)
         if self.cfg.optim.clip_grad:
-            nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.optim.clip_grad)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
         adamw_apply(self.optimizer, self.scalars)
         return losses, add_metrics(self.views, self.nonfinite, losses, logits, y, None)
 
     def _prepare(self, n: int) -> _Captured:
         """Warm up and capture the step for batches of ``n`` images, then put every state back as it was."""
-        device = self.labels.device
-        captured = _Captured(torch.arange(n, device=device) % len(self.labels))
-        saved = _Snapshot.take(self.net, self.optimizer, self.generator, self.sums, self.nonfinite)
+        device = self.source.device
+        captured = _Captured(torch.arange(n, device=device) % len(self.source))
+        saved = _Snapshot.take(self.model, self.optimizer, self.generator, self.sums, self.nonfinite)
         # Streams, captures and the default generator are those of the current device: make it the data's (cuda:N).
         with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
             try:
@@ -172,7 +179,7 @@ class GraphStep:
 
     def _capture(self, captured: _Captured) -> None:
         """Record the step into a new graph (sharing the memory pool of the others); its outputs are kept."""
-        params = list(self.net.parameters())
+        params = list(self.model.parameters())
         self.optimizer.zero_grad(set_to_none=True)  # the graph writes its own gradients
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(self.generator)
@@ -200,12 +207,12 @@ class _Snapshot:
     @classmethod
     def take(
         cls,
-        net: nn.Module,
+        model: nn.Module,
         optimizer: torch.optim.Optimizer,
         generator: torch.Generator,
         *buffers: Tensor,
     ) -> _Snapshot:
-        live = [p.data for p in net.parameters()] + list(buffers)
+        live = [p.data for p in model.parameters()] + list(buffers)
         counts = []
         for s in optimizer.state.values():
             live += [v for k, v in s.items() if isinstance(v, Tensor) and k != "step"]

@@ -1,4 +1,4 @@
-"""A cache of compiled C kernels that is trusted before anything in it is loaded (issue 21).
+"""A cache of compiled C kernels that is trusted before anything in it is loaded.
 
 Loading a shared library runs its code: its constructors run inside ``dlopen``, before any check of what it
 computes. So a library is built and loaded only where no one else can write, as ssh treats ``~/.ssh`` and pip its

@@ -11,6 +11,7 @@ export and prediction normalises exactly as training did.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 
 import torch
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 import gmlp_vision.fused as fused  # the module, not the package: no import cycle through __init__
 from gmlp_vision.config.groups import ModelConfig
+from gmlp_vision.errors import CheckpointError
 
 
 def linear(x: Tensor, layer: nn.Linear) -> Tensor:
@@ -301,3 +303,51 @@ __all__ = [
     "dropout",
     "flops_per_image",
 ]
+
+
+def nonfinite_names(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors in ``state`` that hold a NaN or an infinity (one device sync in all)."""
+    floats = [(k, v) for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if not floats:
+        return []
+    finite = torch.stack([torch.isfinite(v).all() for _, v in floats]).cpu()
+    return [k for (k, _), ok in zip(floats, finite.tolist(), strict=True) if not ok]
+
+
+def check_weights_fit(cfg: ModelConfig, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Check that ``state`` holds exactly the finite tensors of the model ``cfg`` describes, before building it.
+
+    A config travels beside its weights (a checkpoint, an export's ``config.json``), and a digest is a checksum, not
+    a signature: a 3 KB file could describe a model of 40 GB. The expected shapes come from the model built on the
+    ``meta`` device, which allocates nothing; its depth is first bounded by the blocks the file really holds.
+
+    Raises:
+        CheckpointError: a missing, unexpected or differently shaped tensor, or a NaN or infinity.
+    """
+    blocks = {k.split(".")[1] for k in state if k.startswith("blocks.")}
+    if cfg.depth > len(blocks):
+        raise CheckpointError(f"{what} config describes {cfg.depth} blocks but its weights hold {len(blocks)}")
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in GMLP(cfg).state_dict().items()}
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:  # sizes torch cannot even describe
+        raise CheckpointError(f"{what} config describes a model that cannot be built ({type(e).__name__})") from None
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        first = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise CheckpointError(
+            f"{what} weights do not fit the model its config describes: {len(missing)} missing and "
+            f"{len(unexpected)} unexpected tensors ({first})"
+        )
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise CheckpointError(
+                f"{what} weights do not fit the model its config describes: {key} has shape "
+                f"{tuple(state[key].shape)}, the config needs {shape}"
+            )
+    bad = nonfinite_names(state)
+    if bad:
+        raise CheckpointError(
+            f"{what} holds NaN or infinite weights in {len(bad)} of {len(state)} tensors (e.g. {bad[0]}); "
+            "the run that wrote them diverged, so they cannot be used"
+        )

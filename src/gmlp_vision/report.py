@@ -22,8 +22,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from gmlp_vision.data.base import shows_top5
 from gmlp_vision.errors import ReportError
+from gmlp_vision.metrics import shows_top5
 from gmlp_vision.report_eval import PLOTS_DIR, evaluation_report, new_figure, save_figure
 
 

@@ -1,4 +1,4 @@
-"""A ``last.pt``'s resume state checked field by field before any of it is put back (issue 21, trust nothing loaded).
+"""A ``last.pt``'s resume state checked field by field before any of it is put back.
 
 A checkpoint's SHA-256 digest is a checksum, not a signature: anyone can edit ``last.pt`` and compute it again. So
 what a file says about the run (optimiser, rules, scaler, random streams, history, the part-done epoch) goes through
@@ -20,13 +20,12 @@ from torch import Tensor
 from gmlp_vision.config.core import Config
 from gmlp_vision.config.groups import DataConfig
 from gmlp_vision.errors import CheckpointError, shown
+from gmlp_vision.metrics import EMA_FIELDS, HISTORY_FIELDS, ROW_NEEDS
 from gmlp_vision.model import GMLP
 from gmlp_vision.optim import KerasAdamW, build_optimizer
+from gmlp_vision.precision import precision_named
 
 # The columns of a history row (history.csv's, in this order): every row has the first ones, and the same set.
-HISTORY_FIELDS = ("epoch", "loss", "acc", "top5", "val_loss", "val_acc", "val_top5", "lr", "seconds")
-EMA_FIELDS = ("val_ema_loss", "val_ema_acc", "val_ema_top5")  # with --ema: the averaged weights on validation
-_ROW_NEEDS = frozenset({"epoch", "loss", "acc", "top5", "lr", "seconds"})
 _TRAIN_STATE = tuple("optimizer plateau early_stopping order_generator ema ranks history epoch_progress".split())
 _SCALER = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
 _MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -52,7 +51,7 @@ class ResumeTarget:
 
     Attributes:
         optimizer: a fresh optimiser over the model's parameters, in the run's parameter groups.
-        sums: the names of an epoch's running sums (`step.METRICS`).
+        sums: the names of an epoch's running sums (`metrics.METRICS`).
         ema: whether the run keeps a weight average (``--ema``).
         scaler: whether it trains with a gradient scaler (``--precision fp16``).
         generator: this rank's augmentation and dropout stream (its device decides the state's size).
@@ -75,7 +74,7 @@ class ResumeTarget:
         with torch.device("meta"):  # shapes only: nothing is allocated
             net = GMLP(cfg.model)
         optimizer = build_optimizer(cfg.optim, net)
-        scaler = cfg.run.precision == "fp16"
+        scaler = precision_named(cfg.run.precision).needs_scaler
         return cls(optimizer, sums, ema=bool(cfg.optim.ema), scaler=scaler, train_images=train_images)
 
 
@@ -96,7 +95,7 @@ def check_resume_state(saved: SavedRun, target: ResumeTarget) -> None:
     if not isinstance(ts, dict) or not ts:
         _fail("it holds no training state (best.pt and ema.pt hold only weights)")
     if "ranks" not in ts:
-        raise CheckpointError("last.pt comes from an earlier development version; this one cannot resume it")
+        raise CheckpointError("last.pt holds no per-process random streams (ranks); this gmlp-vision cannot resume it")
     _entries(ts, "train_state", _TRAIN_STATE, optional=("scaler",))
     epoch = _int(saved.epoch, "epoch", 0, saved.config.optim.epochs, "the run's --epochs")
     step = _int(saved.step, "step", 0, _INT64_MAX)
@@ -184,7 +183,7 @@ def _history(history: Any, epoch: int) -> None:
         _require(isinstance(row, dict) and all(type(k) is str for k in row), where, "a dict of named numbers", row)
         if columns is None:
             columns = row.keys()
-            missing, unknown = sorted(_ROW_NEEDS - columns), sorted(columns - allowed)
+            missing, unknown = sorted(ROW_NEEDS - columns), sorted(columns - allowed)
             if missing or unknown:
                 _fail(
                     f"{where} " + (f"lacks {missing[0]!r}" if missing else f"has an unknown column {shown(unknown[0])}")

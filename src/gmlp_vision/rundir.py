@@ -24,8 +24,8 @@ from gmlp_vision.checkpoint import Checkpoint, load_checkpoint
 from gmlp_vision.config import Config, load_config_file
 from gmlp_vision.errors import CheckpointError, ConfigError, RunDirBusy
 from gmlp_vision.files import write_text
-from gmlp_vision.resume_check import EMA_FIELDS, HISTORY_FIELDS, ResumeTarget, check_resume_state
-from gmlp_vision.step import METRICS
+from gmlp_vision.metrics import EMA_FIELDS, HISTORY_FIELDS, METRICS
+from gmlp_vision.resume_check import ResumeTarget, check_resume_state
 
 try:
     import fcntl
@@ -126,23 +126,6 @@ def write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
     write_text(run_dir / "history.csv", table.getvalue())
     rows = "".join(json.dumps(_json_safe(row), allow_nan=False) + "\n" for row in history)
     write_text(run_dir / "history.jsonl", rows)
-
-
-def format_epoch(row: dict[str, float], epochs: int, top5: bool = True) -> str:
-    """A Keras-like epoch line: ``Epoch 3/100 - 15s - loss: 1.2345 - acc: 0.5742 - val_loss: ... - lr: 0.003``.
-
-    Top-5 accuracy is shown only where it says something (``top5``: more than 10 classes); history.csv keeps it.
-    """
-    names = (("loss", "loss"), ("acc", "acc"), ("top5", "top5-acc"))[: 3 if top5 else 2]
-    parts = [f"Epoch {int(row['epoch'])}/{epochs}", f"{row['seconds']:.0f}s"]
-    parts += [
-        f"{prefix}{name}: {row[prefix + key]:.4f}"
-        for prefix in ("", "val_", "val_ema_")
-        for key, name in names
-        if prefix + key in row
-    ]
-    parts.append(f"lr: {row['lr']:.4g}")
-    return " - ".join(parts)
 
 
 def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> Config:

@@ -1,10 +1,10 @@
 """A run's training state: what goes from step to step, what ``last.pt`` holds, and how a run resumes from it.
 
-`TrainState` holds the model, optimiser, fp16 gradient scaler, plateau and early-stopping rules, the weight average,
-every random stream and the history; `EpochProgress` where the current epoch stands. ``save_last`` writes all of it
-(each rank's random streams gathered to rank 0), ``load`` puts it back, so an interrupted run continues bit for bit;
-``after_step`` is what the epoch loop (`loop.train_one_epoch`) calls after every step, and `StopRequests` turns
-signals into a clean stop.
+`TrainState` holds the model, optimiser, lr schedule, precision and fp16 gradient scaler, plateau and early-stopping
+rules, the weight average, every random stream and the history; `batches.EpochProgress` says where the current epoch
+stands. ``save_last`` writes all of it (each rank's random streams gathered to rank 0), ``load`` puts it back, so an
+interrupted run continues bit for bit; ``after_step`` is what the epoch loop (`loop.train_one_epoch`) calls after
+every step, and `StopRequests` turns signals into a clean stop.
 """
 
 from __future__ import annotations
@@ -20,16 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from gmlp_vision.checkpoint import Checkpoint, nonfinite_names, save_checkpoint
+from gmlp_vision.batches import EpochProgress
+from gmlp_vision.checkpoint import Checkpoint, after_nonfinite, save_checkpoint
 from gmlp_vision.config.core import Config
 from gmlp_vision.data import Dataset
-from gmlp_vision.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted, first_line
-from gmlp_vision.optim import EarlyStopping, Plateau, WeightEMA
+from gmlp_vision.errors import CheckpointError, NonFiniteLossError, TrainingInterrupted, first_line
+from gmlp_vision.metrics import METRICS
+from gmlp_vision.model import nonfinite_names
+from gmlp_vision.optim import EarlyStopping, LrSchedule, Plateau, WeightEMA
+from gmlp_vision.precision import Precision, precision_named
 from gmlp_vision.resume_check import ResumeTarget, check_resume_state, training_images
 from gmlp_vision.runtime import SINGLE, Dist, unwrap
-from gmlp_vision.step import METRICS
 
 log = logging.getLogger("gmlp_vision")
 
@@ -40,39 +43,6 @@ RANK_SEED_STRIDE = 1_000_003
 def rank_seed(seed: int, rank: int) -> int:
     """The seed of rank ``rank``'s augmentation and dropout streams."""
     return seed + RANK_SEED_STRIDE * rank
-
-
-def gradient_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
-    """The loss scaler ``--precision fp16`` trains with (`step.train_step`); None for fp32 and bf16.
-
-    fp16 has more precision than bf16 but far less range (65504 at most, 6e-5 the smallest normal number): small
-    gradients of fp16 activations underflow to zero unless the loss is scaled up first. The scaler starts at 2^16,
-    halves on every step whose gradients overflow (that step is skipped, see `step`) and doubles after 2000 clean steps
-    (torch's defaults).
-
-    Raises:
-        ConfigError: this torch has no device-generic ``torch.amp.GradScaler`` (it came with torch 2.3).
-    """
-    if precision != "fp16":
-        return None
-    if not hasattr(torch.amp, "GradScaler"):
-        raise ConfigError(
-            f"--precision fp16 needs torch 2.3 or newer (for its gradient scaler), got {torch.__version__}"
-        )
-    return torch.amp.GradScaler(device.type)
-
-
-@dataclass
-class EpochProgress:
-    """Where an epoch stands after some of its steps: enough to continue it exactly after a restart."""
-
-    perm: Tensor  # this epoch's order of the training images (the same on every rank)
-    batch: int = 0  # batches done in this epoch
-    step: int = 0  # optimiser steps done in the whole run
-    sums: dict[str, Tensor] = field(default_factory=dict)  # this rank's running loss / top-1 / top-5 sums
-
-    def state_dict(self) -> dict[str, Any]:  # noqa: D102 (the sums are per rank: saved with each rank's RNG state)
-        return {"perm": self.perm.cpu(), "batch": self.batch, "step": self.step}
 
 
 class StopRequests:
@@ -108,17 +78,21 @@ class StopRequests:
 class TrainState:
     """Everything a run carries from one step to the next; ``epoch`` and ``step`` count what is done.
 
-    Built from the config, the model, its optimiser and this rank's random stream; the plateau and early-stopping
-    rules, the epoch order, the weight average (``--ema``) and the gradient scaler (``--precision fp16``) follow from
-    the config. ``run_dir`` and ``ds`` are where checkpoints go and the data they name; a state without them trains
-    but cannot save.
+    Built from the config, the model, its optimiser and this rank's random stream; the lr schedule (for epochs of
+    ``steps_per_epoch`` steps), the plateau and early-stopping rules, the epoch order, the weight average (``--ema``)
+    and the gradient scaler (``--precision fp16``) follow from the config. ``run_dir`` and ``ds`` are where
+    checkpoints go and the data they name; a state without them trains but cannot save.
+
+    ``model`` is the model itself: its weights are what is saved, averaged and checked. ``wrapped`` is what the steps
+    and evaluation call: the same model wrapped by DDP under torchrun and by ``torch.compile`` with ``--compile``
+    (the model itself otherwise).
     """
 
     cfg: Config
-    net: nn.Module  # the model itself
+    model: nn.Module
     optimizer: torch.optim.Optimizer
     generator: torch.Generator  # this rank's augmentation and dropout stream
-    model: nn.Module | None = None  # the same, possibly wrapped for data parallelism or compilation (default: net)
+    wrapped: nn.Module | None = None  # default: the model itself
     ctx: Dist = SINGLE
     run_dir: Path | None = None
     ds: Dataset | None = None
@@ -133,16 +107,20 @@ class TrainState:
     stopper: EarlyStopping = field(init=False)
     order: torch.Generator = field(init=False)  # the epoch order: the same on every rank
     ema: WeightEMA | None = field(init=False)
-    scaler: torch.amp.GradScaler | None = field(init=False)  # --precision fp16 only (`gradient_scaler`)
+    scaler: torch.amp.GradScaler | None = field(init=False)  # --precision fp16 only (`precision.Precision.scaler`)
+    schedule: LrSchedule = field(init=False)
+    precision: Precision = field(init=False)
 
     def __post_init__(self) -> None:
         optim = self.cfg.optim
-        self.model = self.net if self.model is None else self.model
+        self.wrapped = self.model if self.wrapped is None else self.wrapped
+        self.schedule = LrSchedule.from_config(optim, self.steps_per_epoch)
         self.plateau = Plateau(self.optimizer, optim.plateau_factor, optim.plateau_patience, optim.plateau_threshold)
         self.stopper = EarlyStopping(optim.early_stop_patience)
         self.order = torch.Generator().manual_seed(self.cfg.run.seed)
-        self.ema = WeightEMA(self.net, optim.ema) if optim.ema else None
-        self.scaler = gradient_scaler(self.cfg.run.precision, next(self.net.parameters()).device)
+        self.ema = WeightEMA(self.model, optim.ema) if optim.ema else None
+        self.precision = precision_named(self.cfg.run.precision)
+        self.scaler = self.precision.scaler(next(self.model.parameters()).device)
 
     @property
     def averaged(self) -> nn.Module | None:
@@ -196,21 +174,13 @@ class TrainState:
         Raises:
             NonFiniteLossError: naming where, and the checkpoint that stays (every saved one is finite).
         """
-        for module in (self.net, self.averaged):
+        for module in (self.model, self.averaged):
             bad = nonfinite_names(unwrap(module).state_dict()) if module is not None else []
             if bad:
                 raise NonFiniteLossError(
-                    f"the weights became NaN or infinite {where} ({len(bad)} tensors, e.g. {bad[0]}); {self.kept()}"
+                    f"the weights became NaN or infinite {where} ({len(bad)} tensors, e.g. {bad[0]}); "
+                    + after_nonfinite(self.run_dir)
                 )
-
-    def kept(self) -> str:
-        """What a run stopped for NaN or inf leaves behind, and what to try."""
-        last = self.run_dir / "last.pt" if self.run_dir is not None else None
-        if last is None or not last.exists():
-            return "no checkpoint was written; a lower --lr or --clip-grad may help"
-        return (
-            f"{last} keeps the last finite weights; go on from them with --init {last} and a lower --lr or --clip-grad"
-        )
 
     def after_step(self, progress: EpochProgress, stop: bool) -> None:
         """After every step: update the weight average; save and stop on request; save every N steps if asked.
@@ -219,7 +189,7 @@ class TrainState:
             TrainingInterrupted: SIGINT or SIGTERM asked to stop; ``last.pt`` was saved at this step.
         """
         if self.ema is not None:
-            self.ema.update(self.net)
+            self.ema.update(self.model)
         if stop:
             self.save_last(None, progress)
             # Under torchrun the signal may have reached another rank first.
@@ -246,7 +216,7 @@ class TrainState:
         check_resume_state(saved, self._resume_target())  # every field, before anything is applied
         ts = saved.train_state
         try:
-            self.net.load_state_dict(saved.model_state)
+            self.model.load_state_dict(saved.model_state)
             self.optimizer.load_state_dict(ts["optimizer"])
             self.plateau.load_state_dict(ts["plateau"])
             self.stopper.load_state_dict(ts["early_stopping"])

@@ -1,10 +1,12 @@
-"""One optimiser step on a batch of uint8 images: resize, augment, forward, loss, backward, update.
+"""One optimiser step on a batch of uint8 images (resize, augment, forward, loss, backward, update), and the steppers.
 
-`train_step` is the eager step the epoch loop (`loop`) runs; `backward_step` is its first half (gradients, no update),
-which `graphs` captures together with the device-side update (`optim.adamw_apply`) as one CUDA graph.
+A run picks its stepper once, at setup: `EagerStep` (this module: `train_step` on each batch the source hands it) or,
+on CUDA where `graphs.unsupported` allows, `graphs.GraphStep` (the same step captured as one CUDA graph per batch size,
+`backward_step` plus the device-side update `optim.adamw_apply`). Both take a `batches.Batch` and add the step's loss
+and top-k counts to the epoch's running sums (`metrics.add_metrics`).
 
-fp16 (``--precision fp16``) scales the loss with the state's gradient scaler (`state.gradient_scaler`). A step whose
-gradients overflow is skipped by it: the weights and the optimiser's state (its own step count included) stay as
+fp16 (``--precision fp16``) scales the loss with the state's gradient scaler (`precision.Precision.scaler`). A step
+whose gradients overflow is skipped by it: the weights and the optimiser's state (its own step count included) stay as
 they were, and the scale halves. Everything else counts the batch as a step done: ``state.step``, the epoch's
 position, the lr schedule (a function of that count), the weight average (it updates, towards the unchanged weights),
 the periodic checkpoints and the epoch's metrics (the loss itself was finite). Only a non-finite loss stops training,
@@ -15,30 +17,82 @@ scale comes down from 2^16) and is not an error.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gmlp_vision.augment import augment_for_training, mix_for_training, training_loss
+from gmlp_vision.augment import augment_for_training, mix_for_training
+from gmlp_vision.batches import Batch
 from gmlp_vision.config.core import Config
-from gmlp_vision.evaluate import compute_input, topk_correct
 from gmlp_vision.images import resize
+from gmlp_vision.metrics import METRICS, add_metrics, training_loss
+from gmlp_vision.precision import precision_named
 
 
-@dataclass(frozen=True)
-class BatchInfo:
-    """What the epoch loop knows of a batch besides its pixels and labels; the defaults describe a plain batch.
+class Stepper(Protocol):
+    """How the epoch loop runs a step: `EagerStep` or `graphs.GraphStep`, chosen once when the run starts.
 
-    ``weight``: what each image's loss counts in the gradient: one float for all, or one per image (None:
-    ``1 / len(labels)``, the batch mean; the distributed loop passes ``world / global batch``, see `distributed`, and
-    0 for unreadable streamed files). ``cropped``: the images already are random-resized crops (streamed files); else
-    ``--crop`` is applied in the step.
+    ``gathers``: the stepper takes batches of indices alone and gathers their images itself (inside its graph).
+    ``nonfinite``: a device flag, set by a step whose loss was NaN or infinite since `begin_epoch`.
     """
 
-    weight: float | Tensor | None = None
-    cropped: bool = False
+    gathers: bool
+    nonfinite: Tensor
+
+    def begin_epoch(self, sums: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Start (or continue) an epoch with its running ``sums`` (empty: zeros); returns the sums to keep."""
+        ...
+
+    def step(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """One optimiser step on ``batch``; returns every image's loss, and their sum over the readable images."""
+        ...
+
+
+class EagerStep:
+    """`train_step` on each batch, as PyTorch runs it op by op (CPUs, torchrun, streamed files, fp16, policies).
+
+    Args:
+        model: the model as training runs it (possibly wrapped for data parallelism or compiled).
+        optimizer: its optimiser.
+        cfg: the run's config.
+        generator: this rank's augmentation stream.
+        scaler: fp16's gradient scaler (`precision.Precision.scaler`), else None.
+    """
+
+    gathers = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        cfg: Config,
+        generator: torch.Generator,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
+        self.model, self.optimizer, self.cfg, self.generator, self.scaler = model, optimizer, cfg, generator, scaler
+        self.sums: dict[str, Tensor] = {}
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=generator.device)
+
+    def begin_epoch(self, sums: dict[str, Tensor]) -> dict[str, Tensor]:  # noqa: D102 (as `Stepper`)
+        device = self.generator.device
+        self.sums = sums or {k: torch.zeros((), dtype=torch.float64, device=device) for k in METRICS}
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        return self.sums
+
+    def step(self, batch: Batch) -> tuple[Tensor, Tensor]:  # noqa: D102 (as `Stepper`)
+        x, y, readable = batch.images, batch.labels, batch.readable
+        assert x is not None and y is not None
+        self.optimizer.zero_grad(set_to_none=True)
+        weights, scaler = batch.weights(), self.scaler
+        losses, logits = backward_step(
+            self.model, x, y, self.cfg, self.generator, weights=weights, cropped=batch.cropped, scaler=scaler
+        )
+        update(self.model, self.optimizer, self.cfg.optim.clip_grad, scaler)
+        if not batch.weight:  # a stand-in image: this rank's share of a small last batch was empty
+            return losses, losses.sum() if readable is None else (losses * readable).sum()
+        return losses, add_metrics(self.sums, self.nonfinite, losses, logits, y, readable)
 
 
 def train_step(
@@ -49,7 +103,7 @@ def train_step(
     cfg: Config,
     generator: torch.Generator,
     *,
-    batch: BatchInfo | None = None,
+    weights: float | Tensor | None = None,
     scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One optimiser step on a uint8 batch: resize, augment, forward, loss, backward, update.
@@ -58,16 +112,17 @@ def train_step(
     synchronised once, on the last).
 
     Args:
-        batch: each image's weight in the gradient, and whether the images are crops already (default: the mean).
-        scaler: fp16's gradient scaler (`state.gradient_scaler`; pass one with ``--precision fp16``): the loss is
+        weights: what each image's loss counts in the gradient: one float for all, or one per image (None:
+            ``1 / len(labels)``, the batch mean; the loop passes ``world / global batch``, see `batches`).
+        scaler: fp16's gradient scaler (`precision.Precision.scaler`; pass one with ``--precision fp16``): the loss is
             scaled, the gradients unscaled before ``--clip-grad``, and a step whose gradients overflow is skipped.
 
     Returns:
         Every image's loss and the float32 logits, both detached.
     """
     optimizer.zero_grad(set_to_none=True)
-    out = backward_step(model, images, labels, cfg, generator, batch=batch, scaler=scaler)
-    _update(model, optimizer, cfg.optim.clip_grad, scaler)
+    out = backward_step(model, images, labels, cfg, generator, weights=weights, scaler=scaler)
+    update(model, optimizer, cfg.optim.clip_grad, scaler)
     return out
 
 
@@ -78,21 +133,22 @@ def backward_step(
     cfg: Config,
     generator: torch.Generator,
     *,
-    batch: BatchInfo | None = None,
+    weights: float | Tensor | None = None,
+    cropped: bool = False,
     scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`train_step` up to the gradients: they are added to the parameters' ``.grad`` (None: set), nothing updated.
 
+    ``cropped``: the images already are random-resized crops (streamed files); else ``--crop`` is applied here.
+
     Returns:
         Every image's loss and the float32 logits, both detached.
     """
-    n, device = len(labels), images.device
-    batch = batch or BatchInfo()
-    weight = batch.weight
+    n, device, precision = len(labels), images.device, precision_named(cfg.run.precision)
     weights = (
-        weight.to(device)
-        if isinstance(weight, Tensor)
-        else torch.full((n,), 1.0 / n if weight is None else weight, device=device)
+        weights.to(device)
+        if isinstance(weights, Tensor)
+        else torch.full((n,), 1.0 / n if weights is None else weights, device=device)
     )
     parts = min(cfg.optim.accum_steps, n)
     ddp = _ddp(model)
@@ -100,9 +156,9 @@ def backward_step(
     for j, (xb, yb, wb) in enumerate(zip(*(t.tensor_split(parts) for t in (images, labels, weights)), strict=True)):
         with ddp.no_sync() if ddp is not None and j + 1 < parts else nullcontext():
             x = resize(xb.float(), cfg.model.image_size)
-            x = augment_for_training(x, cfg.augment, generator, cropped=batch.cropped)
+            x = augment_for_training(x, cfg.augment, generator, cropped=cropped)
             x, targets = mix_for_training(x, yb, cfg.augment, generator)
-            logits = model(compute_input(x, cfg.run.precision)).float()
+            logits = model(precision.cast(x)).float()
             loss = training_loss(logits, targets, cfg.optim.label_smoothing)
             total = (loss * wb).sum()
             (total if scaler is None else scaler.scale(total)).backward()
@@ -111,7 +167,7 @@ def backward_step(
     return (losses[0], outputs[0]) if parts == 1 else (torch.cat(losses), torch.cat(outputs))
 
 
-def _update(
+def update(
     model: nn.Module, optimizer: torch.optim.Optimizer, clip_grad: float, scaler: torch.amp.GradScaler | None
 ) -> None:
     """Clip and apply the gradients; a scaler unscales them first and skips the update when they overflowed."""
@@ -134,24 +190,3 @@ def _ddp(model: nn.Module) -> DistributedDataParallel | None:
             return None
         model = inner
     return model
-
-
-METRICS = ("loss", "acc", "top5")  # an epoch's running sums (`state.EpochProgress`), in this order
-
-
-@torch.no_grad()
-def add_metrics(
-    sums: dict[str, Tensor], nonfinite: Tensor, losses: Tensor, logits: Tensor, labels: Tensor, mask: Tensor | None
-) -> Tensor:
-    """Add a step's loss sum and top-1 / top-5 counts (rows in ``mask``) to ``sums``; flag a non-finite loss.
-
-    Returns:
-        The step's loss sum (a device scalar), counted in ``nonfinite`` (in place) when it is NaN or infinite.
-    """
-    loss = losses.sum() if mask is None else (losses * mask).sum()
-    nonfinite |= ~torch.isfinite(loss)
-    top1, top5 = topk_correct(logits, labels, mask)
-    sums["loss"] += loss
-    sums["acc"] += top1
-    sums["top5"] += top5
-    return loss

@@ -1,7 +1,7 @@
 """The ``gmlp`` command.
 
-`main.py` holds the shell and train, evaluate, presets and info; `tools.py` predict, export and report; `flags.py` the
-training flags generated from the config's fields.
+`main.py` holds the shell and train, presets and info; `model_commands.py` the commands that take a trained model
+(evaluate, predict, export, report); `flags.py` the training flags generated from the config's fields.
 
 The package's API is ``__all__``: `main.main` (the ``gmlp`` console script, ``gmlp_vision.cli:main``) and
 `main.build_parser`, imported from here; like `gmlp_vision/__init__.py`, this file re-exports on purpose.

@@ -8,14 +8,13 @@ config), 130 interrupted. Building the parser imports no torch (tests/test_cli.p
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from typing import Any
 
 from gmlp_vision.cli.flags import DEFAULTS_NOTE, USAGE, add_config_arguments, config_from_args, explicit_values
-from gmlp_vision.cli.tools import add_commands, checkpoint_dataset, cpu_threads_for, device_flag, positive_int
+from gmlp_vision.cli.model_commands import add_commands, print_accuracy, split_name
 from gmlp_vision.data import DATASET_KINDS, DATASETS
 from gmlp_vision.errors import ConfigError, GmlpError, TrainingInterrupted, printable
 from gmlp_vision.presets import DATASET_PRESET, PRESET_HELP, PRESETS
@@ -23,6 +22,7 @@ from gmlp_vision.version import __version__
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from gmlp_vision.reporting import default_callbacks
     from gmlp_vision.rundir import resume_config
     from gmlp_vision.runtime import launched
     from gmlp_vision.train import train
@@ -34,7 +34,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = config_from_args(args)
     try:
-        result = train(cfg, resume=bool(args.resume))
+        result = train(cfg, resume=bool(args.resume), callbacks=default_callbacks(cfg))
     except TrainingInterrupted as e:
         if launched().main:
             print(f"gmlp: {e}", file=sys.stderr)
@@ -42,9 +42,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not launched().main:
         return 0
     split = split_name(result.test_split)
-    _print_accuracy(split, result.test, result.shows_top5)
+    print_accuracy(split, result.test, result.shows_top5)
     if result.test_ema is not None:
-        _print_accuracy(
+        print_accuracy(
             f"Weight average (ema.pt), {split}",
             result.test_ema,
             result.shows_top5,
@@ -52,42 +52,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"run directory: {result.run_dir} (final weights: {result.final_checkpoint})")
     if result.plots:
         print(f"plots: {result.plots[0].parent} ({', '.join(p.name for p in result.plots if p.suffix == '.png')})")
-    return 0
-
-
-def split_name(split: str) -> str:
-    """How the output names a held-out split: ``Test`` (CIFAR, digits, a folder's test/), else the folder (``val/``)."""
-    return "Test" if split == "test" else f"{split}/"
-
-
-def _print_accuracy(split: str, metrics: dict[str, float], top5: bool) -> None:
-    print(f"{split} accuracy: {100 * metrics['acc']:.2f}%")
-    if top5:
-        print(f"{split} top 5 accuracy: {100 * metrics['top5']:.2f}%")
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from gmlp_vision.checkpoint import load_checkpoint, resolve_checkpoint
-    from gmlp_vision.evaluate import evaluate
-    from gmlp_vision.runtime import resolve_device
-
-    device = resolve_device(args.device)
-    cpu_threads_for(device)
-    ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
-    cfg = ckpt.config
-    ds = checkpoint_dataset(ckpt, args)
-    dataset = ds.name
-    model = ckpt.build_model(device)
-    metrics = evaluate(model, ds.test.images, ds.test.labels, batch_size=args.batch_size, precision=cfg.run.precision)
-    if args.json:
-        print(
-            json.dumps(
-                {"checkpoint": str(args.checkpoint), "dataset": dataset, "images": len(ds.test.labels), **metrics}
-            )
-        )
-    else:
-        print(f"{dataset} {ds.test_split} split, {len(ds.test.labels)} images: loss {metrics['loss']:.4f}")
-        _print_accuracy(split_name(ds.test_split), metrics, ds.shows_top5)
     return 0
 
 
@@ -169,17 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="test top-1 and top-5 accuracy of a checkpoint")
-    p.add_argument("checkpoint", help="checkpoint file (best.pt, last.pt) or run directory")
-    p.add_argument("--dataset", choices=DATASETS, help="dataset (default: the one it was trained on)")
-    p.add_argument("--data", help="local archive or folder (default: the training run's, or the cache)")
-    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True, help="download if missing")
-    p.add_argument("--batch-size", type=positive_int, default=500, help="images per batch (default: 500)")
-    p.add_argument("--device", type=device_flag, default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--json", action="store_true", help="print one JSON line")
-    p.add_argument("--quiet", action="store_true", help="no download progress bar")
-    p.set_defaults(func=_cmd_evaluate)
-
     p = sub.add_parser("presets", help="list the presets")
     p.add_argument("-v", "--verbose", action="store_true", help="show every value each preset sets")
     p.set_defaults(func=_cmd_presets)
@@ -189,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p)
     p.set_defaults(func=_cmd_info)
 
-    add_commands(sub, DATASETS)  # predict, export, report (tools.py)
+    add_commands(sub, DATASETS)  # evaluate, predict, export, report (model_commands.py)
     for name, command in sub.choices.items():
         command.allow_abbrev = False  # --epoc is not --epochs: a typo is an error, not a guess
         command.prog = f"gmlp {name}"

@@ -47,11 +47,6 @@ class Dataset:
         return len(self.classes)
 
     @property
-    def shows_top5(self) -> bool:
-        """Whether top-5 accuracy says something about this data (`shows_top5`)."""
-        return shows_top5(self.num_classes)
-
-    @property
     def image_size(self) -> int:
         """Side of the square images, in pixels."""
         return int(self.train.images.shape[-1])
@@ -60,11 +55,6 @@ class Dataset:
     def in_chans(self) -> int:
         """Number of image channels."""
         return int(self.train.images.shape[1])
-
-
-def shows_top5(num_classes: int) -> bool:
-    """Whether top-5 accuracy says something: with 10 classes or fewer it is shown nowhere (output, plots, card)."""
-    return num_classes > 10
 
 
 def default_cache_dir() -> Path:

@@ -1,4 +1,7 @@
-"""The ``gmlp predict``, ``gmlp export`` and ``gmlp report`` subcommands: part of the CLI shell in `main.py`.
+"""The commands that take a trained model: ``gmlp evaluate``, ``predict``, ``export`` and ``report``.
+
+Also the CLI's argument types and the helpers these commands share with `main.py` (the accuracy lines, the CPU threads
+for a device, the dataset a checkpoint was trained on).
 
 Like `main.py`, this module only parses, calls the library and prints; errors propagate to `main.main`, which turns them
 into one-line messages and exit codes. Library imports are inside the commands, so ``gmlp --help`` stays fast.
@@ -61,6 +64,44 @@ def checkpoint_dataset(ckpt: Any, args: argparse.Namespace) -> Any:
             f"{dataset} has {ds.num_classes} and {ds.in_chans}"
         )
     return ds
+
+
+def split_name(split: str) -> str:
+    """How the output names a held-out split: ``Test`` (CIFAR, digits, a folder's test/), else the folder (``val/``)."""
+    return "Test" if split == "test" else f"{split}/"
+
+
+def print_accuracy(split: str, metrics: dict[str, float], top5: bool) -> None:
+    """The accuracy lines of a split: top-1, and top-5 where it says something (``top5``)."""
+    print(f"{split} accuracy: {100 * metrics['acc']:.2f}%")
+    if top5:
+        print(f"{split} top 5 accuracy: {100 * metrics['top5']:.2f}%")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from gmlp_vision.checkpoint import load_checkpoint, resolve_checkpoint
+    from gmlp_vision.evaluate import evaluate
+    from gmlp_vision.metrics import shows_top5
+    from gmlp_vision.runtime import resolve_device
+
+    device = resolve_device(args.device)
+    cpu_threads_for(device)
+    ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
+    cfg = ckpt.config
+    ds = checkpoint_dataset(ckpt, args)
+    dataset = ds.name
+    model = ckpt.build_model(device)
+    metrics = evaluate(model, ds.test.images, ds.test.labels, batch_size=args.batch_size, precision=cfg.run.precision)
+    if args.json:
+        print(
+            json.dumps(
+                {"checkpoint": str(args.checkpoint), "dataset": dataset, "images": len(ds.test.labels), **metrics}
+            )
+        )
+    else:
+        print(f"{dataset} {ds.test_split} split, {len(ds.test.labels)} images: loss {metrics['loss']:.4f}")
+        print_accuracy(split_name(ds.test_split), metrics, shows_top5(ds.num_classes))
+    return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -169,7 +210,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from gmlp_vision.checkpoint import load_checkpoint, resolve_checkpoint
     from gmlp_vision.config import load_config_file
-    from gmlp_vision.data.base import shows_top5
+    from gmlp_vision.metrics import shows_top5
     from gmlp_vision.report import plot_history
     from gmlp_vision.report_eval import evaluation_report
     from gmlp_vision.runtime import resolve_device
@@ -205,7 +246,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any, dataset_names: Sequence[str]) -> None:
-    """Add ``predict``, ``export`` and ``report`` to the ``gmlp`` subparsers."""
+    """Add ``evaluate``, ``predict``, ``export`` and ``report`` to the ``gmlp`` subparsers."""
+    p = sub.add_parser("evaluate", help="test top-1 and top-5 accuracy of a checkpoint")
+    p.add_argument("checkpoint", help="checkpoint file (best.pt, last.pt) or run directory")
+    p.add_argument("--dataset", choices=tuple(dataset_names), help="dataset (default: the one it was trained on)")
+    p.add_argument("--data", help="local archive or folder (default: the training run's, or the cache)")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True, help="download if missing")
+    p.add_argument("--batch-size", type=positive_int, default=500, help="images per batch (default: 500)")
+    p.add_argument("--device", type=device_flag, default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.add_argument("--quiet", action="store_true", help="no download progress bar")
+    p.set_defaults(func=_cmd_evaluate)
+
     p = sub.add_parser("predict", help="classify image files with a trained model")
     p.add_argument(
         "checkpoint",

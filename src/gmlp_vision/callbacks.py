@@ -1,0 +1,55 @@
+"""Callbacks: what a run calls at its start, after each epoch and at its finish.
+
+Whatever hangs off training (the plots, TensorBoard, a user's own logging, evaluating on the way) is a `Callback`
+passed to `train.train`, so the loop itself writes nothing but the run directory's own files (checkpoints, history,
+results). The command line passes `reporting.default_callbacks`; from Python::
+
+    from gmlp_vision.reporting import default_callbacks
+    train(cfg, callbacks=default_callbacks(cfg))
+
+Every hook runs on every process under torchrun, in the order the callbacks were given; `RunInfo.main` tells rank 0,
+which alone writes files. An exception a hook raises ends the run, as one raised by training would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from gmlp_vision.config.core import Config
+from gmlp_vision.data import Dataset
+from gmlp_vision.runtime import Dist
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a callback may read of a running training run (the models are live: read them, do not replace them)."""
+
+    cfg: Config  # the run's config (the run directory and the data's classes and channels filled in)
+    run_dir: Path
+    ds: Dataset
+    ctx: Dist  # this process's place under torchrun
+    model: nn.Module  # the model itself, unwrapped
+    averaged: nn.Module | None  # the weight average's model (--ema), else None
+
+    @property
+    def main(self) -> bool:
+        """Whether this is the process that writes files (rank 0; the only one without torchrun)."""
+        return self.ctx.main
+
+
+class Callback:
+    """A hook into a training run; override the methods you need (each one's default does nothing)."""
+
+    def on_run_start(self, run: RunInfo) -> None:
+        """Before the first step (of a resumed run: before its next step), after the run directory is ready."""
+
+    def on_epoch_end(self, run: RunInfo, row: dict[str, float]) -> None:
+        """After each epoch's row is complete and saved (`metrics.epoch_row`), ``best.pt`` and ``last.pt`` written."""
+
+    def on_finish(self, run: RunInfo, summary: dict[str, Any]) -> list[Path]:
+        """After the test evaluation and ``results.json`` (``summary`` is its content); returns the files written."""
+        return []

@@ -1,0 +1,71 @@
+"""The callbacks the command line trains with: the run's plots, and TensorBoard with ``--tensorboard``.
+
+They sit above `train` so that training never loads matplotlib or TensorBoard itself; `default_callbacks` is what
+``gmlp train`` passes, and what a Python user passes to get the same files.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from gmlp_vision.callbacks import Callback, RunInfo
+from gmlp_vision.config.core import Config
+from gmlp_vision.report import TensorBoardLogger, require_tensorboard, write_report
+
+__all__ = ["PlotReport", "TensorBoardLog", "default_callbacks"]
+
+
+def default_callbacks(cfg: Config) -> list[Callback]:
+    """What ``gmlp train`` runs with: TensorBoard when ``cfg`` asks for it, and the plots.
+
+    Raises:
+        ReportError: ``--tensorboard`` without the tensorboard extra (told before any data loads).
+    """
+    return [*([TensorBoardLog()] if cfg.run.tensorboard else []), PlotReport()]
+
+
+class PlotReport(Callback):
+    """At the finish, rank 0 writes every plot under ``RUN_DIR/plots`` (`report.write_report`) for the final weights."""
+
+    def on_finish(self, run: RunInfo, summary: dict[str, Any]) -> list[Path]:  # noqa: D102 (as `Callback`)
+        test, cfg = run.ds.test, run.cfg
+        write = partial(
+            write_report,
+            run.run_dir,
+            run.model,
+            test.images,
+            test.labels,
+            run.ds.classes,
+            batch_size=cfg.run.eval_batch_size,
+            precision=cfg.run.precision,
+            split=run.ds.test_split,
+        )
+        return run.ctx.on_main(write)
+
+
+class TensorBoardLog(Callback):
+    """Each epoch's history row mirrored into ``RUN_DIR/tensorboard`` by rank 0 (`report.TensorBoardLogger`).
+
+    Raises:
+        ReportError: tensorboard is not installed (when the callback is made, before the run starts).
+    """
+
+    def __init__(self) -> None:
+        require_tensorboard()
+        self.logger: TensorBoardLogger | None = None
+
+    def on_run_start(self, run: RunInfo) -> None:  # noqa: D102 (as `Callback`)
+        if run.main:
+            self.logger = TensorBoardLogger(run.run_dir)
+
+    def on_epoch_end(self, run: RunInfo, row: dict[str, float]) -> None:  # noqa: D102 (as `Callback`)
+        if self.logger is not None:
+            self.logger.log_epoch(row)
+
+    def on_finish(self, run: RunInfo, summary: dict[str, Any]) -> list[Path]:  # noqa: D102 (as `Callback`)
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None
+        return []
