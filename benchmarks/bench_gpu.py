@@ -43,6 +43,7 @@ from gmlp_vision.distributed import maybe_compile
 from gmlp_vision.graphs import GraphStep
 from gmlp_vision.model import GMLP, flops_per_image
 from gmlp_vision.optim import build_optimizer
+from gmlp_vision.reporting import default_callbacks
 from gmlp_vision.step import train_step
 from gmlp_vision.train import train
 
@@ -303,7 +304,7 @@ def bench_accuracy(run: Run, cifar: Path, seeds: tuple[int, ...]) -> dict[str, A
 
 
 def _accuracy(cfg: Any, t0: float) -> dict[str, Any]:
-    result = train(cfg)
+    result = train(cfg, callbacks=default_callbacks(cfg))  # as `gmlp train`: the plots are part of its time
     return {"test": result.test, "val_acc": [r["val_acc"] for r in result.history], "seconds": time.perf_counter() - t0}
 
 

@@ -27,6 +27,7 @@ from gmlp_vision.distributed import maybe_compile
 from gmlp_vision.evaluate import evaluate
 from gmlp_vision.model import GMLP
 from gmlp_vision.optim import build_optimizer
+from gmlp_vision.reporting import default_callbacks
 from gmlp_vision.step import train_step
 from gmlp_vision.train import train
 
@@ -53,7 +54,7 @@ def run(steps: int, max_seconds: float, threads: int, precision: str, full: bool
         cfg = from_preset("seed", epochs=1, train_limit=0, progress=False, out=str(Path(tmp) / "run"),
                           threads=threads, precision=precision, num_classes=NUM_CLASSES)  # fmt: skip
         if full:
-            train(cfg, ds)
+            train(cfg, ds, callbacks=default_callbacks(cfg))  # as `gmlp train`: the plots' memory counts too
             ran = "gmlp_vision.train.train, 1 epoch (45,000 train + 5,000 val + 10,000 test images)"
         else:
             model = GMLP(cfg.model)

@@ -10,9 +10,15 @@ from gmlp_vision.callbacks import Callback
 from gmlp_vision.config import from_preset
 from gmlp_vision.data.stream import ImageFiles
 from gmlp_vision.errors import ConfigError
+from gmlp_vision.loop import train_one_epoch
 from gmlp_vision.metrics import EMA_FIELDS, HISTORY_FIELDS, epoch_row, format_epoch
+from gmlp_vision.model import GMLP
+from gmlp_vision.optim import build_optimizer
 from gmlp_vision.precision import PRECISIONS, Precision, precision_named
+from gmlp_vision.predict import Classifier
 from gmlp_vision.runtime import Dist
+from gmlp_vision.state import TrainState
+from gmlp_vision.step import EagerStep
 from gmlp_vision.train import train
 from synthetic import make_dataset
 
@@ -79,6 +85,24 @@ def test_streamed_crops_are_keyed_to_the_seed_the_step_and_the_image(monkeypatch
     whole = BatchSource(files, torch.arange(5), 2)  # no crop seed: whole images, no keys
     list(whole.batches(whole.new_epoch(torch.Generator(), step=0)))
     assert seen[1][1] is None and not whole.crops
+
+
+def test_the_state_and_the_source_agree_on_the_steps_of_an_epoch():
+    cfg = from_preset("tiny", num_classes=4, schedule="onecycle", plateau_patience=0, epochs=2)
+    model = GMLP(cfg.model)
+    source = source_of(10, cfg.optim.batch_size)
+    with pytest.raises(ValueError, match="steps_per_epoch must be at least 1, got 0"):
+        TrainState(cfg, model, build_optimizer(cfg.optim, model), torch.Generator(), steps_per_epoch=0)
+    state = TrainState(cfg, model, build_optimizer(cfg.optim, model), torch.Generator(), steps_per_epoch=5)
+    stepper = EagerStep(model, state.optimizer, cfg, state.generator)
+    with pytest.raises(ValueError, match="the state expects 5 steps per epoch, the source has 1"):
+        train_one_epoch(state, source, stepper, source.new_epoch(state.order, 0))
+
+
+def test_a_classifier_refuses_an_unknown_precision():
+    model = GMLP(from_preset("tiny", num_classes=2).model)
+    with pytest.raises(ConfigError, match="--precision must be one of fp32, bf16, fp16, got 'float32'"):
+        Classifier(model, ["a", "b"], precision="float32")
 
 
 def test_the_precision_object_holds_every_decision():

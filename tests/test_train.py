@@ -59,7 +59,8 @@ def test_one_batch_can_be_overfit():
     model = GMLP(cfg.model)
     model.set_normalization(*channel_stats(ds.train.images))
     source = BatchSource(ds.train.images, ds.train.labels, cfg.optim.batch_size)
-    state = TrainState(cfg, model, torch.optim.Adam(model.parameters(), lr=3e-3), torch.Generator().manual_seed(0))
+    optimizer, steps = torch.optim.Adam(model.parameters(), lr=3e-3), source.steps_per_epoch
+    state = TrainState(cfg, model, optimizer, torch.Generator().manual_seed(0), steps_per_epoch=steps)
     step = EagerStep(model, state.optimizer, cfg, state.generator)
     for _ in range(60):
         metrics = train_one_epoch(state, source, step, source.new_epoch(state.order, state.step))

@@ -134,7 +134,7 @@ class BatchSource:
             yield from (Batch(number, mine, weight, *self.gather(mine)) for number, mine, weight in plan)
         else:
             decoded = self._decode([mine for _, mine, _ in plan], progress.step)
-            for (number, mine, weight), (x, readable) in zip(plan, decoded, strict=False):
+            for (number, mine, weight), (x, readable) in zip(plan, decoded, strict=True):
                 yield Batch(number, mine, weight, x, self.labels[mine], readable, self.crops)
 
     def _plan(self, progress: EpochProgress) -> list[tuple[int, Tensor, float]]:

@@ -7,8 +7,10 @@ results). The command line passes `reporting.default_callbacks`; from Python::
     from gmlp_vision.reporting import default_callbacks
     train(cfg, callbacks=default_callbacks(cfg))
 
-Every hook runs on every process under torchrun, in the order the callbacks were given; `RunInfo.main` tells rank 0,
-which alone writes files. An exception a hook raises ends the run, as one raised by training would.
+Under torchrun every process must be given the same callbacks: every hook runs on every process, in the order the
+callbacks were given, and a hook may use the run's collectives (`RunInfo.ctx`: `reporting.PlotReport` has rank 0
+draw while the others wait for it). `RunInfo.main` tells rank 0, which alone writes files. An exception a hook raises
+ends the run, as one raised by training would.
 """
 
 from __future__ import annotations

@@ -38,8 +38,13 @@ class Trainee(Protocol):
     optimizer: torch.optim.Optimizer
     schedule: LrSchedule
     ctx: Dist
-    stops: _Stops
     step: int
+    steps_per_epoch: int
+
+    @property
+    def stops(self) -> _Stops:
+        """The run's stop requests (SIGINT, SIGTERM)."""
+        ...
 
     def after_step(self, progress: EpochProgress, stop: bool) -> None:
         """After every step: the weight average, the periodic and the requested checkpoints."""
@@ -64,6 +69,10 @@ def train_one_epoch(
         NonFiniteLossError: the loss became NaN or infinite (checked every step on CPU, every 50 on GPUs).
         TrainingInterrupted: a stop was requested (SIGINT or SIGTERM); ``last.pt`` was saved at this step.
     """
+    if state.steps_per_epoch != source.steps_per_epoch:  # the lr schedule counts on it
+        raise ValueError(
+            f"the state expects {state.steps_per_epoch} steps per epoch, the source has {source.steps_per_epoch}"
+        )
     assert state.wrapped is not None
     state.wrapped.train()
     progress.sums = stepper.begin_epoch(progress.sums)

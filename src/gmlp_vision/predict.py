@@ -40,6 +40,7 @@ from gmlp_vision.images import (
     tensor_images,
 )
 from gmlp_vision.model import GMLP
+from gmlp_vision.precision import precision_named
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,10 @@ class Classifier:
         if batch_size < 1:
             raise ConfigError(f"--batch-size must be a positive integer, got {batch_size}")
         check_resize(resize, crop_pct)
+        try:
+            precision_named(precision)
+        except ValueError as e:
+            raise ConfigError(f"--{e}") from None
         self.model = model if isinstance(model, OnnxModel) else model.eval()
         self.image_size = model.image_size if isinstance(model, OnnxModel) else model.cfg.image_size
         self.in_chans = model.in_chans if isinstance(model, OnnxModel) else model.cfg.in_chans

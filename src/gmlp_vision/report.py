@@ -23,7 +23,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from gmlp_vision.errors import ReportError
-from gmlp_vision.metrics import shows_top5
+from gmlp_vision.metrics import VALIDATION, shows_top5
 from gmlp_vision.report_eval import PLOTS_DIR, evaluation_report, new_figure, save_figure
 
 
@@ -203,7 +203,9 @@ class TensorBoardLogger:
         for key, value in row.items():
             if key == "epoch" or not isinstance(value, (int, float)) or not math.isfinite(value):
                 continue
-            tag = f"{key[4:]}/val" if key.startswith("val_") else (key if key in ("lr", "seconds") else f"{key}/train")
+            tag = key if key in ("lr", "seconds") else f"{key}/train"
+            if key.startswith(VALIDATION):  # val_loss -> loss/val, val_ema_acc -> ema_acc/val
+                tag = f"{key.removeprefix(VALIDATION)}/val"
             self.writer.add_scalar(tag, value, step)
         self.writer.flush()
 

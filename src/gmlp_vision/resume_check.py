@@ -95,7 +95,7 @@ def check_resume_state(saved: SavedRun, target: ResumeTarget) -> None:
     if not isinstance(ts, dict) or not ts:
         _fail("it holds no training state (best.pt and ema.pt hold only weights)")
     if "ranks" not in ts:
-        raise CheckpointError("last.pt holds no per-process random streams (ranks); this gmlp-vision cannot resume it")
+        raise CheckpointError("last.pt comes from an earlier development version; this one cannot resume it")
     _entries(ts, "train_state", _TRAIN_STATE, optional=("scaler",))
     epoch = _int(saved.epoch, "epoch", 0, saved.config.optim.epochs, "the run's --epochs")
     step = _int(saved.step, "step", 0, _INT64_MAX)

@@ -96,13 +96,12 @@ class TrainState:
     ctx: Dist = SINGLE
     run_dir: Path | None = None
     ds: Dataset | None = None
-    steps_per_epoch: int = 0
+    steps_per_epoch: int = 1  # the optimiser steps of an epoch (`batches.BatchSource.steps_per_epoch`)
     history: list[dict[str, float]] = field(default_factory=list)
     epoch: int = 0
     step: int = 0
     stops: StopRequests = field(default_factory=StopRequests)
     best: dict[str, torch.Tensor] | None = None  # the best epoch's weights so far (a resumed run: its best.pt's)
-    board: Any = None  # the TensorBoard logger (--tensorboard, rank 0)
     plateau: Plateau = field(init=False)
     stopper: EarlyStopping = field(init=False)
     order: torch.Generator = field(init=False)  # the epoch order: the same on every rank
@@ -113,6 +112,8 @@ class TrainState:
 
     def __post_init__(self) -> None:
         optim = self.cfg.optim
+        if self.steps_per_epoch < 1:  # the lr schedule is a function of the step within the run's epochs
+            raise ValueError(f"steps_per_epoch must be at least 1, got {self.steps_per_epoch}")
         self.wrapped = self.model if self.wrapped is None else self.wrapped
         self.schedule = LrSchedule.from_config(optim, self.steps_per_epoch)
         self.plateau = Plateau(self.optimizer, optim.plateau_factor, optim.plateau_patience, optim.plateau_threshold)

@@ -1,9 +1,9 @@
 """One optimiser step on a batch of uint8 images (resize, augment, forward, loss, backward, update), and the steppers.
 
-A run picks its stepper once, at setup: `EagerStep` (this module: `train_step` on each batch the source hands it) or,
-on CUDA where `graphs.unsupported` allows, `graphs.GraphStep` (the same step captured as one CUDA graph per batch size,
-`backward_step` plus the device-side update `optim.adamw_apply`). Both take a `batches.Batch` and add the step's loss
-and top-k counts to the epoch's running sums (`metrics.add_metrics`).
+A run picks its stepper once, at setup: `EagerStep` (this module: `train_step`'s code on each batch the source hands
+it) or, on CUDA where `graphs.unsupported` allows, `graphs.GraphStep` (the same step captured as one CUDA graph per
+batch size, `backward_step` plus the device-side update `optim.adamw_apply`). Both take a `batches.Batch` and add the
+step's loss and top-k counts to the epoch's running sums (`metrics.add_metrics`).
 
 fp16 (``--precision fp16``) scales the loss with the state's gradient scaler (`precision.Precision.scaler`). A step
 whose gradients overflow is skipped by it: the weights and the optimiser's state (its own step count included) stay as
@@ -84,12 +84,8 @@ class EagerStep:
     def step(self, batch: Batch) -> tuple[Tensor, Tensor]:  # noqa: D102 (as `Stepper`)
         x, y, readable = batch.images, batch.labels, batch.readable
         assert x is not None and y is not None
-        self.optimizer.zero_grad(set_to_none=True)
-        weights, scaler = batch.weights(), self.scaler
-        losses, logits = backward_step(
-            self.model, x, y, self.cfg, self.generator, weights=weights, cropped=batch.cropped, scaler=scaler
-        )
-        update(self.model, self.optimizer, self.cfg.optim.clip_grad, scaler)
+        step = (self.model, self.optimizer, x, y, self.cfg, self.generator)
+        losses, logits = _step(*step, batch.weights(), batch.cropped, self.scaler)
         if not batch.weight:  # a stand-in image: this rank's share of a small last batch was empty
             return losses, losses.sum() if readable is None else (losses * readable).sum()
         return losses, add_metrics(self.sums, self.nonfinite, losses, logits, y, readable)
@@ -120,8 +116,23 @@ def train_step(
     Returns:
         Every image's loss and the float32 logits, both detached.
     """
+    return _step(model, optimizer, images, labels, cfg, generator, weights, False, scaler)
+
+
+def _step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: Tensor,
+    labels: Tensor,
+    cfg: Config,
+    generator: torch.Generator,
+    weights: float | Tensor | None,
+    cropped: bool,
+    scaler: torch.amp.GradScaler | None,
+) -> tuple[Tensor, Tensor]:
+    """`train_step`, and `EagerStep`'s step on a batch that may hold streamed crops already (``cropped``)."""
     optimizer.zero_grad(set_to_none=True)
-    out = backward_step(model, images, labels, cfg, generator, weights=weights, scaler=scaler)
+    out = backward_step(model, images, labels, cfg, generator, weights=weights, cropped=cropped, scaler=scaler)
     update(model, optimizer, cfg.optim.clip_grad, scaler)
     return out
 

@@ -112,9 +112,8 @@ def train(
         if locked:
             held.enter_context(RunLock(Path(cfg.run.out or "")))
         ds = dataset if dataset is not None else ctx.main_first(partial(_load_data, cfg, ctx.main))
-        state, source, val, part = _start(cfg, ds, resume, ctx, device, None if locked else held)
-        stepper = _stepper(state, source)
-        run = RunInfo(state.cfg, state.run_dir, ds, ctx, state.model, state.averaged)
+        state, source, stepper, val, part = _start(cfg, ds, resume, ctx, device, None if locked else held)
+        run = RunInfo(state.cfg, Path(state.cfg.run.out or ""), ds, ctx, state.model, state.averaged)
         for callback in callbacks:
             callback.on_run_start(run)
         stopped = False
@@ -153,11 +152,11 @@ def _load_data(cfg: Config, main: bool) -> Dataset:
 
 def _start(
     cfg: Config, ds: Dataset, resume: bool, ctx: Dist, device: torch.device, held: ExitStack | None
-) -> tuple[TrainState, BatchSource, tuple[Tensor | ImageFiles, Tensor], EpochProgress | None]:
+) -> tuple[TrainState, BatchSource, Stepper, tuple[Tensor | ImageFiles, Tensor], EpochProgress | None]:
     """Everything before the first step: the run directory, the model, optimiser and rules, or the resumed state.
 
     Returns:
-        The state, the training batches, the validation images and labels, and a part-done epoch to continue.
+        The state, the training batches, the stepper, the validation images and labels, and a part-done epoch.
     """
     # Class count and channels are facts of the data, not choices.
     cfg = cfg.replace(num_classes=ds.num_classes, in_chans=ds.in_chans)
@@ -179,11 +178,12 @@ def _start(
     if saved is not None:
         _say(ctx, "resuming %s at epoch %d, step %d", run_dir, state.epoch + 1, state.step)
     state.wrapped, state.best = _wrap(model, cfg, ctx, device), best
+    stepper = _stepper(state, source)
     val = (images[n_train:].to(device), labels[n_train:].to(device))
     message = "training %s on %s: %d train / %d validation images, %d steps per epoch, device %s, run dir %s"
     preset = cfg.preset or "custom config"
     _say(ctx, message, preset, cfg.data.dataset, n_train, len(val[1]), state.steps_per_epoch, device, run_dir)
-    return state, source, val, part
+    return state, source, stepper, val, part
 
 
 def _new_model(cfg: Config, images: Tensor | ImageFiles, pretrained: Any, device: torch.device) -> GMLP:

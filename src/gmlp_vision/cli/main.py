@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from gmlp_vision.cli.flags import DEFAULTS_NOTE, USAGE, add_config_arguments, config_from_args, explicit_values
-from gmlp_vision.cli.model_commands import add_commands, print_accuracy, split_name
+from gmlp_vision.cli.model_commands import add_commands, add_evaluate, print_accuracy, split_name
 from gmlp_vision.data import DATASET_KINDS, DATASETS
 from gmlp_vision.errors import ConfigError, GmlpError, TrainingInterrupted, printable
 from gmlp_vision.presets import DATASET_PRESET, PRESET_HELP, PRESETS
@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p)
     p.set_defaults(func=_cmd_train)
 
+    add_evaluate(sub, DATASETS)  # (model_commands.py)
+
     p = sub.add_parser("presets", help="list the presets")
     p.add_argument("-v", "--verbose", action="store_true", help="show every value each preset sets")
     p.set_defaults(func=_cmd_presets)
@@ -142,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p)
     p.set_defaults(func=_cmd_info)
 
-    add_commands(sub, DATASETS)  # evaluate, predict, export, report (model_commands.py)
+    add_commands(sub, DATASETS)  # predict, export, report (model_commands.py)
     for name, command in sub.choices.items():
         command.allow_abbrev = False  # --epoc is not --epochs: a typo is an error, not a guess
         command.prog = f"gmlp {name}"

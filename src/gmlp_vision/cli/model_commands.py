@@ -245,8 +245,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: Any, dataset_names: Sequence[str]) -> None:
-    """Add ``evaluate``, ``predict``, ``export`` and ``report`` to the ``gmlp`` subparsers."""
+def add_evaluate(sub: Any, dataset_names: Sequence[str]) -> None:
+    """Add ``evaluate`` to the ``gmlp`` subparsers (listed after ``train``)."""
     p = sub.add_parser("evaluate", help="test top-1 and top-5 accuracy of a checkpoint")
     p.add_argument("checkpoint", help="checkpoint file (best.pt, last.pt) or run directory")
     p.add_argument("--dataset", choices=tuple(dataset_names), help="dataset (default: the one it was trained on)")
@@ -258,6 +258,9 @@ def add_commands(sub: Any, dataset_names: Sequence[str]) -> None:
     p.add_argument("--quiet", action="store_true", help="no download progress bar")
     p.set_defaults(func=_cmd_evaluate)
 
+
+def add_commands(sub: Any, dataset_names: Sequence[str]) -> None:
+    """Add ``predict``, ``export`` and ``report`` to the ``gmlp`` subparsers."""
     p = sub.add_parser("predict", help="classify image files with a trained model")
     p.add_argument(
         "checkpoint",

@@ -283,7 +283,9 @@ class RunConfig:
     checkpoint_every: int = option(0, "also save a resumable last.pt every N optimiser steps within an epoch (0: off)")
     progress: bool = option(True, "show a progress bar during each epoch")
     tensorboard: bool = option(
-        False, "also log every epoch's metrics to RUN_DIR/tensorboard (needs the tensorboard extra)"
+        False,
+        "also log every epoch's metrics to RUN_DIR/tensorboard (needs the tensorboard extra; from Python: "
+        "train(cfg, callbacks=reporting.default_callbacks(cfg)))",
     )
 
     def __post_init__(self) -> None:
