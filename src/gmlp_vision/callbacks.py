@@ -37,6 +37,10 @@ class RunInfo:
     model: nn.Module  # the model itself, unwrapped
     averaged: nn.Module | None  # the weight average's model (--ema), else None
 
+    def shipped(self, summary: dict[str, Any]) -> nn.Module:
+        """The model the run ships at its finish (``summary["final_checkpoint"]``): the weight average or the model."""
+        return self.averaged if summary["final_checkpoint"] == "ema.pt" and self.averaged is not None else self.model
+
     @property
     def main(self) -> bool:
         """Whether this is the process that writes files (rank 0; the only one without torchrun)."""

@@ -95,8 +95,9 @@ def _final_metrics(ckpt_path: Path, results: dict[str, Any]) -> dict[str, Any] |
     """The final evaluation results.json holds for this checkpoint file, if it holds one."""
     if ckpt_path.name == "ema.pt":
         found = results.get("test_ema")
-    else:
-        found = results.get("test") if results.get("final_checkpoint") == ckpt_path.name else None
+    else:  # "test" was measured on test_checkpoint (before 0.3: on the final checkpoint, which it then was)
+        measured = results.get("test_checkpoint", results.get("final_checkpoint"))
+        found = results.get("test") if measured == ckpt_path.name else None
     return found if isinstance(found, dict) else None
 
 

@@ -39,6 +39,7 @@ saying what to do, and leaves no temp file and no folder made for nothing.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
@@ -59,12 +60,13 @@ from torch import Tensor
 
 from gmlp_vision.artifacts import ONNX_EXTRA
 from gmlp_vision.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
-from gmlp_vision.errors import ExportError, one_line
+from gmlp_vision.errors import CheckpointError, ExportError, one_line, printable
 from gmlp_vision.evaluate import infer
 from gmlp_vision.files import made_folder, replacing, scratch_beside, why_not_written, write_text
 from gmlp_vision.hub import FORMAT, ExportConfig, hub_config
 from gmlp_vision.images import resize
 from gmlp_vision.model import GMLP
+from gmlp_vision.untrusted import JSON_LIMIT, read_json_file
 
 ELSEWHERE = "export elsewhere with --out"  # the advice closing a write error: where `gmlp export` writes is --out
 
@@ -78,8 +80,39 @@ def _require(name: str) -> ModuleType:
 
 
 def default_export_dir(checkpoint: str | Path) -> Path:
-    """``export/`` next to the checkpoint (inside the run directory for ``best.pt``/``last.pt`` or a run directory)."""
-    return resolve_checkpoint(checkpoint).parent / "export"
+    """Where a checkpoint's export goes by default: ``export/`` beside the checkpoint its run ships, ``export-NAME/``.
+
+    A run directory, or the file its ``results.json`` names (`checkpoint.resolve_checkpoint`), exports to
+    ``RUN_DIR/export``; another checkpoint of a run to ``RUN_DIR/export-last``, ``export-best`` or ``export-ema``, so
+    that the exports of one run's checkpoints never share a folder. A checkpoint alone in its folder: ``export/``.
+    """
+    path = resolve_checkpoint(checkpoint)
+    run_files = any((path.parent / name).exists() for name in ("results.json", "best.pt", "last.pt"))
+    shipped = resolve_checkpoint(path.parent) if run_files else path
+    return path.parent / ("export" if path.name == shipped.name else f"export-{path.stem}")
+
+
+def checkpoint_source(path: Path) -> dict[str, str]:
+    """What an export records of its checkpoint: the file's name, and an id of its full path (kept private)."""
+    full = str(path.resolve()).encode("utf-8", "surrogateescape")
+    return {"checkpoint": path.name, "checkpoint_id": hashlib.sha256(full).hexdigest()[:16]}
+
+
+def refuse_another_source(target: Path, recorded: Any, source: dict[str, str]) -> None:
+    """Refuse to overwrite ``target`` when what it holds records another checkpoint than ``source``.
+
+    Exports written before 0.3 record none, and are overwritten as before.
+
+    Raises:
+        ExportError: naming the other checkpoint.
+    """
+    other = recorded.get("checkpoint_id") if isinstance(recorded, dict) else None
+    if isinstance(other, str) and other != source["checkpoint_id"]:
+        name = recorded.get("checkpoint")
+        raise ExportError(
+            f"{target} holds the export of another checkpoint ({printable(name) if isinstance(name, str) else '?'}); "
+            "pass --out with a new path, or remove it first"
+        )
 
 
 @contextmanager
@@ -102,10 +135,11 @@ def _legacy_exporter() -> dict[str, Any]:
     return {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
 
 
-def _set_metadata(proto: Any, model: GMLP, ckpt: Checkpoint) -> None:
+def _set_metadata(proto: Any, model: GMLP, ckpt: Checkpoint, source: dict[str, str]) -> None:
     from gmlp_vision.version import __version__
 
     values = {
+        **source,
         "classes": json.dumps(list(ckpt.classes)),
         "image_size": str(model.cfg.image_size),
         "in_chans": str(model.cfg.in_chans),
@@ -149,7 +183,10 @@ def export_onnx(checkpoint: str | Path, out_path: str | Path, *, opset: int = 17
     onnx = _require("onnx")
     out_path = Path(out_path)
     _file_target(out_path)
-    ckpt = load_checkpoint(resolve_checkpoint(checkpoint))
+    path = resolve_checkpoint(checkpoint)
+    source = checkpoint_source(path)
+    refuse_another_source(out_path, _onnx_source(onnx, out_path), source)
+    ckpt = load_checkpoint(path)
     model = ckpt.build_model("cpu")
     size, chans = model.cfg.image_size, model.cfg.in_chans
     example = torch.full((1, chans, size, size), 128.0)
@@ -172,9 +209,20 @@ def export_onnx(checkpoint: str | Path, out_path: str | Path, *, opset: int = 17
                 **_legacy_exporter(),
             )
             proto = onnx.load(str(tmp))
-        _set_metadata(proto, model, ckpt)
+        _set_metadata(proto, model, ckpt, source)
         _save_checked(proto, out_path)
     return out_path
+
+
+def _onnx_source(onnx: ModuleType, path: Path) -> dict[str, str] | None:
+    """The checkpoint an existing ONNX file at ``path`` records (None: no file, not ONNX, or it records none)."""
+    if not path.is_file():
+        return None
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not an ONNX file: nothing recorded to protect
+        return None
+    return {p.key: p.value for p in proto.metadata_props}
 
 
 def quantize_onnx(onnx_path: str | Path, out_path: str | Path) -> Path:
@@ -274,13 +322,16 @@ def export_safetensors(checkpoint: str | Path, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"cannot export to {out_dir}: it is a file, and safetensors go in a folder; {ELSEWHERE}")
-    ckpt = load_checkpoint(resolve_checkpoint(checkpoint))
+    path = resolve_checkpoint(checkpoint)
+    source = checkpoint_source(path)
+    refuse_another_source(out_dir, _safetensors_source(out_dir), source)
+    ckpt = load_checkpoint(path)
     model = ckpt.build_model("cpu")
     weights = out_dir / "model.safetensors"
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     data = ckpt.config.data
     export = ExportConfig(model.cfg, tuple(ckpt.classes), ckpt.config.run.precision, data.resize, data.crop_pct)
-    config = hub_config(export, model.pixel_mean.tolist(), model.pixel_std.tolist())
+    config = hub_config(export, model.pixel_mean.tolist(), model.pixel_std.tolist(), source)
     with _writing(weights), made_folder(out_dir):
         with replacing(weights) as tmp:  # it keeps the usual permissions: safetensors alone writes 0600
             try:
@@ -295,12 +346,24 @@ def export_safetensors(checkpoint: str | Path, out_dir: str | Path) -> Path:
     return weights
 
 
+def _safetensors_source(folder: Path) -> dict[str, Any] | None:
+    """The checkpoint an existing export folder's ``config.json`` records (None: none, or not an export's)."""
+    try:
+        raw = read_json_file(folder / "config.json", JSON_LIMIT)
+    except (CheckpointError, OSError):  # absent or unreadable: nothing recorded to protect
+        return None
+    ours = raw.get("gmlp_vision") if isinstance(raw, dict) else None
+    return ours if isinstance(ours, dict) else None
+
+
 __all__ = [
     "check_onnx",
+    "checkpoint_source",
     "default_export_dir",
     "export_onnx",
     "export_safetensors",
     "onnx_logits",
     "onnx_session",
     "quantize_onnx",
+    "refuse_another_source",
 ]

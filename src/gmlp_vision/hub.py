@@ -48,8 +48,16 @@ class ExportConfig(NamedTuple):
     crop_pct: float
 
 
-def hub_config(export: ExportConfig, pixel_mean: Sequence[float], pixel_std: Sequence[float]) -> dict[str, Any]:
-    """The ``config.json`` dict of an export: timm's Hub keys, then the ``gmlp_vision`` block."""
+def hub_config(
+    export: ExportConfig,
+    pixel_mean: Sequence[float],
+    pixel_std: Sequence[float],
+    source: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The ``config.json`` dict of an export: timm's Hub keys, then the ``gmlp_vision`` block.
+
+    ``source``: what the export records of the checkpoint it came from (`export.checkpoint_source`).
+    """
     mc = export.model
     pretrained_cfg = {
         "input_size": [mc.in_chans, mc.image_size, mc.image_size],
@@ -79,6 +87,7 @@ def hub_config(export: ExportConfig, pixel_mean: Sequence[float], pixel_std: Seq
             "input": INPUT,
             "pixel_mean": [float(v) for v in pixel_mean],
             "pixel_std": [float(v) for v in pixel_std],
+            **(source or {}),
         },
     }
 

@@ -1,8 +1,9 @@
 """``--init``: read pretrained weights from a file, timm's gMLP weights (``gmlp_s16_224``) or our own, for `transfer`.
 
 Sits above `checkpoint` and `transfer`: it opens the file (.safetensors, .pth, .bin, or a gmlp checkpoint, validated
-as `checkpoint.load_checkpoint` does), puts timm's names into ours (`transfer.timm_to_gmlp`) and hands the state dict
-to `transfer.fit_pretrained`, which adapts it to the architecture (see `transfer`'s module docstring).
+as `checkpoint.load_checkpoint` does), puts timm's names into ours (`transfer.timm_to_gmlp`) and hands the weights
+to `transfer.fit_pretrained`, which adapts them to the architecture: input channels, patch size, resolution and the
+head (see `transfer`'s module docstring).
 """
 
 from __future__ import annotations
@@ -12,18 +13,23 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from gmlp_vision.artifacts import read_export_config
 from gmlp_vision.checkpoint import FORMAT, checkpoint_from_payload
 from gmlp_vision.config.groups import ModelConfig
 from gmlp_vision.errors import CheckpointError, first_line
 from gmlp_vision.model import GMLP
-from gmlp_vision.transfer import Pretrained, apply_pretrained, fit_pretrained, is_timm_state, timm_to_gmlp
+from gmlp_vision.transfer import Pretrained, Weights, apply_pretrained, fit_pretrained, is_timm_state, timm_to_gmlp
 
 
-def read_state(path: str | Path) -> tuple[dict[str, Tensor], Tensor | None, Tensor | None]:
+def read_weights(path: str | Path) -> Weights:
     """Weights from a timm file (.safetensors, .pth, .bin) or a gmlp checkpoint (.pt) or export (.safetensors).
 
-    Returns the state dict (our names) and, for gmlp files, the normalisation buffers (None for timm). gmlp training
-    checkpoints are validated as `load_checkpoint` does (format, version, digest), from the one read.
+    Our names come back (`transfer.timm_to_gmlp` for timm's); gmlp files bring their normalisation buffers and class
+    names (a checkpoint's, or the ``config.json`` beside an export's weights). gmlp training checkpoints are validated
+    as `load_checkpoint` does (format, version, digest), from the one read.
+
+    Raises:
+        CheckpointError: no such file, unreadable, or no state dict of tensors.
     """
     path = Path(path)
     if not path.is_file():
@@ -37,32 +43,49 @@ def read_state(path: str | Path) -> tuple[dict[str, Tensor], Tensor | None, Tens
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or hostile files raise many kinds; one clear line for all
         raise CheckpointError(f"--init {path}: not a readable weights file ({first_line(e)})") from None
+    classes = None
     if isinstance(state, dict) and state.get("format") == FORMAT:
-        state = checkpoint_from_payload(state, path).model_state
+        ckpt = checkpoint_from_payload(state, path)
+        state, classes = ckpt.model_state, ckpt.classes
     for key in ("state_dict", "model"):  # common wrappers of plain PyTorch checkpoints
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"--init {path}: holds no state dict of tensors")
     if is_timm_state(state):
-        return timm_to_gmlp(state), None, None
-    return state, state.get("pixel_mean"), state.get("pixel_std")
+        return Weights(timm_to_gmlp(state))
+    if classes is None and path.suffix == ".safetensors" and (path.parent / "config.json").is_file():
+        classes = _export_classes(path.parent)
+    return Weights(state, state.get("pixel_mean"), state.get("pixel_std"), classes)
 
 
-def read_pretrained(path: str | Path, cfg: ModelConfig) -> Pretrained:
+def _export_classes(folder: Path) -> tuple[str, ...] | None:
+    """The class names of the export whose weights are in ``folder`` (None: its config.json is not an export's)."""
+    try:
+        return read_export_config(folder).classes
+    except CheckpointError:
+        return None
+
+
+def read_pretrained(
+    path: str | Path, cfg: ModelConfig, *, classes: tuple[str, ...] | None = None, reset_head: bool = False
+) -> Pretrained:
     """Read ``path`` and fit it to a model of architecture ``cfg`` (`transfer.fit_pretrained`), touching no model.
 
-    Raises:
-        CheckpointError: unreadable file, or weights of another architecture (width, depth, patch size).
-    """
-    state, mean, std = read_state(path)
-    return fit_pretrained(state, mean, std, cfg, path)
-
-
-def load_pretrained(model: GMLP, path: str | Path) -> list[str]:
-    """Fill ``model`` from ``path``; returns the names left as initialised (the head, for another class count).
+    Args:
+        classes: the class names the model will learn (a head trained on others is not kept).
+        reset_head: never keep the head.
 
     Raises:
-        CheckpointError: unreadable file, or weights of another architecture (width, depth, patch size).
+        CheckpointError: unreadable file, or weights of another architecture (width, depth).
     """
-    return apply_pretrained(model, read_pretrained(path, model.cfg))
+    return fit_pretrained(read_weights(path), cfg, path, classes=classes, reset_head=reset_head)
+
+
+def load_pretrained(model: GMLP, path: str | Path, *, classes: tuple[str, ...] | None = None) -> list[str]:
+    """Fill ``model`` from ``path``; returns the names left as initialised (the head, for other classes).
+
+    Raises:
+        CheckpointError: unreadable file, or weights of another architecture (width, depth).
+    """
+    return apply_pretrained(model, read_pretrained(path, model.cfg, classes=classes))

@@ -27,14 +27,14 @@ def default_callbacks(cfg: Config) -> list[Callback]:
 
 
 class PlotReport(Callback):
-    """At the finish, rank 0 writes every plot under ``RUN_DIR/plots`` (`report.write_report`) for the final weights."""
+    """At the finish, rank 0 writes every plot under ``RUN_DIR/plots`` (`report.write_report`) of the shipped model."""
 
     def on_finish(self, run: RunInfo, summary: dict[str, Any]) -> list[Path]:  # noqa: D102 (as `Callback`)
         test, cfg = run.ds.test, run.cfg
         write = partial(
             write_report,
             run.run_dir,
-            run.model,
+            run.shipped(summary),
             test.images,
             test.labels,
             run.ds.classes,

@@ -65,7 +65,7 @@ class Result:
     run_dir: Path
     history: list[dict[str, float]]
     test: dict[str, float]
-    final_checkpoint: str  # "best.pt" when the best weights were restored at the end, else "last.pt"
+    final_checkpoint: str  # the file the run ships: best.pt (restored), last.pt, or ema.pt (`train._shipped`)
     best_epoch: int  # 1-based
     stopped_early: bool
     test_ema: dict[str, float] | None = None  # the weight average's test metrics (--ema)
@@ -165,7 +165,9 @@ def _start(
     if n_train < 1:
         raise ConfigError(f"no training images left: {len(labels)} images with --val-split {cfg.data.val_split}")
     # Pretrained weights are read and checked before anything is written: a bad --init leaves no run directory.
-    pretrained = read_pretrained(cfg.run.init, cfg.model) if cfg.run.init else None
+    pretrained = None
+    if cfg.run.init:
+        pretrained = read_pretrained(cfg.run.init, cfg.model, classes=ds.classes, reset_head=cfg.run.reset_head)
     run_dir, saved, best = ctx.on_main(partial(open_run_dir, cfg, resume, held, n_train))
     cfg = cfg.replace(out=str(run_dir))
     crop_seed = cfg.run.seed if streams_crop(cfg.augment) else None
@@ -297,7 +299,11 @@ def _end_epoch(state: TrainState, row: dict[str, float]) -> bool:
 def _finish(
     state: TrainState, images: tuple[int, int], stopped: bool, run: RunInfo, callbacks: Sequence[Callback]
 ) -> Result:
-    """After the last epoch: the final weights, test metrics, ema.pt, results.json, and the callbacks' finish."""
+    """After the last epoch: the final weights, test metrics, ema.pt, results.json, and the callbacks' finish.
+
+    ``final_checkpoint`` in results.json names the file the run ships: what ``evaluate``, ``predict``, ``export`` and
+    ``report`` take from the run directory (`checkpoint.resolve_checkpoint`).
+    """
     cfg, ctx, ds = state.cfg, state.ctx, state.ds
     restore = state.best is not None and (
         cfg.optim.restore_best == "always" or (stopped and cfg.optim.restore_best == "on-stop")
@@ -306,9 +312,11 @@ def _finish(
         state.model.load_state_dict(state.best)
         _say(ctx, "restored the weights of the best epoch (%d)", state.stopper.best_epoch + 1)
     test = _evaluate(state, state.wrapped, ds.test.images, ds.test.labels)
+    weights = "best.pt" if restore else "last.pt"
     summary = {
         "test": test,
-        "final_checkpoint": "best.pt" if restore else "last.pt",
+        "test_checkpoint": weights,  # the file ``test`` was measured on (``test_ema``: ema.pt's)
+        "final_checkpoint": _shipped(state, weights),
         "best_epoch": state.stopper.best_epoch + 1,
         "stopped_early": stopped,
         "epochs_run": len(state.history),
@@ -334,6 +342,27 @@ def _finish(
         plots=written,
         shows_top5=shows_top5(ds.num_classes),
     )
+
+
+def _shipped(state: TrainState, weights: str) -> str:
+    """Which file the run ships: ``weights`` (best.pt or last.pt), or with ``--ema`` the better of it and ema.pt.
+
+    Decided on the validation split, the training data's held-out slice (never the test split): higher top-1
+    accuracy wins, then lower loss; a tie keeps ``weights``. Without validation images the weight average ships.
+    """
+    if state.averaged is None:
+        return weights
+    rows = state.history
+    if not rows or "val_ema_acc" not in rows[-1]:
+        _say(state.ctx, "shipping ema.pt, the weight average: no validation images to choose on")
+        return "ema.pt"
+    plain = rows[state.stopper.best_epoch] if weights == "best.pt" else rows[-1]
+    ours, theirs = (plain["val_acc"], -plain["val_loss"]), (rows[-1]["val_ema_acc"], -rows[-1]["val_ema_loss"])
+    shipped = "ema.pt" if theirs > ours else weights
+    verdict = "beats" if shipped == "ema.pt" else "does not beat"
+    message = "shipping %s: the weight average's validation accuracy %.2f %% (loss %.4f) %s %s's %.2f %% (loss %.4f)"
+    _say(state.ctx, message, shipped, 100 * theirs[0], -theirs[1], verdict, weights, 100 * ours[0], -ours[1])
+    return shipped
 
 
 # The model's buffers (normalisation statistics) are the same on every rank: no broadcast before each forward.

@@ -12,14 +12,22 @@ architecture and `apply_pretrained` copies it into a fresh `GMLP`:
   of (output position, input position) on the image plane and resamples both grids (bilinear, antialiased when
   shrinking), scaling by the ratio of token counts so that each output still sums the same total input: a projection
   that averages all tokens still averages them all. The same grid gives back the very same weights.
-- The classifier is kept when the class count matches; otherwise the fresh model's head stays (to be trained).
+- Input channels, as timm's ``adapt_input_conv``: for 1 channel the patch kernel is summed over the weights' RGB
+  channels; for another count the channels are repeated, cut to the count and scaled by (weights' channels / count).
+  An image whose channels are all equal then embeds as before for 1 channel or a multiple of the weights' channels,
+  and at the same scale otherwise. The pixel statistics follow (averaged or repeated).
+- Patch size, as FlexiViT's PI-resize: the kernel of another patch size p' is the least-squares ``w'`` with
+  ``<resize(x), w'> = <x, w>`` for every patch ``x`` of size p (exact when p' >= p), per output unit and channel.
+- The classifier is kept only when the class count and, where both sides know them, the class names match (or never,
+  with ``--reset-head``); otherwise the fresh model's head stays (to be trained). Each adaptation is said in the log.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,6 +46,7 @@ _TIMM_NAMES = (
     (r"blocks\.(\d+)\.mlp_channels\.gate\.", r"blocks.\1.sgu."),
     (r"blocks\.(\d+)\.mlp_channels\.", r"blocks.\1."),
 )
+MAX_RESIZED_PATCH = 64  # PI-resize solves a (p*p, p'*p') system: 4096 x 4096 at most
 TIMM_PIXEL_MEAN = TIMM_PIXEL_STD = 127.5  # timm's gMLP configs: mean = std = 0.5 on pixels scaled to 0..1
 
 
@@ -88,6 +97,35 @@ def _plane(x: Tensor, old: int, grid: int) -> Tensor:
     return x.reshape(rows, grid * grid)
 
 
+def adapt_channels(kernel: Tensor, old: int, new: int) -> Tensor:
+    """A patch kernel (D, p*p*old), flattened (row, column, channel), for ``new`` input channels (timm's rule)."""
+    d, width = kernel.shape
+    w = kernel.reshape(d, width // old, old)
+    if new == 1:
+        w = w.sum(dim=2, keepdim=True)
+    else:
+        w = w.repeat(1, 1, math.ceil(new / old))[:, :, :new] * (old / new)
+    return w.reshape(d, -1).to(kernel.dtype)
+
+
+def adapt_statistics(values: Tensor, new: int) -> Tensor:
+    """Per-channel pixel statistics for ``new`` channels: averaged into one, or repeated and cut."""
+    if new == 1:
+        return values.mean(dim=0, keepdim=True)
+    return values.repeat(math.ceil(new / len(values)))[:new]
+
+
+def resize_patch_kernel(kernel: Tensor, old: int, new: int, chans: int) -> Tensor:
+    """A patch kernel (D, old*old*chans) as FlexiViT's PI-resize makes it for patches of ``new`` x ``new`` pixels."""
+    basis = torch.eye(old * old, dtype=torch.float64).reshape(old * old, 1, old, old)
+    resized = F.interpolate(basis, size=(new, new), mode="bilinear", align_corners=False, antialias=new < old)
+    a = resized.reshape(old * old, new * new)  # row j: patch basis image j, resized: x_new = a.T @ x_old
+    d = kernel.shape[0]
+    w = kernel.double().reshape(d, old, old, chans).permute(0, 3, 1, 2).reshape(d * chans, old * old)
+    w = w @ torch.linalg.pinv(a).T  # each row: the least-squares w' with a @ w' = w
+    return w.reshape(d, chans, new, new).permute(0, 2, 3, 1).reshape(d, -1).to(kernel.dtype)
+
+
 @dataclass
 class Pretrained:
     """Weights read and fitted to one architecture, ready for `apply_pretrained`."""
@@ -97,36 +135,62 @@ class Pretrained:
     mean: Tensor | None  # pixel normalisation (None: timm's)
     std: Tensor | None
     fresh: list[str]  # parameters left as initialised (the head, for another class count)
+    adapted: list[str] = field(default_factory=list)  # what was changed to fit, one phrase each, for the log
+
+
+@dataclass
+class Weights:
+    """A state dict as read (`pretrained.read_weights`), under our names, and what came with it."""
+
+    state: dict[str, Tensor]
+    mean: Tensor | None = None  # pixel normalisation (None: timm's)
+    std: Tensor | None = None
+    classes: tuple[str, ...] | None = None  # the class names they were trained on, where the file says
 
 
 def fit_pretrained(
-    state: dict[str, Tensor], mean: Tensor | None, std: Tensor | None, cfg: ModelConfig, path: str | Path
+    weights: Weights,
+    cfg: ModelConfig,
+    path: str | Path,
+    *,
+    classes: tuple[str, ...] | None = None,
+    reset_head: bool = False,
 ) -> Pretrained:
-    """Fit weights read from ``path`` to a model of architecture ``cfg`` (see the module docstring), touching no model.
+    """Fit ``weights`` read from ``path`` to a model of architecture ``cfg`` (see the module docstring).
 
     Args:
-        state: The state dict, under our names (`timm_to_gmlp` for timm's).
-        mean: The pixel normalisation that came with it (None: timm's).
-        std: Likewise.
-        cfg: The architecture to fit.
-        path: Where the weights were read from, for `Pretrained.path` and the messages.
+        weights: the state dict (our names: `timm_to_gmlp` for timm's) and what came with it.
+        cfg: the architecture to fit.
+        path: where the weights were read from, for `Pretrained.path` and the messages.
+        classes: the class names the model will learn; a head trained on other names is not kept.
+        reset_head: never keep the head.
 
     Raises:
-        CheckpointError: weights of another architecture (width, depth, patch size).
+        CheckpointError: weights of another architecture (width, depth, a patch kernel that fits no patch size).
     """
-    state = {k: v for k, v in state.items() if k not in ("pixel_mean", "pixel_std")}
+    state = {k: v for k, v in weights.state.items() if k not in ("pixel_mean", "pixel_std")}
     with torch.device("meta"):  # the target's names and shapes, without allocating it
         own = {k: v.shape for k, v in GMLP(cfg).state_dict().items()}
+    fitted = Pretrained(Path(path), state, weights.mean, weights.std, [])
+    _fit_patch_kernel(fitted, cfg)
     for name in [k for k in state if k.endswith("sgu.proj.weight")]:
         bias = name[: -len("weight")] + "bias"
         if bias not in state:
             raise CheckpointError(f"--init {path}: {name} has no {bias}")
         state[name], state[bias] = resample_spatial(state[name], state[bias], cfg.grid_size)
-    fresh = []
-    if state.get("head.weight") is not None and state["head.weight"].shape != own["head.weight"]:
-        fresh = ["head.weight", "head.bias"]
-        state = {k: v for k, v in state.items() if k not in fresh}
-    missing = sorted(set(own) - set(state) - {"pixel_mean", "pixel_std"} - set(fresh))
+    head = state.get("head.weight")
+    why = None
+    if head is not None and head.shape != own["head.weight"]:
+        why = f"{cfg.num_classes} classes, the weights' {head.shape[0]}"
+    elif head is not None and classes is not None and weights.classes is not None and classes != weights.classes:
+        why = "the class names differ from the weights'"
+    elif head is not None and reset_head:
+        why = "--reset-head"
+    if why is not None:
+        fitted.fresh = ["head.weight", "head.bias"]
+        fitted.adapted.append(f"new classifier head ({why})")
+        fitted.state = state = {k: v for k, v in state.items() if k not in fitted.fresh}
+    missing = sorted(set(own) - set(state) - {"pixel_mean", "pixel_std"} - set(fitted.fresh))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in state if k in own and state[k].shape != own[k])
     if missing or unexpected or wrong:
@@ -136,7 +200,49 @@ def fit_pretrained(
             if names
         )
         raise CheckpointError(f"--init {path}: the weights do not fit this architecture ({detail})")
-    return Pretrained(Path(path), state, mean, std, fresh)
+    return fitted
+
+
+def _fit_patch_kernel(fitted: Pretrained, cfg: ModelConfig) -> None:
+    """Adapt the patch kernel (and the pixel statistics) to ``cfg``'s input channels and patch size, in place.
+
+    Raises:
+        CheckpointError: a kernel whose width fits no square patch of the weights' channels.
+    """
+    kernel = fitted.state.get("patch_embed.proj.weight")
+    if kernel is None or kernel.ndim != 2:
+        return  # the architecture check names what is missing
+    chans = 3  # timm's gMLP weights take RGB; ours bring per-channel pixel statistics
+    if fitted.mean is not None or fitted.std is not None:
+        mean, std = fitted.mean, fitted.std
+        if mean is None or std is None or mean.ndim != 1 or mean.shape != std.shape or not 1 <= len(mean) <= 64:
+            raise CheckpointError(f"--init {fitted.path}: its pixel_mean and pixel_std are not one value per channel")
+        chans = len(mean)
+    patch = math.isqrt(kernel.shape[1] // chans)
+    if patch * patch * chans != kernel.shape[1] or not patch:
+        raise CheckpointError(
+            f"--init {fitted.path}: its patch kernel ({kernel.shape[1]} inputs) fits no square patch "
+            f"of {chans} channels"
+        )
+    if chans != cfg.in_chans:
+        kernel = adapt_channels(kernel, chans, cfg.in_chans)
+        rule = "summed over the weights' channels" if cfg.in_chans == 1 else "repeated and rescaled"
+        fitted.adapted.append(f"{chans} input channels -> {cfg.in_chans} ({rule})")
+        if fitted.mean is not None and fitted.std is not None:
+            fitted.mean, fitted.std = (
+                adapt_statistics(fitted.mean, cfg.in_chans),
+                adapt_statistics(fitted.std, cfg.in_chans),
+            )
+    if patch != cfg.patch_size:
+        if max(patch, cfg.patch_size) > MAX_RESIZED_PATCH:
+            raise CheckpointError(
+                f"--init {fitted.path}: its patch size is {patch}, this model's {cfg.patch_size}; patches over "
+                f"{MAX_RESIZED_PATCH} pixels are not resampled: train with --patch-size {patch}"
+            )
+        kernel = resize_patch_kernel(kernel, patch, cfg.patch_size, cfg.in_chans)
+        exact = "exact" if cfg.patch_size >= patch else "least squares"
+        fitted.adapted.append(f"patch {patch} -> {cfg.patch_size} (PI-resize, {exact})")
+    fitted.state["patch_embed.proj.weight"] = kernel
 
 
 def apply_pretrained(model: GMLP, pretrained: Pretrained) -> list[str]:
@@ -151,5 +257,5 @@ def apply_pretrained(model: GMLP, pretrained: Pretrained) -> list[str]:
         else:
             model.pixel_mean.copy_(pretrained.mean)
             model.pixel_std.copy_(pretrained.std)
-    log.info("initialised from %s%s", pretrained.path, "; new classifier head" if pretrained.fresh else "")
+    log.info("initialised from %s%s", pretrained.path, "".join(f"; {what}" for what in pretrained.adapted))
     return pretrained.fresh

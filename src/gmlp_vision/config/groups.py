@@ -267,6 +267,7 @@ class RunConfig:
         "start from these weights: a timm gMLP file (e.g. gmlp_s16_224 .safetensors/.pth) or a gmlp checkpoint; "
         "spatial projections are resampled to this token grid, the head is kept only when the classes match",
     )
+    reset_head: bool = option(False, "with --init: always a new head")
     seed: int = option(0, "random seed (weights, shuffling, augmentation, dropout)")
     device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
     precision: str = option(
@@ -284,8 +285,7 @@ class RunConfig:
     progress: bool = option(True, "show a progress bar during each epoch")
     tensorboard: bool = option(
         False,
-        "also log every epoch's metrics to RUN_DIR/tensorboard (needs the tensorboard extra; from Python: "
-        "train(cfg, callbacks=reporting.default_callbacks(cfg)))",
+        "also log every epoch's metrics to RUN_DIR/tensorboard (needs the tensorboard extra)",
     )
 
     def __post_init__(self) -> None:
