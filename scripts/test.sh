@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Set up with the test extras (onnx and tensorboard too, so their tests run), then lint, check the wheel's metadata and
+# Set up with the test extras (onnx, tensorboard and hub too, so their tests run), then lint, check the wheel's metadata and
 # contents, and run the whole test suite, a worker per core.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh dev onnx tensorboard
+bash scripts/setup.sh dev onnx tensorboard hub
 .venv/bin/ruff check src tests tools benchmarks
 .venv/bin/ruff format --check src tests tools benchmarks
 # The wheel, built with .venv's setuptools (the dev extra pins >= 77, the first to accept license = "MIT"), its build/

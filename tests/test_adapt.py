@@ -12,11 +12,12 @@ from safetensors.torch import save_file
 from gmlp_vision.checkpoint import load_checkpoint, load_model, resolve_checkpoint
 from gmlp_vision.cli import main
 from gmlp_vision.config import ModelConfig, from_preset
-from gmlp_vision.errors import CheckpointError
+from gmlp_vision.errors import CheckpointError, ConfigError
 from gmlp_vision.evaluate import evaluate
 from gmlp_vision.export import default_export_dir
 from gmlp_vision.model import GMLP
 from gmlp_vision.pretrained import load_pretrained, read_pretrained
+from gmlp_vision.rundir import resume_config
 from gmlp_vision.train import train
 from gmlp_vision.transfer import adapt_channels, resize_patch_kernel
 from synthetic import make_dataset
@@ -84,6 +85,72 @@ def test_a_patch_kernel_that_fits_no_patch_is_refused_in_one_line(tmp_path):
         read_pretrained(tmp_path / "odd.safetensors", ModelConfig(**SMALL))
 
 
+def gmlp_file(tmp_path, name, **changes):
+    """A gmlp-layout state dict with per-channel statistics, saved as ``name``; ``changes`` replace tensors."""
+    model = GMLP(ModelConfig(**SMALL))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["pixel_mean"], state["pixel_std"] = torch.tensor([120.0, 110.0, 100.0]), torch.tensor([60.0, 55.0, 50.0])
+    state.update(changes)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / name)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"pixel_mean": torch.tensor(3.0)}, "pixel_mean and pixel_std are not finite values, one per channel"),
+        ({"pixel_std": torch.tensor([60.0, 0.0, 50.0])}, "pixel_mean and pixel_std are not finite values"),
+        ({"pixel_mean": torch.tensor([1, 2, 3])}, "pixel_mean and pixel_std are not finite values"),
+        ({"pixel_mean": torch.tensor([float("nan"), 1.0, 2.0])}, "pixel_mean and pixel_std are not finite values"),
+        ({"patch_embed.proj.weight": torch.zeros(0, 192)}, "its patch kernel is no float matrix"),
+        ({"patch_embed.proj.weight": torch.ones(16, 192, dtype=torch.int64)}, "its patch kernel is no float matrix"),
+        ({"head.weight": torch.tensor(1.0)}, r"its head.weight is no matrix \(shape \(\)\)"),
+        ({"blocks.0.sgu.proj.weight": torch.tensor(1.0)}, "a spatial projection must be a float"),
+    ],
+)
+def test_hostile_init_files_are_one_line_each(tmp_path, changes, message):
+    path = gmlp_file(tmp_path, "hostile.safetensors", **changes)
+    with pytest.raises(CheckpointError, match=message) as info:
+        read_pretrained(path, ModelConfig(**{**SMALL, "in_chans": 1}))
+    assert "\n" not in str(info.value)
+
+
+def test_one_channel_folds_the_per_channel_normalisation_in_exactly(tmp_path):
+    rgb = GMLP(ModelConfig(**SMALL)).eval()
+    path = gmlp_file(tmp_path, "rgb.safetensors")
+    load_pretrained(rgb, path)
+    gray = GMLP(ModelConfig(**{**SMALL, "in_chans": 1})).eval()
+    load_pretrained(gray, path)
+    pixels = torch.rand(3, 1, 32, 32) * 255
+    with torch.no_grad():
+        a, b = rgb.forward_tokens(pixels.expand(3, 3, 32, 32)), gray.forward_tokens(pixels)
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    assert gray.pixel_mean.tolist() == [110.0] and gray.pixel_std.tolist() == [55.0]
+
+
+def test_a_one_channel_timm_kernel_loads_unchanged_into_one_channel(tmp_path):
+    state = timm_state(ModelConfig(**SMALL))
+    state["stem.proj.weight"] = state["stem.proj.weight"][:, :1].contiguous()  # a grayscale timm model
+    save_file(state, tmp_path / "gray.safetensors")
+    fitted = read_pretrained(tmp_path / "gray.safetensors", ModelConfig(**{**SMALL, "in_chans": 1}))
+    assert fitted.adapted == [] and fitted.state["patch_embed.proj.weight"].shape == (SMALL["embed_dim"], 64)
+
+
+def test_a_resumed_run_does_not_read_its_init_file_again(tmp_path):
+    path = save_timm(tmp_path)
+    cfg = from_preset("tiny", **{**SMALL, "num_classes": 4}, init=str(path), epochs=1, progress=False,
+                      out=str(tmp_path / "run"))  # fmt: skip
+    train(cfg, make_dataset())
+    path.unlink()  # its weights are last.pt's now
+    resumed = train(resume_config(tmp_path / "run", {"epochs": 2}), make_dataset(), resume=True)
+    assert len(resumed.history) == 2
+
+
+def test_reset_head_without_init_is_refused():
+    with pytest.raises(ConfigError, match="--reset-head applies with --init only"):
+        from_preset("tiny", reset_head=True)
+
+
 def test_the_head_is_new_when_the_classes_differ_or_when_asked(tmp_path, caplog):
     cfg = from_preset("tiny", epochs=1, progress=False, out=str(tmp_path / "run"), num_classes=4)
     result = train(cfg, make_dataset())
@@ -146,8 +213,7 @@ def test_each_checkpoint_of_a_run_exports_to_its_own_folder_and_none_overwrites_
     for name in ("ema.pt", "last.pt"):
         assert main(["export", str(run / name), "--format", "safetensors"]) == 0
     recorded = json.loads((run / "export-last" / "config.json").read_text())["gmlp_vision"]
-    assert recorded["checkpoint"] == "last.pt" and len(recorded["checkpoint_id"]) == 16
-    assert str(tmp_path) not in json.dumps(recorded)  # the id keeps the user's paths private
+    assert recorded["checkpoint"] == "last.pt" and str(tmp_path) not in json.dumps(recorded)
     capsys.readouterr()
     out = ["--format", "safetensors", "--out", str(run / "export")]
     assert main(["export", str(run / "last.pt"), *out]) == 1  # export/ holds ema.pt's
@@ -157,3 +223,13 @@ def test_each_checkpoint_of_a_run_exports_to_its_own_folder_and_none_overwrites_
     )
     assert "\n" not in err
     assert main(["export", str(run), *out]) == 0  # the same checkpoint again: overwritten as asked
+    # The folder counts, not one file: last.pt's ONNX beside ema.pt's safetensors is refused too, before any write.
+    before = sorted(p.name for p in (run / "export").iterdir())
+    assert main(["export", str(run / "last.pt"), "--out", str(run / "export" / "model.onnx")]) == 1
+    assert "holds the export of another checkpoint (ema.pt)" in capsys.readouterr().err
+    assert sorted(p.name for p in (run / "export").iterdir()) == before
+    # A moved run exports its own checkpoints again; a damaged results.json still lets a named file export.
+    moved = run.rename(tmp_path / "moved")
+    assert main(["export", str(moved), "--format", "safetensors"]) == 0
+    (moved / "results.json").write_text("{not json")
+    assert default_export_dir(moved / "last.pt") == moved / "export-last"

@@ -39,7 +39,6 @@ saying what to do, and leaves no temp file and no folder made for nothing.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
@@ -88,31 +87,58 @@ def default_export_dir(checkpoint: str | Path) -> Path:
     """
     path = resolve_checkpoint(checkpoint)
     run_files = any((path.parent / name).exists() for name in ("results.json", "best.pt", "last.pt"))
-    shipped = resolve_checkpoint(path.parent) if run_files else path
-    return path.parent / ("export" if path.name == shipped.name else f"export-{path.stem}")
+    try:
+        shipped = resolve_checkpoint(path.parent) if run_files else path
+    except CheckpointError:  # a damaged results.json names nothing: this file is not known to be the shipped one
+        shipped = None
+    named = shipped is not None and path.name == shipped.name
+    return path.parent / ("export" if named else f"export-{path.stem}")
 
 
 def checkpoint_source(path: Path) -> dict[str, str]:
-    """What an export records of its checkpoint: the file's name, and an id of its full path (kept private)."""
-    full = str(path.resolve()).encode("utf-8", "surrogateescape")
-    return {"checkpoint": path.name, "checkpoint_id": hashlib.sha256(full).hexdigest()[:16]}
+    """What an export records of its checkpoint: the file's name (``best.pt``, ``last.pt``, ``ema.pt``, ...)."""
+    return {"checkpoint": path.name}
 
 
-def refuse_another_source(target: Path, recorded: Any, source: dict[str, str]) -> None:
-    """Refuse to overwrite ``target`` when what it holds records another checkpoint than ``source``.
+def refuse_another_checkpoint(folder: Path, source: dict[str, str]) -> None:
+    """Refuse to write into ``folder`` when an export there records another checkpoint than ``source``.
 
-    Exports written before 0.3 record none, and are overwritten as before.
+    What is read: ``config.json`` (a safetensors export) and the ``.onnx`` files' metadata (with onnx installed).
+    Exports written before 0.3 record no checkpoint, and are written over as before.
 
     Raises:
-        ExportError: naming the other checkpoint.
+        ExportError: naming the folder and the other checkpoint; nothing was written.
     """
-    other = recorded.get("checkpoint_id") if isinstance(recorded, dict) else None
-    if isinstance(other, str) and other != source["checkpoint_id"]:
-        name = recorded.get("checkpoint")
-        raise ExportError(
-            f"{target} holds the export of another checkpoint ({printable(name) if isinstance(name, str) else '?'}); "
-            "pass --out with a new path, or remove it first"
-        )
+    for name in _recorded_checkpoints(folder):
+        if name != source["checkpoint"]:
+            raise ExportError(
+                f"{folder} holds the export of another checkpoint ({printable(name)}); "
+                "pass --out with a new path, or remove it first"
+            )
+
+
+def _recorded_checkpoints(folder: Path) -> list[str]:
+    """The checkpoint names the exports in ``folder`` record (none for a missing folder or files that say none)."""
+    if not folder.is_dir():
+        return []
+    names = []
+    try:
+        raw = read_json_file(folder / "config.json", JSON_LIMIT)
+        ours = raw.get("gmlp_vision") if isinstance(raw, dict) else None
+        names.append(ours.get("checkpoint") if isinstance(ours, dict) else None)
+    except (CheckpointError, OSError):  # absent or unreadable: nothing recorded to protect
+        pass
+    try:
+        onnx = __import__("onnx")
+    except ImportError:
+        onnx = None
+    for graph in sorted(folder.glob("*.onnx"))[:16] if onnx is not None else []:
+        try:
+            proto = onnx.load(str(graph), load_external_data=False)
+        except Exception:  # not an ONNX file: nothing recorded
+            continue
+        names.append(next((p.value for p in proto.metadata_props if p.key == "checkpoint"), None))
+    return [n for n in names if isinstance(n, str)]
 
 
 @contextmanager
@@ -185,7 +211,7 @@ def export_onnx(checkpoint: str | Path, out_path: str | Path, *, opset: int = 17
     _file_target(out_path)
     path = resolve_checkpoint(checkpoint)
     source = checkpoint_source(path)
-    refuse_another_source(out_path, _onnx_source(onnx, out_path), source)
+    refuse_another_checkpoint(out_path.parent, source)
     ckpt = load_checkpoint(path)
     model = ckpt.build_model("cpu")
     size, chans = model.cfg.image_size, model.cfg.in_chans
@@ -212,17 +238,6 @@ def export_onnx(checkpoint: str | Path, out_path: str | Path, *, opset: int = 17
         _set_metadata(proto, model, ckpt, source)
         _save_checked(proto, out_path)
     return out_path
-
-
-def _onnx_source(onnx: ModuleType, path: Path) -> dict[str, str] | None:
-    """The checkpoint an existing ONNX file at ``path`` records (None: no file, not ONNX, or it records none)."""
-    if not path.is_file():
-        return None
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception:  # not an ONNX file: nothing recorded to protect
-        return None
-    return {p.key: p.value for p in proto.metadata_props}
 
 
 def quantize_onnx(onnx_path: str | Path, out_path: str | Path) -> Path:
@@ -324,7 +339,7 @@ def export_safetensors(checkpoint: str | Path, out_dir: str | Path) -> Path:
         raise ExportError(f"cannot export to {out_dir}: it is a file, and safetensors go in a folder; {ELSEWHERE}")
     path = resolve_checkpoint(checkpoint)
     source = checkpoint_source(path)
-    refuse_another_source(out_dir, _safetensors_source(out_dir), source)
+    refuse_another_checkpoint(out_dir, source)
     ckpt = load_checkpoint(path)
     model = ckpt.build_model("cpu")
     weights = out_dir / "model.safetensors"
@@ -346,16 +361,6 @@ def export_safetensors(checkpoint: str | Path, out_dir: str | Path) -> Path:
     return weights
 
 
-def _safetensors_source(folder: Path) -> dict[str, Any] | None:
-    """The checkpoint an existing export folder's ``config.json`` records (None: none, or not an export's)."""
-    try:
-        raw = read_json_file(folder / "config.json", JSON_LIMIT)
-    except (CheckpointError, OSError):  # absent or unreadable: nothing recorded to protect
-        return None
-    ours = raw.get("gmlp_vision") if isinstance(raw, dict) else None
-    return ours if isinstance(ours, dict) else None
-
-
 __all__ = [
     "check_onnx",
     "checkpoint_source",
@@ -365,5 +370,5 @@ __all__ = [
     "onnx_logits",
     "onnx_session",
     "quantize_onnx",
-    "refuse_another_source",
+    "refuse_another_checkpoint",
 ]

@@ -29,6 +29,7 @@ from gmlp_vision.artifacts import OnnxModel, load_export
 from gmlp_vision.checkpoint import load_checkpoint, resolve_checkpoint
 from gmlp_vision.errors import CheckpointError, ConfigError, ImageError
 from gmlp_vision.evaluate import infer
+from gmlp_vision.fetch import fetch, hub_id
 from gmlp_vision.images import (
     MAX_IMAGE_PIXELS,
     ImageInput,
@@ -135,11 +136,16 @@ class Classifier:
     ) -> Classifier:
         """Load what training or ``gmlp export`` wrote (see the module docstring); ONNX graphs run on the CPU.
 
+        ``path`` may also be a Hugging Face Hub id of an export (`fetch.hub_id`: ``ORG/NAME`` or ``hf-hub:ORG/NAME``),
+        fetched into huggingface_hub's cache once and read from there after (offline too).
+
         Raises:
-            CheckpointError: nothing loadable there, or a missing, damaged or foreign file.
+            CheckpointError: nothing loadable there, or a missing, damaged or foreign file; a Hub id that cannot be
+                fetched (no huggingface_hub, offline without the cache, no such model).
             ExportError: an ONNX file without onnxruntime installed.
         """
-        p = Path(path)
+        repo = hub_id(path)
+        p = fetch(repo, "MODEL") if repo is not None else Path(path)
         if p.is_dir() and os.path.lexists(p / "model.safetensors"):  # a device or a FIFO there is refused, not passed
             model, config = load_export(p, device)
             return cls(

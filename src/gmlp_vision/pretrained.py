@@ -17,12 +17,17 @@ from gmlp_vision.artifacts import read_export_config
 from gmlp_vision.checkpoint import FORMAT, checkpoint_from_payload
 from gmlp_vision.config.groups import ModelConfig
 from gmlp_vision.errors import CheckpointError, first_line
+from gmlp_vision.fetch import fetch, hub_id, weights_file
 from gmlp_vision.model import GMLP
-from gmlp_vision.transfer import Pretrained, Weights, apply_pretrained, fit_pretrained, is_timm_state, timm_to_gmlp
+from gmlp_vision.timm_layout import is_timm_state, timm_to_gmlp
+from gmlp_vision.transfer import Pretrained, Weights, apply_pretrained, fit_pretrained
 
 
 def read_weights(path: str | Path) -> Weights:
     """Weights from a timm file (.safetensors, .pth, .bin) or a gmlp checkpoint (.pt) or export (.safetensors).
+
+    ``path`` may be a Hugging Face Hub id instead (`fetch.hub_id`: ``timm/gmlp_s16_224.ra3_in1k``,
+    ``hf-hub:ORG/NAME``): its weights are fetched into huggingface_hub's cache once, and read from there after.
 
     Our names come back (`transfer.timm_to_gmlp` for timm's); gmlp files bring their normalisation buffers and class
     names (a checkpoint's, or the ``config.json`` beside an export's weights). gmlp training checkpoints are validated
@@ -31,7 +36,8 @@ def read_weights(path: str | Path) -> Weights:
     Raises:
         CheckpointError: no such file, unreadable, or no state dict of tensors.
     """
-    path = Path(path)
+    repo = hub_id(path)
+    path = weights_file(fetch(repo, "--init")) if repo is not None else Path(path)
     if not path.is_file():
         raise CheckpointError(f"--init {path}: no such file")
     try:
@@ -52,11 +58,14 @@ def read_weights(path: str | Path) -> Weights:
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"--init {path}: holds no state dict of tensors")
+    fetched = path if repo is not None else None
     if is_timm_state(state):
-        return Weights(timm_to_gmlp(state))
+        kernel = state["stem.proj.weight"]
+        channels = int(kernel.shape[1]) if kernel.ndim == 4 else None
+        return Weights(timm_to_gmlp(state), fetched=fetched, channels=channels)
     if classes is None and path.suffix == ".safetensors" and (path.parent / "config.json").is_file():
         classes = _export_classes(path.parent)
-    return Weights(state, state.get("pixel_mean"), state.get("pixel_std"), classes)
+    return Weights(state, state.get("pixel_mean"), state.get("pixel_std"), classes, fetched)
 
 
 def _export_classes(folder: Path) -> tuple[str, ...] | None:
@@ -79,7 +88,9 @@ def read_pretrained(
     Raises:
         CheckpointError: unreadable file, or weights of another architecture (width, depth).
     """
-    return fit_pretrained(read_weights(path), cfg, path, classes=classes, reset_head=reset_head)
+    weights = read_weights(path)
+    shown = f"{path} ({weights.fetched})" if weights.fetched is not None else path
+    return fit_pretrained(weights, cfg, shown, classes=classes, reset_head=reset_head)
 
 
 def load_pretrained(model: GMLP, path: str | Path, *, classes: tuple[str, ...] | None = None) -> list[str]:

@@ -72,6 +72,7 @@ class Result:
     test_split: str = "test"  # what the data calls the split ``test`` was measured on (a folder's val/ or test/)
     plots: list[Path] = field(default_factory=list)  # what the callbacks wrote (`reporting.PlotReport`: RUN_DIR/plots)
     shows_top5: bool = True  # `metrics.shows_top5`: whether the output mentions top-5 accuracy
+    test_checkpoint: str = "last.pt"  # the file ``test`` was measured on: best.pt (restored) or last.pt
 
 
 def train(
@@ -166,7 +167,8 @@ def _start(
         raise ConfigError(f"no training images left: {len(labels)} images with --val-split {cfg.data.val_split}")
     # Pretrained weights are read and checked before anything is written: a bad --init leaves no run directory.
     pretrained = None
-    if cfg.run.init:
+    resumed = resume and bool(cfg.run.out) and (Path(cfg.run.out or "") / "last.pt").exists()
+    if cfg.run.init and not resumed:  # a resumed run's weights come from its last.pt
         pretrained = read_pretrained(cfg.run.init, cfg.model, classes=ds.classes, reset_head=cfg.run.reset_head)
     run_dir, saved, best = ctx.on_main(partial(open_run_dir, cfg, resume, held, n_train))
     cfg = cfg.replace(out=str(run_dir))
@@ -341,6 +343,7 @@ def _finish(
         test_split=ds.test_split,
         plots=written,
         shows_top5=shows_top5(ds.num_classes),
+        test_checkpoint=weights,
     )
 
 
@@ -358,7 +361,7 @@ def _shipped(state: TrainState, weights: str) -> str:
         return "ema.pt"
     plain = rows[state.stopper.best_epoch] if weights == "best.pt" else rows[-1]
     ours, theirs = (plain["val_acc"], -plain["val_loss"]), (rows[-1]["val_ema_acc"], -rows[-1]["val_ema_loss"])
-    shipped = "ema.pt" if theirs > ours else weights
+    shipped = "ema.pt" if theirs > ours and math.isfinite(theirs[1]) else weights  # a NaN or inf loss never ships
     verdict = "beats" if shipped == "ema.pt" else "does not beat"
     message = "shipping %s: the weight average's validation accuracy %.2f %% (loss %.4f) %s %s's %.2f %% (loss %.4f)"
     _say(state.ctx, message, shipped, 100 * theirs[0], -theirs[1], verdict, weights, 100 * ours[0], -ours[1])

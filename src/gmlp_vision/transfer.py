@@ -12,10 +12,11 @@ architecture and `apply_pretrained` copies it into a fresh `GMLP`:
   of (output position, input position) on the image plane and resamples both grids (bilinear, antialiased when
   shrinking), scaling by the ratio of token counts so that each output still sums the same total input: a projection
   that averages all tokens still averages them all. The same grid gives back the very same weights.
-- Input channels, as timm's ``adapt_input_conv``: for 1 channel the patch kernel is summed over the weights' RGB
+- Input channels, as timm's ``adapt_input_conv``: for 1 channel the patch kernel is summed over the weights'
   channels; for another count the channels are repeated, cut to the count and scaled by (weights' channels / count).
-  An image whose channels are all equal then embeds as before for 1 channel or a multiple of the weights' channels,
-  and at the same scale otherwise. The pixel statistics follow (averaged or repeated).
+  The pixel statistics follow (averaged or repeated). For 1 channel the weights' per-channel normalisation is folded
+  into the kernel and its bias, so that a gray image embeds exactly as the same gray in every channel did; timm's
+  weights, normalised alike on every channel, give timm's summed kernel.
 - Patch size, as FlexiViT's PI-resize: the kernel of another patch size p' is the least-squares ``w'`` with
   ``<resize(x), w'> = <x, w>`` for every patch ``x`` of size p (exact when p' >= p), per output unit and channel.
 - The classifier is kept only when the class count and, where both sides know them, the class names match (or never,
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,39 +40,14 @@ from gmlp_vision.model import GMLP
 
 log = logging.getLogger("gmlp_vision")
 
-# timm's name (regex) -> ours; blocks keep their index.
-_TIMM_NAMES = (
-    (r"stem\.proj\.", "patch_embed.proj."),
-    (r"blocks\.(\d+)\.mlp_channels\.gate\.", r"blocks.\1.sgu."),
-    (r"blocks\.(\d+)\.mlp_channels\.", r"blocks.\1."),
-)
 MAX_RESIZED_PATCH = 64  # PI-resize solves a (p*p, p'*p') system: 4096 x 4096 at most
 TIMM_PIXEL_MEAN = TIMM_PIXEL_STD = 127.5  # timm's gMLP configs: mean = std = 0.5 on pixels scaled to 0..1
 
 
-def is_timm_state(state: dict[str, Tensor]) -> bool:
-    """Whether a state dict uses timm's gMLP names."""
-    return "stem.proj.weight" in state
-
-
-def timm_to_gmlp(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Timm gMLP weights under our names and layouts (grid and classes unchanged)."""
-    out = {}
-    for name, value in state.items():
-        for pattern, replacement in _TIMM_NAMES:
-            name = re.sub(f"^{pattern}", replacement, name)
-        if name == "patch_embed.proj.weight":
-            if value.ndim != 4:
-                raise CheckpointError(
-                    f"timm stem.proj.weight should be a Conv2d kernel, got shape {tuple(value.shape)}"
-                )
-            value = value.permute(0, 2, 3, 1).reshape(value.shape[0], -1)  # (D, C, p, p) -> (D, p*p*C), row-major
-        out[name] = value
-    return out
-
-
 def resample_spatial(weight: Tensor, bias: Tensor, grid: int) -> tuple[Tensor, Tensor]:
     """A spatial projection (N, N) and its bias (N,) over a g x g token grid, resampled to ``grid`` x ``grid``."""
+    if weight.ndim != 2 or bias.ndim != 1 or not weight.is_floating_point():
+        raise CheckpointError(f"a spatial projection must be a float (N, N) matrix, got {tuple(weight.shape)}")
     old = round(weight.shape[0] ** 0.5)
     if old * old != weight.shape[0] or weight.shape[0] != weight.shape[1] or bias.shape != weight.shape[:1]:
         raise CheckpointError(f"a spatial projection must be (N, N) with N a square, got {tuple(weight.shape)}")
@@ -146,6 +121,8 @@ class Weights:
     mean: Tensor | None = None  # pixel normalisation (None: timm's)
     std: Tensor | None = None
     classes: tuple[str, ...] | None = None  # the class names they were trained on, where the file says
+    fetched: Path | None = None  # the file in huggingface_hub's cache, for weights named by a Hub id
+    channels: int | None = None  # input channels, where known apart from ``mean`` (timm's Conv2d kernel says)
 
 
 def fit_pretrained(
@@ -172,13 +149,15 @@ def fit_pretrained(
     with torch.device("meta"):  # the target's names and shapes, without allocating it
         own = {k: v.shape for k, v in GMLP(cfg).state_dict().items()}
     fitted = Pretrained(Path(path), state, weights.mean, weights.std, [])
-    _fit_patch_kernel(fitted, cfg)
+    _fit_patch_kernel(fitted, cfg, weights.channels)
     for name in [k for k in state if k.endswith("sgu.proj.weight")]:
         bias = name[: -len("weight")] + "bias"
         if bias not in state:
             raise CheckpointError(f"--init {path}: {name} has no {bias}")
         state[name], state[bias] = resample_spatial(state[name], state[bias], cfg.grid_size)
     head = state.get("head.weight")
+    if head is not None and head.ndim != 2:
+        raise CheckpointError(f"--init {path}: its head.weight is no matrix (shape {tuple(head.shape)})")
     why = None
     if head is not None and head.shape != own["head.weight"]:
         why = f"{cfg.num_classes} classes, the weights' {head.shape[0]}"
@@ -203,21 +182,19 @@ def fit_pretrained(
     return fitted
 
 
-def _fit_patch_kernel(fitted: Pretrained, cfg: ModelConfig) -> None:
+def _fit_patch_kernel(fitted: Pretrained, cfg: ModelConfig, channels: int | None) -> None:
     """Adapt the patch kernel (and the pixel statistics) to ``cfg``'s input channels and patch size, in place.
 
     Raises:
-        CheckpointError: a kernel whose width fits no square patch of the weights' channels.
+        CheckpointError: a kernel that is no float matrix, or whose width fits no square patch of the weights'
+            channels; pixel statistics that are not finite positive values, one per channel.
     """
-    kernel = fitted.state.get("patch_embed.proj.weight")
-    if kernel is None or kernel.ndim != 2:
+    kernel, bias = fitted.state.get("patch_embed.proj.weight"), fitted.state.get("patch_embed.proj.bias")
+    if kernel is None or bias is None:
         return  # the architecture check names what is missing
-    chans = 3  # timm's gMLP weights take RGB; ours bring per-channel pixel statistics
-    if fitted.mean is not None or fitted.std is not None:
-        mean, std = fitted.mean, fitted.std
-        if mean is None or std is None or mean.ndim != 1 or mean.shape != std.shape or not 1 <= len(mean) <= 64:
-            raise CheckpointError(f"--init {fitted.path}: its pixel_mean and pixel_std are not one value per channel")
-        chans = len(mean)
+    if kernel.ndim != 2 or not kernel.is_floating_point() or not min(kernel.shape) or bias.shape != kernel.shape[:1]:
+        raise CheckpointError(f"--init {fitted.path}: its patch kernel is no float matrix with a bias per row")
+    chans = _channels(fitted, cfg, channels, kernel.shape[1])
     patch = math.isqrt(kernel.shape[1] // chans)
     if patch * patch * chans != kernel.shape[1] or not patch:
         raise CheckpointError(
@@ -225,14 +202,7 @@ def _fit_patch_kernel(fitted: Pretrained, cfg: ModelConfig) -> None:
             f"of {chans} channels"
         )
     if chans != cfg.in_chans:
-        kernel = adapt_channels(kernel, chans, cfg.in_chans)
-        rule = "summed over the weights' channels" if cfg.in_chans == 1 else "repeated and rescaled"
-        fitted.adapted.append(f"{chans} input channels -> {cfg.in_chans} ({rule})")
-        if fitted.mean is not None and fitted.std is not None:
-            fitted.mean, fitted.std = (
-                adapt_statistics(fitted.mean, cfg.in_chans),
-                adapt_statistics(fitted.std, cfg.in_chans),
-            )
+        kernel, bias = _adapt_channels(fitted, kernel, bias, chans, cfg.in_chans)
     if patch != cfg.patch_size:
         if max(patch, cfg.patch_size) > MAX_RESIZED_PATCH:
             raise CheckpointError(
@@ -242,7 +212,41 @@ def _fit_patch_kernel(fitted: Pretrained, cfg: ModelConfig) -> None:
         kernel = resize_patch_kernel(kernel, patch, cfg.patch_size, cfg.in_chans)
         exact = "exact" if cfg.patch_size >= patch else "least squares"
         fitted.adapted.append(f"patch {patch} -> {cfg.patch_size} (PI-resize, {exact})")
-    fitted.state["patch_embed.proj.weight"] = kernel
+    fitted.state["patch_embed.proj.weight"], fitted.state["patch_embed.proj.bias"] = kernel, bias
+
+
+def _channels(fitted: Pretrained, cfg: ModelConfig, known: int | None, width: int) -> int:
+    """The weights' input channels: timm's kernel says, ours carry one statistic per channel; else as the model's."""
+    mean, std = fitted.mean, fitted.std
+    if mean is None and std is None:
+        if known is not None:
+            return known
+        return cfg.in_chans if width == cfg.patch_size**2 * cfg.in_chans else 3  # a plain state dict
+    ok = mean is not None and std is not None and mean.ndim == 1 and mean.shape == std.shape
+    ok = ok and 1 <= len(mean) <= 64 and mean.is_floating_point() and std.is_floating_point()
+    if not (ok and torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+        raise CheckpointError(
+            f"--init {fitted.path}: its pixel_mean and pixel_std are not finite values, one per channel (std > 0)"
+        )
+    return len(mean)
+
+
+def _adapt_channels(fitted: Pretrained, kernel: Tensor, bias: Tensor, old: int, new: int) -> tuple[Tensor, Tensor]:
+    """The kernel and bias for ``new`` input channels, and the statistics with them (see the module docstring)."""
+    mean, std = fitted.mean, fitted.std
+    if new == 1 and mean is not None and std is not None:  # fold the per-channel normalisation in: exact for gray
+        m1, s1 = mean.double().mean(), std.double().mean()
+        w = kernel.double().reshape(kernel.shape[0], -1, old) / std.double()  # (D, p*p, C): w_c / s_c
+        bias = (bias.double() + (w * (m1 - mean.double())).sum(dim=(1, 2))).to(bias.dtype)
+        kernel = (w.sum(dim=2) * s1).to(kernel.dtype)
+        fitted.mean, fitted.std = m1.reshape(1).to(mean.dtype), s1.reshape(1).to(std.dtype)
+    else:
+        kernel = adapt_channels(kernel, old, new)
+        if mean is not None and std is not None:
+            fitted.mean, fitted.std = adapt_statistics(mean, new), adapt_statistics(std, new)
+    rule = "summed over the weights' channels" if new == 1 else "repeated and rescaled"
+    fitted.adapted.append(f"{old} input channels -> {new} ({rule})")
+    return kernel, bias
 
 
 def apply_pretrained(model: GMLP, pretrained: Pretrained) -> list[str]:

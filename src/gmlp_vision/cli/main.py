@@ -42,14 +42,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not launched().main:
         return 0
     split = split_name(result.test_split)
-    print_accuracy(split, result.test, result.shows_top5)
-    if result.test_ema is not None:
-        print_accuracy(
-            f"Weight average (ema.pt), {split}",
-            result.test_ema,
-            result.shows_top5,
-        )
-    print(f"run directory: {result.run_dir} (final weights: {result.final_checkpoint})")
+    if result.test_ema is None:
+        print_accuracy(split, result.test, result.shows_top5)
+    else:  # both, each named by its file
+        print_accuracy(f"Weights ({result.test_checkpoint}), {split}", result.test, result.shows_top5)
+        print_accuracy(f"Weight average (ema.pt), {split}", result.test_ema, result.shows_top5)
+    print(f"run directory: {result.run_dir} (shipped weights: {result.final_checkpoint})")
     if result.plots:
         print(f"plots: {result.plots[0].parent} ({', '.join(p.name for p in result.plots if p.suffix == '.png')})")
     return 0

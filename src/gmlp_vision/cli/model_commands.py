@@ -266,7 +266,8 @@ def add_commands(sub: Any, dataset_names: Sequence[str]) -> None:
         "checkpoint",
         metavar="MODEL",
         help="a checkpoint (best.pt, last.pt), a run directory, an export folder (model.safetensors + config.json, or "
-        "model.onnx) or an .onnx file (needs onnxruntime)",
+        "model.onnx), an .onnx file (needs onnxruntime), or an export's Hugging Face Hub id ORG/NAME (needs the hub "
+        "extra)",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (searched recursively), globs")
     p.add_argument("--top-k", type=positive_int, default=5, help="classes shown per image (default: 5)")

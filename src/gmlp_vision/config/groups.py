@@ -264,8 +264,8 @@ class RunConfig:
 
     init: str | None = option(
         None,
-        "start from these weights: a timm gMLP file (e.g. gmlp_s16_224 .safetensors/.pth) or a gmlp checkpoint; "
-        "spatial projections are resampled to this token grid, the head is kept only when the classes match",
+        "start from these weights: a file (timm's gMLP, a gmlp checkpoint or export) or a Hugging Face Hub id "
+        "(timm/gmlp_s16_224.ra3_in1k; the hub extra), adapted to this model's grid, channels, patch size and classes",
     )
     reset_head: bool = option(False, "with --init: always a new head")
     seed: int = option(0, "random seed (weights, shuffling, augmentation, dropout)")
@@ -295,3 +295,4 @@ class RunConfig:
         non_negative(self, "threads", "checkpoint_every")
         require(self.threads <= MAX_THREADS, f"--threads must be in 0..{MAX_THREADS}, got {self.threads}")
         check_device(self.device)
+        require(self.init is not None or not self.reset_head, "--reset-head applies with --init only")

@@ -1,0 +1,85 @@
+"""Models by Hugging Face Hub id: ``timm/gmlp_s16_224.ra3_in1k`` or ``hf-hub:ORG/NAME``, fetched with huggingface_hub.
+
+Where a command takes a weights file or an export folder (``--init``, ``gmlp predict``, `predict.Classifier.load`), it
+also takes a Hub id: a value that names no existing file or folder and reads ``ORG/NAME`` (timm's ids are such:
+``timm/gmlp_s16_224.ra3_in1k``), or any value prefixed ``hf-hub:``. The repository's ``config.json`` and weights are
+fetched by `huggingface_hub.snapshot_download` into its own cache (``HF_HOME``, ``HF_HUB_CACHE``), once; later runs,
+and runs with ``HF_HUB_OFFLINE=1``, read them from there. huggingface_hub is the ``hub`` extra; without it, a Hub id is
+one line that says how to install it. What the files hold is checked by whoever reads them, as for a local file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from gmlp_vision.errors import CheckpointError, first_line, printable
+
+HUB_EXTRA = "pip install 'gmlp-vision[hub]'"
+PREFIX = "hf-hub:"
+FILES = ("config.json", "model.safetensors", "pytorch_model.bin")  # what is fetched of a repository
+WEIGHT_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".safetensors", ".onnx", ".ckpt"})  # a path, even when missing
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+
+
+def hub_id(value: str | Path) -> str | None:
+    """The Hub repository ``value`` names, or None when it is a path (see the module docstring).
+
+    Raises:
+        CheckpointError: an ``hf-hub:`` value that is no ``ORG/NAME`` id.
+    """
+    text = str(value)
+    if text.startswith(PREFIX):
+        repo = text[len(PREFIX) :]
+        if not _ID.fullmatch(repo) or ".." in repo:
+            raise CheckpointError(f"{printable(text)}: a Hub id reads {PREFIX}ORG/NAME")
+        return repo
+    if os.path.lexists(text) or Path(text).suffix in WEIGHT_SUFFIXES or ".." in text:
+        return None
+    return text if _ID.fullmatch(text) else None
+
+
+def fetch(repo: str, what: str) -> Path:
+    """The local folder holding ``repo``'s config and weights: fetched once, then read from the cache.
+
+    Args:
+        repo: the repository id (`hub_id`).
+        what: how the messages name the value (``--init``, ``MODEL``).
+
+    Raises:
+        CheckpointError: no huggingface_hub (with the install line); the repository is neither in the cache nor
+            reachable (offline, or no network); it does not exist; it holds none of the weight files.
+    """
+    try:
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError:
+        raise CheckpointError(
+            f"{what} {repo}: fetching from the Hugging Face Hub needs huggingface_hub: {HUB_EXTRA}"
+        ) from None
+    try:
+        folder = Path(snapshot_download(repo, allow_patterns=list(FILES)))
+    except RepositoryNotFoundError:
+        raise CheckpointError(
+            f"{what} {repo}: no such file or folder here, and no such model on the Hugging Face Hub"
+        ) from None
+    except LocalEntryNotFoundError:
+        offline = getattr(constants, "HF_HUB_OFFLINE", False)
+        where = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
+        raise CheckpointError(
+            f"{what} {repo}: not in the Hugging Face cache and {where}; fetch it once online"
+        ) from None
+    except Exception as e:  # huggingface_hub's HTTP, validation and file errors: one line for all
+        raise CheckpointError(f"{what} {repo}: could not be fetched ({first_line(e)})") from None
+    if not any((folder / name).is_file() for name in FILES[1:]):
+        raise CheckpointError(f"{what} {repo}: the repository holds no {' or '.join(FILES[1:])}")
+    return folder
+
+
+def weights_file(folder: Path) -> Path:
+    """The weights file of a fetched repository: ``model.safetensors``, else ``pytorch_model.bin``."""
+    return next((folder / name for name in FILES[1:] if (folder / name).is_file()), folder / FILES[1])
+
+
+__all__ = ["FILES", "HUB_EXTRA", "PREFIX", "fetch", "hub_id", "weights_file"]
