@@ -4,6 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev onnx tensorboard hub
+# timm, the peer the timm-layout export is checked against (tests/test_timm_export.py): a test-time tool, never a
+# dependency of the package; without its dependencies (its torchvision import is served by benchmarks/_stubs).
+.venv/bin/python -m pip show --quiet timm >/dev/null 2>&1 ||
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "timm>=1.0,<2"
 .venv/bin/ruff check src tests tools benchmarks
 .venv/bin/ruff format --check src tests tools benchmarks
 # The wheel, built with .venv's setuptools (the dev extra pins >= 77, the first to accept license = "MIT"), its build/

@@ -4,9 +4,11 @@ exports of gmlp-vision 0.1.0 (tests/fixtures/v0_1_0/export) that still load."""
 import dataclasses
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 from gmlp_vision.artifacts import load_safetensors, read_export_config
@@ -14,8 +16,10 @@ from gmlp_vision.card import MARKER, model_card
 from gmlp_vision.checkpoint import load_checkpoint, load_model, resolve_checkpoint
 from gmlp_vision.cli import main
 from gmlp_vision.config import from_preset
+from gmlp_vision.errors import CheckpointError
 from gmlp_vision.export import export_safetensors
 from gmlp_vision.predict import Classifier
+from gmlp_vision.timm_layout import gmlp_to_timm, timm_architecture
 from gmlp_vision.train import train
 from synthetic import make_dataset
 
@@ -42,6 +46,8 @@ def test_config_json_has_timms_hub_layout(run, tmp_path):
     config = json.loads((tmp_path / "st" / "config.json").read_text())
     model, ckpt = load_model(resolve_checkpoint(run))
     mc = model.cfg
+    # The tiny preset is no model timm builds (2 blocks): version 2, our names, and the card says why.
+    assert isinstance(timm_architecture(mc), str) and config["gmlp_vision"]["version"] == 2
     assert config["architecture"] == "gmlp" and config["num_classes"] == mc.num_classes == 4
     assert config["num_features"] == mc.embed_dim and config["global_pool"] == "avg"
     assert config["label_names"] == list(ckpt.classes) and config["model_args"] == dataclasses.asdict(mc)
@@ -53,10 +59,61 @@ def test_config_json_has_timms_hub_layout(run, tmp_path):
     state = dict(model.state_dict())
     for key in (pretrained["first_conv"] + ".weight", pretrained["classifier"] + ".weight"):
         assert key in state
+    card = model_card(resolve_checkpoint(run), ckpt, ["model.safetensors", "config.json"])
+    assert "timm cannot build this model: timm's gMLPs have patch 16, 30 blocks" in card
+
+
+@pytest.fixture(scope="module")
+def paper_run(tmp_path_factory) -> Path:
+    """gMLP-Ti's network (30 blocks, width 128, patch 16) at 32 px on one channel: a model timm builds."""
+    out = tmp_path_factory.mktemp("paper") / "run"
+    cfg = from_preset("gmlp-ti", image_size=32, epochs=1, batch_size=32, progress=False, out=str(out))
+    return train(cfg, make_dataset(n_train=64, n_test=16, num_classes=5, chans=1)).run_dir
+
+
+def test_a_model_timm_builds_exports_in_its_layout_and_loads_back(paper_run, tmp_path):
+    assert main(["export", str(paper_run), "--format", "safetensors", "--out", str(tmp_path / "st")]) == 0
+    config = json.loads((tmp_path / "st" / "config.json").read_text())
+    model, ckpt = load_model(resolve_checkpoint(paper_run))
+    mc = model.cfg
+    assert config["architecture"] == "gmlp_ti16_224" and config["model_args"] == {"img_size": 32, "in_chans": 1}
+    assert config["gmlp_vision"]["version"] == 3 and config["gmlp_vision"]["model"] == dataclasses.asdict(mc)
+    pretrained = config["pretrained_cfg"]
+    assert pretrained["mean"] == pytest.approx((model.pixel_mean / 255).tolist())
+    assert pretrained["std"] == pytest.approx((model.pixel_std / 255).tolist())
+    state = safetensors.torch.load_file(tmp_path / "st" / "model.safetensors")
+    assert state.keys() == gmlp_to_timm(model.state_dict(), mc).keys()  # exactly timm's names, no pixel buffers
+    assert "stem.proj.weight" in state and state["stem.proj.weight"].shape == (128, 1, 16, 16)
+    pixels = torch.randint(0, 256, (4, 1, 32, 32), generator=torch.Generator().manual_seed(0)).float()
+    with torch.no_grad():
+        assert torch.equal(load_safetensors(tmp_path / "st")(pixels), model(pixels))  # our names back, exactly
+    assert "In timm this is `gmlp_ti16_224`" in (tmp_path / "st" / "README.md").read_text()
+    assert timm_architecture(replace(mc, shortcut="normed")) == "its residuals start from the normed input"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c["gmlp_vision"].pop("model"), "model must be a JSON object, got nothing"),
+        (lambda c: c["gmlp_vision"]["model"].update(evil=1), "unknown model argument 'evil'"),
+        (lambda c: c["gmlp_vision"].update(pixel_std=[0.0]), "pixel_std must be a list of finite numbers, one per"),
+        (lambda c: c["gmlp_vision"].update(pixel_mean=[1.0, 2.0]), "pixel_mean and pixel_std must hold 1 values"),
+        (lambda c: c["gmlp_vision"].update(pixel_mean="x"), "pixel_mean must be a list of finite numbers"),
+    ],
+)
+def test_a_version_3_config_is_checked_value_by_value(paper_run, tmp_path, change, message):
+    export_safetensors(paper_run, tmp_path / "st")
+    path = tmp_path / "st" / "config.json"
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        read_export_config(tmp_path / "st")
 
 
 def test_a_pipeline_built_from_pretrained_cfg_feeds_the_model_what_it_expects(run, tmp_path, data):
-    """timm's eval pipeline scales pixels to 0..1, then subtracts ``mean`` and divides by ``std``."""
+    """timm's eval pipeline scales pixels to 0..1, then subtracts ``mean`` and divides by ``std``: for version 2 that
+    gives our model back its raw pixels (it normalises them itself)."""
     export_safetensors(run, tmp_path / "st")
     pretrained = json.loads((tmp_path / "st" / "config.json").read_text())["pretrained_cfg"]
     model = load_safetensors(tmp_path / "st")
@@ -65,6 +122,18 @@ def test_a_pipeline_built_from_pretrained_cfg_feeds_the_model_what_it_expects(ru
     std = torch.tensor(pretrained["std"])[:, None, None]
     with torch.no_grad():
         torch.testing.assert_close(model((raw / 255 - mean) / std), model(raw), atol=1e-4, rtol=0)
+
+
+def test_a_version_3_pipeline_normalises_as_the_model_does(paper_run, tmp_path):
+    """For version 3 it gives timm's model what ours computes from raw pixels inside (`normalize`)."""
+    export_safetensors(paper_run, tmp_path / "st")
+    pretrained = json.loads((tmp_path / "st" / "config.json").read_text())["pretrained_cfg"]
+    model = load_safetensors(tmp_path / "st")
+    raw = torch.randint(0, 256, (4, 1, 32, 32), generator=torch.Generator().manual_seed(2)).float()
+    mean = torch.tensor(pretrained["mean"])[:, None, None]
+    std = torch.tensor(pretrained["std"])[:, None, None]
+    ours = (raw - model.pixel_mean[:, None, None]) / model.pixel_std[:, None, None]
+    torch.testing.assert_close((raw / 255 - mean) / std, ours, atol=1e-4, rtol=1e-5)
 
 
 def test_exports_of_0_1_0_still_load(tmp_path):
@@ -141,3 +210,19 @@ def test_the_card_leaves_local_paths_out(run):
     cfg = ckpt.config.replace(dataset="folder", data="/home/someone/private/flowers")
     card = model_card(run / "best.pt", dataclasses.replace(ckpt, config=cfg), [])
     assert "/home/someone" not in card and "`flowers`" in card and str(run) not in card
+
+
+def test_the_cards_metadata_block_is_yaml_with_a_model_index(run, paper_run, tmp_path):
+    yaml = pytest.importorskip("yaml", reason="pyyaml comes with the hub extra")
+    results = json.loads((run / "results.json").read_text())
+    ckpt_path = resolve_checkpoint(run)
+    card = model_card(ckpt_path, load_checkpoint(ckpt_path), ["model.safetensors", "config.json"])
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["library_name"] == "gmlp-vision" and meta["license"] == "other" and "timm" not in meta["tags"]
+    entry = meta["model-index"][0]
+    assert entry["name"] == "run" and entry["results"][0]["task"]["type"] == "image-classification"
+    metric = entry["results"][0]["metrics"][0]
+    assert metric["type"] == "accuracy" and metric["value"] == round(100 * results["test"]["acc"], 2)
+    paper = resolve_checkpoint(paper_run)
+    tags = yaml.safe_load(model_card(paper, load_checkpoint(paper), ["model.safetensors"]).split("---\n")[1])["tags"]
+    assert "timm" in tags  # timm builds it from the files

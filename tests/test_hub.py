@@ -136,3 +136,30 @@ def test_a_new_process_reads_the_cache_its_environment_names(offline_cache, tmp_
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=os.environ)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) == len(GMLP(ModelConfig(**SMALL)).state_dict()) - 2  # all but the pixel statistics
+
+
+def test_push_to_hub_uploads_the_export_folder_and_refuses_early_without_a_token(tmp_path, monkeypatch, capsys):
+    # The upload itself needs the network: huggingface_hub's two calls are replaced by recorders, nothing leaves.
+    from huggingface_hub import HfApi, constants
+
+    calls = []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "get_token", lambda: "hf_test_token")
+    monkeypatch.setattr(
+        HfApi, "create_repo", lambda self, repo, **kw: calls.append((repo, kw)) or f"https://hf.co/{repo}"
+    )
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.append(kw))
+    run = train(from_preset("tiny", epochs=1, progress=False, out=str(tmp_path / "run")), make_dataset()).run_dir
+    assert main(["export", str(run), "--format", "safetensors", "--push-to-hub", "me/tiny-gmlp"]) == 0
+    assert calls[0] == ("me/tiny-gmlp", {"repo_type": "model", "exist_ok": True})
+    assert calls[1]["repo_id"] == "me/tiny-gmlp" and Path(calls[1]["folder_path"]) == run / "export"
+    assert sorted(p.name for p in (run / "export").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert capsys.readouterr().out.strip().endswith(f"uploaded {run / 'export'} to https://hf.co/me/tiny-gmlp")
+    monkeypatch.setattr(hub, "get_token", lambda: None)
+    for repo, message in [
+        ("me/tiny-gmlp", "--push-to-hub needs a Hugging Face token: run `hf auth login`, or set HF_TOKEN"),
+        ("not a repo", "--push-to-hub not a repo: a Hub repository reads ORG/NAME"),
+    ]:
+        assert main(["export", str(run), "--out", str(tmp_path / "other"), "--push-to-hub", repo]) == 1
+        assert capsys.readouterr().err.strip() == f"gmlp: error: {message}"
+        assert not (tmp_path / "other").exists() and len(calls) == 2  # refused before any work

@@ -32,6 +32,7 @@ from gmlp_vision.config.groups import ModelConfig
 from gmlp_vision.errors import CheckpointError, ConfigError, ExportError, first_line, one_line, printable, shown
 from gmlp_vision.hub import ExportConfig, parse_classes, parse_export_config, parse_fit
 from gmlp_vision.model import check_weights_fit
+from gmlp_vision.timm_layout import timm_to_gmlp
 from gmlp_vision.untrusted import JSON_LIMIT, read_json_file, read_regular_file
 
 ONNX_EXTRA = "pip install 'gmlp-vision[onnx]'"
@@ -81,10 +82,32 @@ def load_export(folder: str | Path, device: str | torch.device = "cpu") -> tuple
     config = read_export_config(folder)
     weights = Path(folder) / "model.safetensors"
     state = _float_weights(read_regular_file(weights, WEIGHTS_LIMIT, _NOT_EXPORTED), printable(weights))
+    if config.timm_weights:  # timm's names, and the pixel statistics in config.json (`hub`, version 3)
+        state = _from_timm(state, config, printable(weights))
     check_weights_fit(config.model, state, printable(weights))  # before building: the config could ask for any size
     model = GMLP(config.model)
     model.load_state_dict(state)
     return model.to(device).eval(), config
+
+
+def _from_timm(state: dict[str, Tensor], config: ExportConfig, where: str) -> dict[str, Tensor]:
+    """An export's timm-named weights under our names, with the pixel statistics its config.json holds.
+
+    Raises:
+        CheckpointError: a stem kernel that is no Conv2d kernel.
+    """
+    if config.pixel_stats is None:
+        raise CheckpointError(f"{where}: its config.json holds no pixel statistics")
+    try:
+        state = timm_to_gmlp(state)
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    mean, std = config.pixel_stats
+    return {
+        **state,
+        "pixel_mean": torch.tensor(mean, dtype=WEIGHT_DTYPE),
+        "pixel_std": torch.tensor(std, dtype=WEIGHT_DTYPE),
+    }
 
 
 def load_safetensors(folder: str | Path, device: str | torch.device = "cpu") -> Any:

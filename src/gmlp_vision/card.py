@@ -21,6 +21,7 @@ from gmlp_vision.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoi
 from gmlp_vision.errors import CheckpointError, ExportError, printable
 from gmlp_vision.files import why_not_written, write_text
 from gmlp_vision.metrics import shows_top5
+from gmlp_vision.timm_layout import timm_architecture
 from gmlp_vision.untrusted import JSON_LIMIT, read_json_file
 from gmlp_vision.version import __version__
 
@@ -101,12 +102,41 @@ def _final_metrics(ckpt_path: Path, results: dict[str, Any]) -> dict[str, Any] |
     return found if isinstance(found, dict) else None
 
 
-def _header(ckpt: Checkpoint) -> str:
+def _header(ckpt_path: Path, ckpt: Checkpoint, results: dict[str, Any]) -> str:
+    """Hugging Face's metadata block: library, task, tags, licence, datasets, metrics and the ``model-index``.
+
+    Every free text (the run's name, a folder's name) is written as a JSON string, which YAML reads as it is.
+    """
     lines = ["---", "library_name: gmlp-vision", "pipeline_tag: image-classification", "tags:"]
     lines += ["- image-classification", "- gmlp", "- gmlp-vision"]
-    if ckpt.config.data.dataset in HUB_DATASETS:
-        lines += ["datasets:", f"- {HUB_DATASETS[ckpt.config.data.dataset]}"]
-    lines += ["metrics:", "- accuracy", "---"]
+    if isinstance(timm_architecture(ckpt.config.model), tuple):
+        lines.append("- timm")  # timm builds it from these files
+    lines.append("license: other  # the weights carry the training data's terms: set its licence before sharing")
+    dataset = ckpt.config.data.dataset
+    if dataset in HUB_DATASETS:
+        lines += ["datasets:", f"- {HUB_DATASETS[dataset]}"]
+    lines += ["metrics:", "- accuracy"]
+    metrics = _final_metrics(ckpt_path, results)
+    if metrics is not None and isinstance(metrics.get("acc"), (int, float)):
+        split = json.dumps(_text(results, "test_split", "test"))
+        name = json.dumps(printable(ckpt_path.parent.name) or "gmlp")
+        lines += [
+            "model-index:",
+            f"- name: {name}",
+            "  results:",
+            "  - task:",
+            "      type: image-classification",
+            "      name: Image Classification",
+            "    dataset:",
+            f"      type: {json.dumps(HUB_DATASETS.get(dataset, 'imagefolder'))}",
+            f"      name: {json.dumps(printable(_data_name(ckpt)))}",
+            f"      split: {split}",
+            "    metrics:",
+            "    - type: accuracy",
+            f"      value: {round(100 * float(metrics['acc']), 2)}",
+            "      name: Top-1 accuracy",
+        ]
+    lines.append("---")
     return "\n".join(lines)
 
 
@@ -213,24 +243,48 @@ def _training_section(ckpt: Checkpoint) -> list[str]:
 
 
 def _usage_section(ckpt: Checkpoint, files: list[str]) -> list[str]:
-    mc = ckpt.config.model
     graph = next((f for f in files if f.endswith(".onnx")), None)
     load = f"  # or THIS_FOLDER/{printable(graph)}, run by onnxruntime" if graph else ""
     code = f'from gmlp_vision import Classifier\n\nclassifier = Classifier.load("THIS_FOLDER"){load}\n'
     code += 'print(classifier.predict(["photo.jpg"], top_k=3))'
-    return [
+    lines = [
         "## How to use",
         "",
+        "gmlp-vision is installed from its source (it is not on PyPI); in a checkout of it:",
+        "",
         "```bash",
-        "pip install gmlp-vision",
-        "gmlp predict THIS_FOLDER photo.jpg          # top-5 classes with their probabilities",
+        "pip install '.[hub]'",
+        "gmlp predict THIS_FOLDER photo.jpg          # or its Hub id ORG/NAME; top-5 classes with probabilities",
         "```",
         "",
         *_code_block("python", code),  # the file name could hold backticks
         "",
-        f"Without gmlp-vision: fit the image to {mc.image_size} x {mc.image_size} as described under Data, and feed "
-        f"float32 pixels 0..255 shaped (B, {mc.in_chans}, {mc.image_size}, {mc.image_size}); softmax the logits.",
     ]
+    return lines + _timm_lines(ckpt, files)
+
+
+def _timm_lines(ckpt: Checkpoint, files: list[str]) -> list[str]:
+    """How timm loads the weights, for a model it builds; else that it does not, and why."""
+    mc = ckpt.config.model
+    timm = timm_architecture(mc)
+    plain = (
+        f"Without gmlp-vision: fit the image to {mc.image_size} x {mc.image_size} as described under Data, and feed "
+        f"float32 pixels 0..255 shaped (B, {mc.in_chans}, {mc.image_size}, {mc.image_size}); softmax the logits."
+    )
+    if not isinstance(timm, tuple):
+        return [plain, "", f"timm cannot build this model: {timm}. The weights carry gmlp-vision's names."]
+    if "model.safetensors" not in files:
+        return [plain]
+    code = (
+        "import json, timm\n\n"
+        'cfg = json.load(open("THIS_FOLDER/config.json"))\n'
+        'model = timm.create_model(cfg["architecture"], pretrained=True, num_classes=cfg["num_classes"],\n'
+        '                          pretrained_cfg_overlay=dict(file="THIS_FOLDER/model.safetensors",\n'
+        '                                                      num_classes=cfg["num_classes"]),\n'
+        '                          **cfg["model_args"])  # or timm.create_model("hf-hub:ORG/NAME", pretrained=True)\n'
+        "# input: pixels / 255, normalised with pretrained_cfg's mean and std, at its input_size"
+    )
+    return [f"In timm this is `{timm[0]}` with the weights under timm's names:", "", *_code_block("python", code)]
 
 
 def _limits_section(ckpt: Checkpoint) -> list[str]:
@@ -257,7 +311,7 @@ def model_card(ckpt_path: Path, ckpt: Checkpoint, files: list[str]) -> str:
     n = len(ckpt.classes)
     params = sum(v.numel() for k, v in ckpt.model_state.items() if not k.startswith("pixel_"))
     title = f"# gMLP image classifier: {_data_name(ckpt).replace('the image folder ', '')}, {n} classes"
-    lines = [_header(ckpt), title, ""]
+    lines = [_header(ckpt_path, ckpt, results), title, ""]
     lines.append(
         f'A gMLP ("Pay Attention to MLPs", Liu et al. 2021) trained with gmlp-vision {__version__}: {params:,} '
         f"parameters, {mc.depth} blocks, {mc.image_size} x {mc.image_size} pixel input in {mc.patch_size} x "

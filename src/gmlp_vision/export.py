@@ -65,6 +65,7 @@ from gmlp_vision.files import made_folder, replacing, scratch_beside, why_not_wr
 from gmlp_vision.hub import FORMAT, ExportConfig, hub_config
 from gmlp_vision.images import resize
 from gmlp_vision.model import GMLP
+from gmlp_vision.timm_layout import gmlp_to_timm, timm_architecture
 from gmlp_vision.untrusted import JSON_LIMIT, read_json_file
 
 ELSEWHERE = "export elsewhere with --out"  # the advice closing a write error: where `gmlp export` writes is --out
@@ -344,6 +345,8 @@ def export_safetensors(checkpoint: str | Path, out_dir: str | Path) -> Path:
     model = ckpt.build_model("cpu")
     weights = out_dir / "model.safetensors"
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if isinstance(timm_architecture(model.cfg), tuple):  # a model timm builds: its names (`hub`, version 3)
+        state = gmlp_to_timm(state, model.cfg)
     data = ckpt.config.data
     export = ExportConfig(model.cfg, tuple(ckpt.classes), ckpt.config.run.precision, data.resize, data.crop_pct)
     config = hub_config(export, model.pixel_mean.tolist(), model.pixel_std.tolist(), source)

@@ -6,6 +6,9 @@ also takes a Hub id: a value that names no existing file or folder and reads ``O
 fetched by `huggingface_hub.snapshot_download` into its own cache (``HF_HOME``, ``HF_HUB_CACHE``), once; later runs,
 and runs with ``HF_HUB_OFFLINE=1``, read them from there. huggingface_hub is the ``hub`` extra; without it, a Hub id is
 one line that says how to install it. What the files hold is checked by whoever reads them, as for a local file.
+
+``gmlp export --push-to-hub ORG/NAME`` uploads an export folder with the same library (`check_push` before any
+work, then `push`): it needs a token (``hf auth login``, or ``HF_TOKEN``) and the network.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import os
 import re
 from pathlib import Path
 
-from gmlp_vision.errors import CheckpointError, first_line, printable
+from gmlp_vision.errors import CheckpointError, ExportError, first_line, printable
 
 HUB_EXTRA = "pip install 'gmlp-vision[hub]'"
 PREFIX = "hf-hub:"
@@ -82,4 +85,40 @@ def weights_file(folder: Path) -> Path:
     return next((folder / name for name in FILES[1:] if (folder / name).is_file()), folder / FILES[1])
 
 
-__all__ = ["FILES", "HUB_EXTRA", "PREFIX", "fetch", "hub_id", "weights_file"]
+def check_push(repo: str) -> None:
+    """Refuse, before anything is exported, an upload to ``repo`` that cannot start.
+
+    Raises:
+        ExportError: not an ``ORG/NAME`` id; no huggingface_hub (with the install line); ``HF_HUB_OFFLINE`` set; no
+            token.
+    """
+    if not _ID.fullmatch(repo) or ".." in repo:
+        raise ExportError(f"--push-to-hub {printable(repo)}: a Hub repository reads ORG/NAME")
+    try:
+        from huggingface_hub import constants, get_token
+    except ImportError:
+        raise ExportError(f"--push-to-hub needs huggingface_hub: {HUB_EXTRA}") from None
+    if getattr(constants, "HF_HUB_OFFLINE", False):
+        raise ExportError("--push-to-hub cannot upload while HF_HUB_OFFLINE is set")
+    if get_token() is None:
+        raise ExportError("--push-to-hub needs a Hugging Face token: run `hf auth login`, or set HF_TOKEN")
+
+
+def push(folder: Path, repo: str) -> str:
+    """Upload ``folder`` to the model repository ``repo`` (made if missing); returns the repository's address.
+
+    Raises:
+        ExportError: the Hub refused or could not be reached (one line: the library's reason).
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        url = api.create_repo(repo, repo_type="model", exist_ok=True)
+        api.upload_folder(repo_id=repo, folder_path=folder, repo_type="model", commit_message="gmlp export")
+    except Exception as e:  # huggingface_hub's HTTP and validation errors, and the network's
+        raise ExportError(f"--push-to-hub {repo}: the upload failed ({first_line(e)})") from None
+    return str(url)
+
+
+__all__ = ["FILES", "HUB_EXTRA", "PREFIX", "check_push", "fetch", "hub_id", "push", "weights_file"]

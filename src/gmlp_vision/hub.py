@@ -1,5 +1,16 @@
 """The ``config.json`` of an export folder, laid out as timm's Hugging Face Hub models are, and read back.
 
+Version 3, for models of the paper's block that timm builds (`timm_layout.timm_architecture`: gMLP-Ti, -S or -B at
+any input size and channel count): ``architecture`` is that timm model (``gmlp_ti16_224``, ``gmlp_s16_224`` or
+``gmlp_b16_224``), ``model_args`` what differs from it (``img_size``, ``in_chans``), the weights carry
+timm's names, and ``pretrained_cfg``'s ``mean`` and ``std`` are the training set's pixel statistics on pixels scaled
+to 0..1, so that ``timm.create_model(architecture, pretrained=True, num_classes=num_classes,
+pretrained_cfg_overlay=dict(file=..., num_classes=num_classes), **model_args)`` fed ``(x / 255 - mean) / std``
+computes our logits. Our own `ModelConfig` sits under ``gmlp_vision`` as ``model``. Every other model (the
+tutorial's block, aMLP) keeps version 2, described below, and its card says timm cannot build it.
+
+Version 2:
+
 A folder with ``config.json``, ``model.safetensors`` and the ``README.md`` model card (`card`) can be uploaded to a
 model hub as it is. The layout follows timm's ``save_config_for_hf``: ``architecture``, ``num_classes``,
 ``num_features``, ``global_pool``, ``label_names``, ``model_args`` (here every `ModelConfig` field) and
@@ -19,18 +30,22 @@ precision and the pixel statistics. Version 1 (gmlp-vision 0.1 and early 0.2) wr
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from gmlp_vision.config.groups import ModelConfig, RunConfig
 from gmlp_vision.errors import shown
 from gmlp_vision.images import RESIZE_MODES
+from gmlp_vision.timm_layout import timm_architecture
 from gmlp_vision.version import __version__
 
 FORMAT = "gmlp-vision-safetensors"
-VERSION = 2  # 1: gmlp-vision 0.1's flat layout; 2: timm's Hub layout
+VERSION = 3  # 1: gmlp-vision 0.1's flat layout; 2: timm's Hub layout, our names; 3: a timm model, timm's names
+OUR_VERSION = 2  # what a model timm cannot build is written as
 ARCHITECTURE = "gmlp"
 INPUT = "float (B, C, S, S) raw pixels 0..255; the per-channel normalisation is inside the model"
+TIMM_INPUT = "timm: float (B, C, S, S) normalised as pretrained_cfg says; gmlp-vision: raw pixels 0..255"
 CROP_MODES = {"crop": "center", "squash": "squash"}  # our --resize -> timm's crop_mode
 PRECISIONS: tuple[str, ...] = next(
     f.metadata["choices"] for f in dataclasses.fields(RunConfig) if f.name == "precision"
@@ -46,6 +61,8 @@ class ExportConfig(NamedTuple):
     precision: str  # the --precision it was trained and is evaluated in
     resize: str  # how images are fitted to the input (`images.resize`): crop or squash
     crop_pct: float
+    timm_weights: bool = False  # the weights carry timm's names (version 3), without the pixel statistics
+    pixel_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # (mean, std) on 0..255, version 3
 
 
 def hub_config(
@@ -54,41 +71,46 @@ def hub_config(
     pixel_std: Sequence[float],
     source: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The ``config.json`` dict of an export: timm's Hub keys, then the ``gmlp_vision`` block.
+    """The ``config.json`` dict of an export: timm's Hub keys, then the ``gmlp_vision`` block (see the module doc).
 
     ``source``: what the export records of the checkpoint it came from (`export.checkpoint_source`).
     """
     mc = export.model
+    timm = timm_architecture(mc)
+    mean, std = [float(v) for v in pixel_mean], [float(v) for v in pixel_std]
     pretrained_cfg = {
         "input_size": [mc.in_chans, mc.image_size, mc.image_size],
         "fixed_input_size": True,
         "interpolation": "bilinear",  # antialiased when shrinking (`images.resize`)
         "crop_pct": export.crop_pct,
         "crop_mode": CROP_MODES[export.resize],
-        "mean": [0.0] * mc.in_chans,
-        "std": [1 / 255] * mc.in_chans,
+        "mean": [v / 255 for v in mean] if isinstance(timm, tuple) else [0.0] * mc.in_chans,
+        "std": [v / 255 for v in std] if isinstance(timm, tuple) else [1 / 255] * mc.in_chans,
         "num_classes": mc.num_classes,
-        "first_conv": "patch_embed.proj",
+        "first_conv": "stem.proj" if isinstance(timm, tuple) else "patch_embed.proj",
         "classifier": "head",
     }
+    ours: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION if isinstance(timm, tuple) else OUR_VERSION,
+        "producer": f"gmlp-vision {__version__}",
+        "precision": export.precision,
+        "input": INPUT if not isinstance(timm, tuple) else TIMM_INPUT,
+        "pixel_mean": mean,
+        "pixel_std": std,
+        **(source or {}),
+    }
+    if isinstance(timm, tuple):
+        ours.update(model=dataclasses.asdict(mc), weights="timm")
     return {
-        "architecture": ARCHITECTURE,
+        "architecture": timm[0] if isinstance(timm, tuple) else ARCHITECTURE,
         "num_classes": mc.num_classes,
         "num_features": mc.embed_dim,
         "global_pool": "avg",
         "label_names": list(export.classes),
-        "model_args": dataclasses.asdict(mc),
+        "model_args": timm[1] if isinstance(timm, tuple) else dataclasses.asdict(mc),
         "pretrained_cfg": pretrained_cfg,
-        "gmlp_vision": {
-            "format": FORMAT,
-            "version": VERSION,
-            "producer": f"gmlp-vision {__version__}",
-            "precision": export.precision,
-            "input": INPUT,
-            "pixel_mean": [float(v) for v in pixel_mean],
-            "pixel_std": [float(v) for v in pixel_std],
-            **(source or {}),
-        },
+        "gmlp_vision": ours,
     }
 
 
@@ -145,7 +167,7 @@ def _model_config(args: dict[str, Any]) -> ModelConfig:
 
 
 def parse_export_config(raw: Any) -> ExportConfig:
-    """An export's ``config.json`` (version 2, or 0.1's version 1) as an `ExportConfig`; every value is checked.
+    """An export's ``config.json`` (version 3 or 2, or 0.1's version 1) as an `ExportConfig`; every value is checked.
 
     Raises:
         ValueError, ConfigError: not a gmlp-vision export config, or an invalid one (the message says which value).
@@ -153,24 +175,49 @@ def parse_export_config(raw: Any) -> ExportConfig:
     if not isinstance(raw, dict):
         raise ValueError(f"not a JSON object but {_kind(raw)}")
     ours = raw.get("gmlp_vision")
+    timm_weights, stats = False, None
     if isinstance(ours, dict) and ours.get("format") == FORMAT and _is_int(ours.get("version"), VERSION):
-        pretrained = _object(raw, "pretrained_cfg")
-        modes = {mode: name for name, mode in CROP_MODES.items()}
-        crop_mode = pretrained.get("crop_mode")
-        if not isinstance(crop_mode, str) or crop_mode not in modes:
-            raise ValueError(f"crop_mode must be one of {', '.join(modes)}, got {_kind(crop_mode)}")
+        model, timm_weights = _object(ours, "model"), True
+        stats = (_statistics(ours, "pixel_mean"), _statistics(ours, "pixel_std"))
+        classes, precision = raw.get("label_names"), ours.get("precision", "fp32")
+        resize, crop_pct = _fit(_object(raw, "pretrained_cfg"))
+    elif isinstance(ours, dict) and ours.get("format") == FORMAT and _is_int(ours.get("version"), OUR_VERSION):
         model, classes, precision = _object(raw, "model_args"), raw.get("label_names"), ours.get("precision", "fp32")
-        resize, crop_pct = modes[crop_mode], pretrained.get("crop_pct", 1.0)
+        resize, crop_pct = _fit(_object(raw, "pretrained_cfg"))
     elif raw.get("format") == FORMAT and _is_int(raw.get("version"), 1):
         model, classes, precision = _object(raw, "model"), raw.get("classes"), raw.get("precision", "fp32")
         resize, crop_pct = raw.get("resize", "crop"), raw.get("crop_pct", 1.0)
     else:
-        raise ValueError(f"not a {FORMAT} config (version {VERSION} or 1)")
+        raise ValueError(f"not a {FORMAT} config (version {VERSION}, {OUR_VERSION} or 1)")
     resize, crop_pct = parse_fit(resize, crop_pct)
     if not isinstance(precision, str) or precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {_kind(precision)}")
     config = _model_config(model)
-    return ExportConfig(config, parse_classes(classes, config.num_classes), precision, resize, crop_pct)
+    if stats is not None and not all(len(values) == config.in_chans for values in stats):
+        raise ValueError(f"pixel_mean and pixel_std must hold {config.in_chans} values each")
+    classes = parse_classes(classes, config.num_classes)
+    return ExportConfig(config, classes, precision, resize, crop_pct, timm_weights, stats)
+
+
+def _fit(pretrained: dict[str, Any]) -> tuple[Any, Any]:
+    """``--resize`` and ``crop_pct`` from a ``pretrained_cfg`` (checked by `parse_fit` after)."""
+    modes = {mode: name for name, mode in CROP_MODES.items()}
+    crop_mode = pretrained.get("crop_mode")
+    if not isinstance(crop_mode, str) or crop_mode not in modes:
+        raise ValueError(f"crop_mode must be one of {', '.join(modes)}, got {_kind(crop_mode)}")
+    return modes[crop_mode], pretrained.get("crop_pct", 1.0)
+
+
+def _statistics(ours: dict[str, Any], key: str) -> tuple[float, ...]:
+    """Per-channel pixel statistics: a list of finite numbers (positive for ``pixel_std``), at most 64."""
+    value = ours.get(key)
+    ok = isinstance(value, list) and 1 <= len(value) <= 64
+    ok = ok and all(type(v) in (int, float) and math.isfinite(v) and (key == "pixel_mean" or v > 0) for v in value)
+    if not ok:
+        raise ValueError(
+            f"{key} must be a list of finite numbers, one per channel{'' if key == 'pixel_mean' else ' > 0'}"
+        )
+    return tuple(float(v) for v in value)
 
 
 def _is_int(value: Any, expected: int) -> bool:

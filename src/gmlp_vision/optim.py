@@ -224,16 +224,22 @@ class LrSchedule:
         return scheduled_lr(step, self.total, **shape)
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> None:
-        """Set the lr of step ``step`` in every parameter group (nothing where the optimiser's own lr applies)."""
+        """Set the lr of step ``step`` in every parameter group (nothing where the optimiser's own lr applies).
+
+        A group with an ``lr_scale`` (layer-wise decay, `layer_groups`) gets that share of it.
+        """
         lr = self.lr_at(step)
         if lr is not None:
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
 
     def reported(self, optimizer: torch.optim.Optimizer, step: int) -> float:
         """The lr step ``step`` runs with, for the history: the scheduled one, else the optimiser's."""
         lr = self.lr_at(step)
-        return optimizer.param_groups[0]["lr"] if lr is None else lr
+        if lr is not None:
+            return lr
+        top = optimizer.param_groups[-1]
+        return top["lr"] / top["lr_scale"] if "lr_scale" in top else optimizer.param_groups[0]["lr"]
 
 
 class Plateau:
@@ -323,7 +329,18 @@ class WeightEMA:
 
 
 def build_optimizer(optim: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The configured optimiser; without ``optim.decay_norms_biases``, vectors (norms, biases) get no weight decay."""
+    """The configured optimiser; without ``optim.decay_norms_biases``, vectors (norms, biases) get no weight decay.
+
+    With ``optim.layer_decay`` below 1, each layer gets a parameter group whose ``lr_scale`` is the decay to the
+    power of its depth below the top (`layer_groups`); `LrSchedule` and the optimiser apply it to every lr.
+    """
+    if optim.layer_decay != 1.0:
+        groups = layer_groups(model, optim.layer_decay, optim.decay_norms_biases)
+        for group in groups:
+            group["lr"] = optim.lr * group["lr_scale"]
+        if optim.optimizer == "keras-adamw":
+            return KerasAdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+        return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
     params: list[Any] = list(model.parameters())
     if not optim.decay_norms_biases:
         params = [
@@ -333,3 +350,24 @@ def build_optimizer(optim: OptimConfig, model: nn.Module) -> torch.optim.Optimiz
     if optim.optimizer == "keras-adamw":
         return KerasAdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
     return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def layer_groups(model: nn.Module, decay: float, decay_vectors: bool = True) -> list[dict[str, Any]]:
+    """Parameter groups for layer-wise lr decay (BEiT's), from the bottom up, each with its ``lr_scale``.
+
+    The layers: the patch stem, each block, then the final norm with the head (the top, scale 1); a block ``i`` of
+    ``n`` trains at ``decay ** (n - i)`` of the lr, the stem at ``decay ** (n + 1)``. Without ``decay_vectors``,
+    each layer's vectors (norms, biases) get a group of their own with no weight decay.
+    """
+    depth = len(getattr(model, "blocks", ()))
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        layer = 0 if name.startswith("patch_embed.") else depth + 1
+        if name.startswith("blocks."):
+            layer = int(name.split(".")[1]) + 1
+        vector = not decay_vectors and p.ndim <= 1
+        group = groups.setdefault((layer, vector), {"params": [], "lr_scale": decay ** (depth + 1 - layer)})
+        if vector:
+            group["weight_decay"] = 0.0
+        group["params"].append(p)
+    return [groups[key] for key in sorted(groups)]

@@ -12,11 +12,28 @@ pixels scaled to 0..1); ours normalise raw 0..255 pixels themselves with the buf
 from __future__ import annotations
 
 import re
+from typing import Protocol
 
 from torch import Tensor
 
-from gmlp_vision.config.groups import ModelConfig
 from gmlp_vision.errors import CheckpointError
+
+
+class ModelShape(Protocol):
+    """What is read of a `config.groups.ModelConfig` here (a protocol: this module sits below the config)."""
+
+    image_size: int
+    patch_size: int
+    in_chans: int
+    embed_dim: int
+    ffn_dim: int
+    depth: int
+    norm_eps: float
+    gelu: str
+    shortcut: str
+    final_norm: bool
+    attn_dim: int
+
 
 # timm's name (regex) -> ours; blocks keep their index.
 _TIMM_NAMES = (
@@ -33,7 +50,7 @@ _OUR_NAMES = (
 STATISTICS = ("pixel_mean", "pixel_std")  # our buffers, which timm's weights do not hold
 # timm's registered gMLPs: name -> width; every one has patch 16, 30 blocks, mlp_ratio 6, 224 px and 3 channels.
 TIMM_MODELS = {"gmlp_ti16_224": 128, "gmlp_s16_224": 256, "gmlp_b16_224": 512}
-_TIMM_DEFAULTS = {"img_size": 224, "in_chans": 3, "patch_size": 16, "num_blocks": 30, "mlp_ratio": 6}
+_TIMM_DEFAULTS = {"img_size": 224, "in_chans": 3}  # what timm's gMLP functions let a caller change
 
 
 def is_timm_state(state: dict[str, Tensor]) -> bool:
@@ -61,7 +78,7 @@ def timm_to_gmlp(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def gmlp_to_timm(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+def gmlp_to_timm(state: dict[str, Tensor], cfg: ModelShape) -> dict[str, Tensor]:
     """Our weights under timm's names and layouts, without the pixel statistics (`timm_to_gmlp` undone)."""
     out = {}
     for name, value in state.items():
@@ -76,31 +93,38 @@ def gmlp_to_timm(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor
     return out
 
 
-def timm_architecture(cfg: ModelConfig) -> tuple[str, dict[str, int | float]] | str:
-    """The timm model that builds ``cfg``'s network and the ``model_args`` it needs; else why there is none."""
+def timm_architecture(cfg: ModelShape) -> tuple[str, dict[str, int]] | str:
+    """The timm model that builds ``cfg``'s network and the ``model_args`` it needs; else why there is none.
+
+    timm's registered gMLPs fix their patch size (16), depth (30), width (128, 256 or 512) and hidden width (6 x);
+    only the input size and channels can be passed to them.
+    """
+    names = {width: name for name, width in TIMM_MODELS.items()}
     reasons = (
         (cfg.attn_dim != 0, f"its blocks add a tiny attention (--attn-dim {cfg.attn_dim}, aMLP)"),
         (cfg.gelu != "exact", f"its GELU is the {cfg.gelu} form"),
         (cfg.shortcut != "input", f"its residuals start from the {cfg.shortcut} input"),
         (not cfg.final_norm, "it has no final LayerNorm"),
         (cfg.norm_eps != 1e-6, f"its LayerNorm epsilon is {cfg.norm_eps:g}, timm's 1e-6"),
-        (int(cfg.embed_dim * (cfg.ffn_dim / cfg.embed_dim)) != cfg.ffn_dim, "its hidden width is no multiple"),
+        (
+            cfg.embed_dim not in names or (cfg.patch_size, cfg.depth, cfg.ffn_dim) != (16, 30, 6 * cfg.embed_dim),
+            f"timm's gMLPs have patch 16, 30 blocks, width 128, 256 or 512 and a hidden width of 6 x; this one has "
+            f"patch {cfg.patch_size}, {cfg.depth} blocks, width {cfg.embed_dim} and hidden {cfg.ffn_dim}",
+        ),
     )
     why = next((why for bad, why in reasons if bad), None)
     if why is not None:
         return why
-    name = next((n for n, width in TIMM_MODELS.items() if width == cfg.embed_dim), "gmlp_s16_224")
-    ratio = cfg.ffn_dim / cfg.embed_dim
-    wanted = {
-        "img_size": cfg.image_size,
-        "in_chans": cfg.in_chans,
-        "patch_size": cfg.patch_size,
-        "num_blocks": cfg.depth,
-        "mlp_ratio": int(ratio) if ratio.is_integer() else ratio,
-        "embed_dim": cfg.embed_dim,
-    }
-    defaults = {**_TIMM_DEFAULTS, "embed_dim": TIMM_MODELS[name]}
-    return name, {k: v for k, v in wanted.items() if v != defaults[k]}
+    wanted = {"img_size": cfg.image_size, "in_chans": cfg.in_chans}
+    return names[cfg.embed_dim], {k: v for k, v in wanted.items() if v != _TIMM_DEFAULTS[k]}
 
 
-__all__ = ["STATISTICS", "TIMM_MODELS", "gmlp_to_timm", "is_timm_state", "timm_architecture", "timm_to_gmlp"]
+__all__ = [
+    "STATISTICS",
+    "ModelShape",
+    "TIMM_MODELS",
+    "gmlp_to_timm",
+    "is_timm_state",
+    "timm_architecture",
+    "timm_to_gmlp",
+]

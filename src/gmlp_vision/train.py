@@ -32,7 +32,7 @@ from gmlp_vision.augment import streams_crop
 from gmlp_vision.batches import BatchSource, EpochProgress
 from gmlp_vision.callbacks import Callback, RunInfo
 from gmlp_vision.checkpoint import after_nonfinite
-from gmlp_vision.config import Config, train_command
+from gmlp_vision.config import Config, fine_tunes, train_command
 from gmlp_vision.cpu import use_cpu_threads
 from gmlp_vision.data import Dataset, load_dataset
 from gmlp_vision.data.base import channel_stats
@@ -187,7 +187,18 @@ def _start(
     message = "training %s on %s: %d train / %d validation images, %d steps per epoch, device %s, run dir %s"
     preset = cfg.preset or "custom config"
     _say(ctx, message, preset, cfg.data.dataset, n_train, len(val[1]), state.steps_per_epoch, device, run_dir)
+    _say(ctx, "%s", _recipe(cfg))
     return state, source, stepper, val, part
+
+
+def _recipe(cfg: Config) -> str:
+    """The log line that names the recipe and its values (each one a flag)."""
+    o = cfg.optim
+    name = "finetune" if fine_tunes(o.recipe, cfg.run.init) else "scratch"
+    why = " (auto: --init)" if o.recipe == "auto" and name == "finetune" else ""
+    decay = f", --layer-decay {o.layer_decay:g}" if o.layer_decay != 1.0 else ""
+    schedule = f"--schedule {o.schedule}" + (f" with --warmup-epochs {o.warmup_epochs:g}" if o.warmup_epochs else "")
+    return f"recipe {name}{why}: --lr {o.lr:g}, {schedule}{decay}, --epochs {o.epochs}"
 
 
 def _new_model(cfg: Config, images: Tensor | ImageFiles, pretrained: Any, device: torch.device) -> GMLP:

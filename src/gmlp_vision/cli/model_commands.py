@@ -149,12 +149,13 @@ def _write_card(ckpt_path: Path, out_dir: Path, ckpt: Any) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    import gmlp_vision.export as export
-    from gmlp_vision.artifacts import load_safetensors
     from gmlp_vision.checkpoint import load_checkpoint, resolve_checkpoint
+    from gmlp_vision.fetch import check_push, push
 
     if args.quantize and args.format != "onnx":
         raise ConfigError("--quantize int8 applies to --format onnx only")
+    if args.push_to_hub:
+        check_push(args.push_to_hub)  # before any work: the extra, the token, offline
     if args.check:
         cpu_threads_for(torch.device("cpu"))
     ckpt_path = resolve_checkpoint(args.checkpoint)
@@ -169,21 +170,43 @@ def _cmd_export(args: argparse.Namespace) -> int:
         dtype=torch.uint8,
     )
     if args.format == "safetensors":
-        out_dir = Path(args.out) if args.out else export.default_export_dir(ckpt_path)
-        weights = export.export_safetensors(ckpt_path, out_dir)
-        print(f"wrote {weights} ({_mb(weights)}) and {out_dir / 'config.json'}")
-        _write_card(ckpt_path, out_dir, ckpt)
-        if args.check:
-            with torch.no_grad():
-                diff = (load_safetensors(out_dir)(images.float()) - model(images.float())).abs().max().item()
-            print(
-                f"check: reloaded weights vs the checkpoint on {CHECK_IMAGES} random images: max abs logit "
-                f"difference {diff:.3g}"
-            )
-            if diff != 0.0:
-                raise export.ExportError(f"{weights} does not reproduce the checkpoint's logits exactly")
-        return 0
+        folder = _export_safetensors(args, ckpt_path, ckpt, model, images)
+    else:
+        folder = _export_onnx(args, ckpt_path, model, images)
+        _write_card(ckpt_path, folder, ckpt)
+    if args.push_to_hub:
+        print(f"uploaded {folder} to {push(folder, args.push_to_hub)}")
+    return 0
 
+
+def _export_safetensors(args: argparse.Namespace, ckpt_path: Path, ckpt: Any, model: Any, images: Any) -> Path:
+    """``--format safetensors``: the weights, config.json and the card, checked with ``--check``; returns the folder."""
+    import torch
+
+    import gmlp_vision.export as export
+    from gmlp_vision.artifacts import load_safetensors
+
+    out_dir = Path(args.out) if args.out else export.default_export_dir(ckpt_path)
+    weights = export.export_safetensors(ckpt_path, out_dir)
+    print(f"wrote {weights} ({_mb(weights)}) and {out_dir / 'config.json'}")
+    _write_card(ckpt_path, out_dir, ckpt)
+    if args.check:
+        with torch.no_grad():
+            diff = (load_safetensors(out_dir)(images.float()) - model(images.float())).abs().max().item()
+        print(
+            f"check: reloaded weights vs the checkpoint on {CHECK_IMAGES} random images: max abs logit "
+            f"difference {diff:.3g}"
+        )
+        if diff != 0.0:
+            raise export.ExportError(f"{weights} does not reproduce the checkpoint's logits exactly")
+    return out_dir
+
+
+def _export_onnx(args: argparse.Namespace, ckpt_path: Path, model: Any, images: Any) -> Path:
+    """The ONNX graph (and ``--quantize int8``), checked with ``--check``; returns its folder."""
+    import gmlp_vision.export as export
+
+    mc = model.cfg
     out = Path(args.out) if args.out else export.default_export_dir(ckpt_path) / "model.onnx"
     export.export_onnx(ckpt_path, out, opset=args.opset)
     shape = f"(B, {mc.in_chans}, {mc.image_size}, {mc.image_size})"
@@ -203,8 +226,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                 f"check: int8 vs PyTorch fp32: max abs logit difference {diff:.3g} (quantisation error, no limit; "
                 "accuracy: benchmarks/bench_export.py)"
             )
-    _write_card(ckpt_path, out.parent, ckpt)
-    return 0
+    return out.parent
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -283,6 +305,11 @@ def add_commands(sub: Any, dataset_names: Sequence[str]) -> None:
     p.add_argument("--quantize", choices=("int8",), help="also write MODEL.int8.onnx, dynamically quantised for CPU")
     p.add_argument("--check", action="store_true", help=f"compare with PyTorch on {CHECK_IMAGES} random images")
     p.add_argument("--opset", type=positive_int, default=17, help="ONNX opset (default: 17)")
+    p.add_argument(
+        "--push-to-hub",
+        metavar="ORG/NAME",
+        help="then upload the export folder to this Hugging Face model repository (the hub extra and a token)",
+    )
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("report", help="draw a run's plots: training curves and test-set evaluation, in RUN_DIR/plots")

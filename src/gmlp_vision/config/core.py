@@ -147,7 +147,8 @@ def resolve_config(given: dict[str, Any], config_file: str | Path | None = None,
     With no ``preset`` (and none in the config file), the dataset's default preset is used (`DATASET_PRESET`). A
     config file's ``out`` is ignored (a run's own config.json names its directory; running it again starts a new
     one): only ``given`` sets it. A schedule other than ``constant`` sets the lr itself, so it turns the preset's
-    plateau halvings off unless ``plateau_patience`` is given too.
+    plateau halvings off unless ``plateau_patience`` is given too. With the finetune recipe (`fine_tunes`), its
+    values (`finetune_values`) sit between the preset and the file: what the file or ``given`` set wins.
 
     Raises:
         ConfigError: an unknown preset, an unreadable config file, or an impossible combination of values.
@@ -162,9 +163,39 @@ def resolve_config(given: dict[str, Any], config_file: str | Path | None = None,
         preset = DATASET_PRESET[dataset]
     values = {**preset_overrides(preset), **from_file, **given, "preset": preset}
     chosen = {**from_file, **given}
+    if fine_tunes(values.get("recipe", OptimConfig.recipe), values.get("init")):
+        values.update({k: v for k, v in finetune_values(values).items() if k not in chosen})  # unless set
+        chosen["schedule"] = values["schedule"]
     if chosen.get("schedule", "constant") != "constant" and "plateau_patience" not in chosen:
         values["plateau_patience"] = 0
     return _from_flat(values)
+
+
+FINETUNE_EPOCHS = 30  # at most, with the finetune recipe
+FINETUNE_LAYER_DECAY = 0.75
+
+
+def fine_tunes(recipe: Any, init: Any) -> bool:
+    """Whether a run trains with the finetune recipe: asked for, or ``auto`` with ``--init``."""
+    return recipe == "finetune" or (recipe == "auto" and init is not None)
+
+
+def finetune_values(values: dict[str, Any]) -> dict[str, Any]:
+    """The finetune recipe over flat ``values`` (defaults where absent), as fine-tuning studies and timm do.
+
+    A tenth of the lr, a cosine schedule after a warm-up of at least one epoch, layer-wise lr decay (BEiT's 0.75) and
+    a short run (at most `FINETUNE_EPOCHS`).
+    """
+    lr, warmup, epochs = (values.get(k, getattr(OptimConfig, k)) for k in ("lr", "warmup_epochs", "epochs"))
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lr, warmup, epochs)):
+        return {}  # the config's own checks name the value of the wrong type
+    return {
+        "lr": lr / 10,
+        "schedule": "cosine",
+        "warmup_epochs": max(warmup, 1.0),
+        "layer_decay": FINETUNE_LAYER_DECAY,
+        "epochs": min(epochs, FINETUNE_EPOCHS),
+    }
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

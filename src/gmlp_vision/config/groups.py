@@ -197,6 +197,12 @@ class OptimConfig:
         1, "split each process's share of a batch into N micro-batches whose gradients add up (same step, less memory)"
     )
     lr: float = option(3e-3, "learning rate")
+    recipe: str = option(
+        "auto",
+        "finetune (auto with --init): unless set, lr/10, cosine, 1 warm-up epoch, --layer-decay 0.75, <= 30 epochs",
+        ("auto", "scratch", "finetune"),
+    )
+    layer_decay: float = option(1.0, "layer-wise lr decay per block, from the head down (1: off)")
     weight_decay: float = option(1e-4, "weight decay")
     optimizer: str = option(
         "keras-adamw",
@@ -252,6 +258,7 @@ class OptimConfig:
             "it must be below 1",
         )
         require(0.0 < self.plateau_factor < 1.0, f"--plateau-factor must be in (0, 1), got {self.plateau_factor}")
+        require(0.0 < self.layer_decay <= 1.0, f"--layer-decay must be in (0, 1] (1: off), got {self.layer_decay}")
         require(
             self.lr > 0 and self.weight_decay >= 0 and self.plateau_threshold >= 0,
             "--lr must be positive; --weight-decay and --plateau-threshold must be >= 0",
