@@ -23,14 +23,14 @@ def test_init_chooses_the_finetune_recipe_for_what_is_left_unset():
     tuned = resolve_config({"dataset": "digits", "init": "weights.pt"})
     assert plain.optim.recipe == tuned.optim.recipe == "auto" and plain.optim.layer_decay == 1.0
     o, p = tuned.optim, plain.optim
-    assert (o.lr, o.schedule, o.warmup_epochs, o.layer_decay) == (p.lr / 10, "cosine", 1.0, 0.75)
+    assert (o.lr, o.schedule, o.warmup_epochs, o.layer_decay) == (p.lr, "cosine", 1.0, 0.75)
     assert o.epochs == min(p.epochs, 30) and o.plateau_patience == 0  # a schedule sets the lr itself
     mine = resolve_config({"dataset": "digits", "init": "weights.pt", "lr": 0.5, "layer_decay": 0.9})
     assert (mine.optim.lr, mine.optim.layer_decay, mine.optim.schedule) == (0.5, 0.9, "cosine")  # flags win
     scratch = resolve_config({"dataset": "digits", "init": "weights.pt", "recipe": "scratch"})
     assert scratch.optim == plain.optim.__class__(**{**plain.optim.__dict__, "recipe": "scratch"})
     asked = resolve_config({"dataset": "digits", "recipe": "finetune"})
-    assert asked.optim.layer_decay == 0.75 and asked.optim.lr == p.lr / 10
+    assert asked.optim.layer_decay == 0.75 and asked.optim.lr == p.lr and asked.optim.schedule == "cosine"
     with pytest.raises(ConfigError, match=r"--layer-decay must be in \(0, 1\] \(1: off\), got 1.5"):
         from_preset("tiny", layer_decay=1.5)
 
@@ -64,7 +64,7 @@ def test_a_fine_tuning_run_says_its_recipe_and_resumes_exactly(tmp_path, caplog)
 
     with caplog.at_level(logging.INFO, logger="gmlp_vision"):
         straight = train(cfg("straight"), make_dataset())
-    assert "recipe finetune (auto: --init): --lr 0.0003, --schedule cosine with --warmup-epochs 1, " in caplog.text
+    assert "recipe finetune (auto: --init): --lr 0.003, --schedule cosine with --warmup-epochs 1, " in caplog.text
     assert "--layer-decay 0.75, --epochs 2" in caplog.text
     train(cfg("cut", epochs=1), make_dataset())
     resumed = train(resume_config(tmp_path / "cut", {"epochs": 2}), make_dataset(), resume=True)
@@ -80,4 +80,4 @@ def test_the_command_line_logs_the_recipe(tmp_path, capsys):
     capsys.readouterr()
     assert main([*argv, "--init", str(tmp_path / "pre" / "last.pt"), "--out", str(tmp_path / "ft")]) == 0
     out = capsys.readouterr().out
-    assert "initialised from" in out and "recipe finetune (auto: --init): --lr 0.0003" in out
+    assert "initialised from" in out and "recipe finetune (auto: --init): --lr 0.003" in out

@@ -1,7 +1,8 @@
 """Prove that a refactor left behaviour unchanged: the same runs with the code before and after, compared bit for bit.
 
-The base side is a git worktree of ``--base`` (default 8dff523, the last commit before issues 21 and 22: f0faa80, from
-before issue 13, needs scikit-learn and draws the dropout masks of the time before the fused kernels); the
+The base side is a git worktree of ``--base`` (default 3808bad: issue 22's house and issue 23's shipping, where a
+run with ``--ema`` names the file it ships in ``final_checkpoint``; against 8dff523, the commit before issue 22, every
+weight and history row is identical and ``final_checkpoint`` differs for the EMA cases, by design); the
 new side is this repository's working tree, or ``--new`` (a revision, checked out as a second worktree, or a checkout
 folder). Both sides run with this interpreter, each with its own ``src/`` first on ``PYTHONPATH`` (checked before
 anything runs), one after the other, on the CPU with one thread, writing only under ``--out``. Compared per case:
@@ -13,9 +14,9 @@ Cases: digits (3 of the preset's 40 epochs), seed and cifar10-fast (real CIFAR-1
 (mixup, TrivialAugment, random erasing, EMA), resume (SIGTERM mid-epoch, then ``--resume``; must also equal a
 straight run), torchrun (2 processes, gloo), predict (6 PNGs), onnx (``gmlp export --check``).
 
-    .venv/bin/python tools/compare_versions.py                  # 8dff523 vs the working tree (~4 min on 2 cores)
+    .venv/bin/python tools/compare_versions.py                  # 3808bad vs the working tree (~4 min on 2 cores)
     .venv/bin/python tools/compare_versions.py --quick          # every case shrunk: a ~2 minute smoke run
-    .venv/bin/python tools/compare_versions.py --new 8dff523    # the base against itself: must be all identical
+    .venv/bin/python tools/compare_versions.py --new 3808bad    # the base against itself: must be all identical
 
 Exit status: 0 when every case is identical; 1 for a difference, a failed or skipped case; 2 for a usage error.
 """
@@ -107,8 +108,9 @@ def tensor_sha256(t: torch.Tensor) -> str:
 
 
 # Keys results.json gained after 0.1 that say nothing about the run's numbers: the command that reruns it, the held-out
-# split's name. Left out so that a comparison with a 0.1 commit compares what both sides record.
-ADDED_RESULTS = ("command", "test_split", "images")
+# split's name, the image counts, the file ``test`` was measured on. Left out so that a comparison with an older commit
+# compares what both sides record.
+ADDED_RESULTS = ("command", "test_split", "images", "test_checkpoint")
 
 
 def without_timings(row: dict[str, Any]) -> dict[str, Any]:
@@ -329,7 +331,7 @@ def table(rows: list[dict[str, Any]], sides: list[Side]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--base", default="8dff523", help="revision or checkout folder before the change (%(default)s)")
+    p.add_argument("--base", default="3808bad", help="revision or checkout folder before the change (%(default)s)")
     p.add_argument("--new", help="revision or checkout folder after it (default: this repository's working tree)")
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated, from: %(default)s")
     p.add_argument("--quick", action="store_true", help="every case on 300 images for one epoch (a smoke run)")
