@@ -271,14 +271,19 @@ def add_evaluate(sub: Any, dataset_names: Sequence[str]) -> None:
     """Add ``evaluate`` to the ``gmlp`` subparsers (listed after ``train``)."""
     p = sub.add_parser("evaluate", help="test top-1 and top-5 accuracy of a checkpoint")
     p.add_argument("checkpoint", help="checkpoint file (best.pt, last.pt) or run directory")
+    _add_test_data_arguments(p, dataset_names)
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _add_test_data_arguments(p: argparse.ArgumentParser, dataset_names: Sequence[str]) -> None:
+    """The flags of a command that runs a trained model on its test split: which data, from where, how fast."""
     p.add_argument("--dataset", choices=tuple(dataset_names), help="dataset (default: the one it was trained on)")
     p.add_argument("--data", help="local archive or folder (default: the training run's, or the cache)")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True, help="download if missing")
     p.add_argument("--batch-size", type=positive_int, default=500, help="images per batch (default: 500)")
     p.add_argument("--device", type=device_flag, default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--quiet", action="store_true", help="no download progress bar")
-    p.set_defaults(func=_cmd_evaluate)
 
 
 def add_commands(sub: Any, dataset_names: Sequence[str]) -> None:
@@ -320,10 +325,5 @@ def add_commands(sub: Any, dataset_names: Sequence[str]) -> None:
         default=True,
         help="also classify the test split: confusion matrix, per-class accuracy, mistakes",
     )
-    p.add_argument("--dataset", choices=tuple(dataset_names), help="dataset (default: the one it was trained on)")
-    p.add_argument("--data", help="local archive or folder (default: the training run's, or the cache)")
-    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True, help="download if missing")
-    p.add_argument("--batch-size", type=positive_int, default=500, help="images per batch (default: 500)")
-    p.add_argument("--device", type=device_flag, default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--quiet", action="store_true", help="no download progress bar")
+    _add_test_data_arguments(p, dataset_names)
     p.set_defaults(func=_cmd_report)
