@@ -12,7 +12,8 @@ classes' 5,000 test images:
 - ``gray``: the finetune arm on the same images written as grayscale PNG class folders, trained by one command,
   ``gmlp train --dataset folder --in-chans 1 --init ...`` (the patch kernel is summed over RGB).
 
-Each arm's training seconds are reported (the test evaluation at the end is not counted); every arm must finish within
+Each arm's training seconds are reported (the test evaluation at the end is not counted, except in the gray arm, a
+whole command that also decodes its PNGs); every arm must finish within
 ``--budget`` seconds, the same for all. The shipped weights are measured (with ``--ema``, the run picks the better of
 the final weights and their average on nothing: these runs hold no validation images, so the average ships).
 
@@ -68,7 +69,9 @@ def part(ds: Dataset, keep: tuple[int, ...], per_class: int | None) -> Dataset:
 def pretrained(ds: Dataset, args: argparse.Namespace) -> tuple[Path, float, bool]:
     """The pretraining run's shipped checkpoint (cached), its training seconds, and whether it came from the cache."""
     given = {"epochs": args.pretrain_epochs, "progress": False, "threads": args.threads, "val_split": 0.1}
-    key = hashlib.sha256(json.dumps([given, args.preset, str(args.data)], sort_keys=True).encode()).hexdigest()[:12]
+    code = _git("rev-parse", "HEAD:src")  # the package's source as committed: another one pretrains anew
+    key = hashlib.sha256(json.dumps([given, args.preset, str(args.data), code], sort_keys=True).encode()).hexdigest()
+    key = key[:12]
     run = Path(args.cache) / f"pretrain-{key}"
     if (run / "results.json").is_file():
         return resolve_checkpoint(run), json.loads((run / "bench.json").read_text())["seconds"], True
@@ -153,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                            "epochs": args.pretrain_epochs, "images": len(ds.train.labels) // 2},
               "arms": rows, "budget": args.budget, "epochs": args.epochs, "threads": threads,
               "train_images": len(target.train.labels), "test_images": len(target.test.labels),
-              "cpu": _cpu(), "preset": args.preset}  # fmt: skip
+              "cpu": _cpu(), "preset": args.preset, "commit": _git("rev-parse", "--short", "HEAD"),
+              "src_dirty": bool(_git("status", "--porcelain", "--", "src"))}  # fmt: skip
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     note = " (cached)" if cached else ""
@@ -168,6 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"over the budget: {', '.join(over)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def _cpu() -> str:

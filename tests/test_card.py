@@ -12,13 +12,14 @@ import safetensors.torch
 import torch
 
 from gmlp_vision.artifacts import load_safetensors, read_export_config
-from gmlp_vision.card import MARKER, model_card
+from gmlp_vision.card import MARKER, _header, model_card
 from gmlp_vision.checkpoint import load_checkpoint, load_model, resolve_checkpoint
 from gmlp_vision.cli import main
 from gmlp_vision.config import from_preset
 from gmlp_vision.errors import CheckpointError
 from gmlp_vision.export import export_safetensors
 from gmlp_vision.predict import Classifier
+from gmlp_vision.pretrained import read_pretrained
 from gmlp_vision.timm_layout import gmlp_to_timm, timm_architecture
 from gmlp_vision.train import train
 from synthetic import make_dataset
@@ -99,6 +100,12 @@ def test_a_model_timm_builds_exports_in_its_layout_and_loads_back(paper_run, tmp
         (lambda c: c["gmlp_vision"].update(pixel_std=[0.0]), "pixel_std must be a list of finite numbers, one per"),
         (lambda c: c["gmlp_vision"].update(pixel_mean=[1.0, 2.0]), "pixel_mean and pixel_std must hold 1 values"),
         (lambda c: c["gmlp_vision"].update(pixel_mean="x"), "pixel_mean must be a list of finite numbers"),
+        (lambda c: c["gmlp_vision"].update(pixel_mean=[10**400]), "pixel_mean must be a list of finite numbers"),
+        (lambda c: c["gmlp_vision"].update(weights="gmlp"), "gmlp_vision.weights must be 'timm' in version 3"),
+        (lambda c: c["model_args"].update(img_size=64), "architecture and model_args do not describe the model"),
+        (lambda c: c.update(architecture="gmlp_s16_224"), "architecture and model_args do not describe the model"),
+        (lambda c: c["pretrained_cfg"].update(mean=[0.5]), r"pretrained_cfg.mean must be gmlp_vision.pixel_mean/255"),
+        (lambda c: c["pretrained_cfg"].update(std=[10**400]), r"pretrained_cfg.std must be gmlp_vision.pixel_std/255"),
     ],
 )
 def test_a_version_3_config_is_checked_value_by_value(paper_run, tmp_path, change, message):
@@ -226,3 +233,24 @@ def test_the_cards_metadata_block_is_yaml_with_a_model_index(run, paper_run, tmp
     paper = resolve_checkpoint(paper_run)
     tags = yaml.safe_load(model_card(paper, load_checkpoint(paper), ["model.safetensors"]).split("---\n")[1])["tags"]
     assert "timm" in tags  # timm builds it from the files
+
+
+def test_a_timm_layout_export_starts_a_run_with_its_statistics_and_classes(paper_run, tmp_path):
+    export_safetensors(paper_run, tmp_path / "st")
+    model, ckpt = load_model(resolve_checkpoint(paper_run))
+    fitted = read_pretrained(tmp_path / "st" / "model.safetensors", model.cfg, classes=ckpt.classes)
+    assert (
+        fitted.fresh == []
+        and torch.allclose(fitted.mean, model.pixel_mean)
+        and torch.allclose(fitted.std, model.pixel_std)
+    )
+    reordered = read_pretrained(tmp_path / "st" / "model.safetensors", model.cfg, classes=ckpt.classes[::-1])
+    assert reordered.fresh == ["head.weight", "head.bias"]  # the export's own class names, read from config.json
+
+
+def test_a_card_leaves_out_a_model_index_without_a_usable_accuracy(run):
+    ckpt_path = resolve_checkpoint(run)
+    ckpt = load_checkpoint(ckpt_path)
+    for acc in (10**400, float("nan"), True, 1.5):
+        results = {"final_checkpoint": ckpt_path.name, "test_checkpoint": ckpt_path.name, "test": {"acc": acc}}
+        assert "model-index" not in _header(ckpt_path, ckpt, ["model.safetensors"], results)

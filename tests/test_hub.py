@@ -153,8 +153,9 @@ def test_push_to_hub_uploads_the_export_folder_and_refuses_early_without_a_token
     assert main(["export", str(run), "--format", "safetensors", "--push-to-hub", "me/tiny-gmlp"]) == 0
     assert calls[0] == ("me/tiny-gmlp", {"repo_type": "model", "exist_ok": True})
     assert calls[1]["repo_id"] == "me/tiny-gmlp" and Path(calls[1]["folder_path"]) == run / "export"
-    assert sorted(p.name for p in (run / "export").iterdir()) == ["README.md", "config.json", "model.safetensors"]
-    assert capsys.readouterr().out.strip().endswith(f"uploaded {run / 'export'} to https://hf.co/me/tiny-gmlp")
+    assert calls[1]["allow_patterns"] == ["model.safetensors", "config.json", "README.md"]  # nothing else there
+    out = capsys.readouterr().out.strip()
+    assert out.endswith("uploaded model.safetensors, config.json, README.md to https://hf.co/me/tiny-gmlp")
     monkeypatch.setattr(hub, "get_token", lambda: None)
     for repo, message in [
         ("me/tiny-gmlp", "--push-to-hub needs a Hugging Face token: run `hf auth login`, or set HF_TOKEN"),

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_init_chooses_the_finetune_recipe_for_what_is_left_unset():
     plain = resolve_config({"dataset": "digits"})
     tuned = resolve_config({"dataset": "digits", "init": "weights.pt"})
-    assert plain.optim.recipe == tuned.optim.recipe == "auto" and plain.optim.layer_decay == 1.0
+    assert plain.optim.recipe == "auto" and tuned.optim.recipe == "finetune" and plain.optim.layer_decay == 1.0
     o, p = tuned.optim, plain.optim
     assert (o.lr, o.schedule, o.warmup_epochs, o.layer_decay) == (p.lr, "cosine", 1.0, 0.75)
     assert o.epochs == min(p.epochs, 30) and o.plateau_patience == 0  # a schedule sets the lr itself
@@ -29,6 +29,8 @@ def test_init_chooses_the_finetune_recipe_for_what_is_left_unset():
     assert (mine.optim.lr, mine.optim.layer_decay, mine.optim.schedule) == (0.5, 0.9, "cosine")  # flags win
     scratch = resolve_config({"dataset": "digits", "init": "weights.pt", "recipe": "scratch"})
     assert scratch.optim == plain.optim.__class__(**{**plain.optim.__dict__, "recipe": "scratch"})
+    everything = {**tuned.to_flat(), "preset": None}  # a run's own config.json: every value set, none applied
+    assert resolve_config({k: v for k, v in everything.items() if v is not None}).optim == tuned.optim
     asked = resolve_config({"dataset": "digits", "recipe": "finetune"})
     assert asked.optim.layer_decay == 0.75 and asked.optim.lr == p.lr and asked.optim.schedule == "cosine"
     with pytest.raises(ConfigError, match=r"--layer-decay must be in \(0, 1\] \(1: off\), got 1.5"):
@@ -64,7 +66,7 @@ def test_a_fine_tuning_run_says_its_recipe_and_resumes_exactly(tmp_path, caplog)
 
     with caplog.at_level(logging.INFO, logger="gmlp_vision"):
         straight = train(cfg("straight"), make_dataset())
-    assert "recipe finetune (auto: --init): --lr 0.003, --schedule cosine with --warmup-epochs 1, " in caplog.text
+    assert "recipe finetune (--init): --lr 0.003, --schedule cosine with --warmup-epochs 1, " in caplog.text
     assert "--layer-decay 0.75, --epochs 2" in caplog.text
     train(cfg("cut", epochs=1), make_dataset())
     resumed = train(resume_config(tmp_path / "cut", {"epochs": 2}), make_dataset(), resume=True)
@@ -80,4 +82,4 @@ def test_the_command_line_logs_the_recipe(tmp_path, capsys):
     capsys.readouterr()
     assert main([*argv, "--init", str(tmp_path / "pre" / "last.pt"), "--out", str(tmp_path / "ft")]) == 0
     out = capsys.readouterr().out
-    assert "initialised from" in out and "recipe finetune (auto: --init): --lr 0.003" in out
+    assert "initialised from" in out and "recipe finetune (--init): --lr 0.003" in out

@@ -28,7 +28,8 @@ from gmlp_vision.version import __version__
 MARKER = "<!-- gmlp-vision model card: `gmlp export` rewrites this file; delete this line to keep your edits. -->"
 HUB_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100"}  # our dataset names -> their Hub dataset ids
 FILES = {
-    "model.safetensors": "the weights, the input normalisation included (`gmlp export --format safetensors`)",
+    "model.safetensors": "the weights (`gmlp export --format safetensors`): under timm's names where timm builds the "
+    "model (its input normalisation is in `config.json`), else under gmlp-vision's with the normalisation",
     "config.json": "architecture and preprocessing in timm's Hub layout (`pretrained_cfg`), read by gmlp-vision",
     "model.onnx": "ONNX graph, fp32, input `pixels` (B, C, S, S) raw 0..255, output `logits` (`gmlp export`)",
     "model.int8.onnx": "the ONNX graph with int8 weights, for CPU inference (`gmlp export --quantize int8`)",
@@ -102,14 +103,19 @@ def _final_metrics(ckpt_path: Path, results: dict[str, Any]) -> dict[str, Any] |
     return found if isinstance(found, dict) else None
 
 
-def _header(ckpt_path: Path, ckpt: Checkpoint, results: dict[str, Any]) -> str:
+def _yaml_text(text: str) -> str:
+    """``text`` as a YAML scalar: a JSON string (which YAML reads as it is), terminal-safe, non-ASCII kept."""
+    return json.dumps(printable(text), ensure_ascii=False)
+
+
+def _header(ckpt_path: Path, ckpt: Checkpoint, files: list[str], results: dict[str, Any]) -> str:
     """Hugging Face's metadata block: library, task, tags, licence, datasets, metrics and the ``model-index``.
 
     Every free text (the run's name, a folder's name) is written as a JSON string, which YAML reads as it is.
     """
     lines = ["---", "library_name: gmlp-vision", "pipeline_tag: image-classification", "tags:"]
     lines += ["- image-classification", "- gmlp", "- gmlp-vision"]
-    if isinstance(timm_architecture(ckpt.config.model), tuple):
+    if isinstance(timm_architecture(ckpt.config.model), tuple) and "model.safetensors" in files:
         lines.append("- timm")  # timm builds it from these files
     lines.append("license: other  # the weights carry the training data's terms: set its licence before sharing")
     dataset = ckpt.config.data.dataset
@@ -117,9 +123,12 @@ def _header(ckpt_path: Path, ckpt: Checkpoint, results: dict[str, Any]) -> str:
         lines += ["datasets:", f"- {HUB_DATASETS[dataset]}"]
     lines += ["metrics:", "- accuracy"]
     metrics = _final_metrics(ckpt_path, results)
-    if metrics is not None and isinstance(metrics.get("acc"), (int, float)):
-        split = json.dumps(_text(results, "test_split", "test"))
-        name = json.dumps(printable(ckpt_path.parent.name) or "gmlp")
+    acc = metrics.get("acc") if metrics is not None else None
+    if type(acc) is float and 0.0 <= acc <= 1.0:  # a finite share: anything else leaves the index out
+        split = _yaml_text(_text(results, "test_split", "test"))
+        folder = ckpt.config.data.data
+        data_name = Path(folder).name if dataset == "folder" and folder else dataset
+        name = _yaml_text(ckpt_path.parent.name or "gmlp")
         lines += [
             "model-index:",
             f"- name: {name}",
@@ -129,11 +138,11 @@ def _header(ckpt_path: Path, ckpt: Checkpoint, results: dict[str, Any]) -> str:
             "      name: Image Classification",
             "    dataset:",
             f"      type: {json.dumps(HUB_DATASETS.get(dataset, 'imagefolder'))}",
-            f"      name: {json.dumps(printable(_data_name(ckpt)))}",
+            f"      name: {_yaml_text(data_name)}",
             f"      split: {split}",
             "    metrics:",
             "    - type: accuracy",
-            f"      value: {round(100 * float(metrics['acc']), 2)}",
+            f"      value: {round(100 * acc, 2)}",
             "      name: Top-1 accuracy",
         ]
     lines.append("---")
@@ -311,7 +320,7 @@ def model_card(ckpt_path: Path, ckpt: Checkpoint, files: list[str]) -> str:
     n = len(ckpt.classes)
     params = sum(v.numel() for k, v in ckpt.model_state.items() if not k.startswith("pixel_"))
     title = f"# gMLP image classifier: {_data_name(ckpt).replace('the image folder ', '')}, {n} classes"
-    lines = [_header(ckpt_path, ckpt, results), title, ""]
+    lines = [_header(ckpt_path, ckpt, files, results), title, ""]
     lines.append(
         f'A gMLP ("Pay Attention to MLPs", Liu et al. 2021) trained with gmlp-vision {__version__}: {params:,} '
         f"parameters, {mc.depth} blocks, {mc.image_size} x {mc.image_size} pixel input in {mc.patch_size} x "

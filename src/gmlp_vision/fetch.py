@@ -104,8 +104,10 @@ def check_push(repo: str) -> None:
         raise ExportError("--push-to-hub needs a Hugging Face token: run `hf auth login`, or set HF_TOKEN")
 
 
-def push(folder: Path, repo: str) -> str:
-    """Upload ``folder`` to the model repository ``repo`` (made if missing); returns the repository's address.
+def push(folder: Path, repo: str, files: list[str]) -> str:
+    """Upload ``files`` of ``folder`` to the model repository ``repo`` (made if missing); returns its address.
+
+    Only ``files`` go: what the export wrote, never the rest of a folder it was written into.
 
     Raises:
         ExportError: the Hub refused or could not be reached (one line: the library's reason).
@@ -115,7 +117,9 @@ def push(folder: Path, repo: str) -> str:
     api = HfApi()
     try:
         url = api.create_repo(repo, repo_type="model", exist_ok=True)
-        api.upload_folder(repo_id=repo, folder_path=folder, repo_type="model", commit_message="gmlp export")
+        api.upload_folder(
+            repo_id=repo, folder_path=folder, repo_type="model", commit_message="gmlp export", allow_patterns=files
+        )
     except Exception as e:  # huggingface_hub's HTTP and validation errors, and the network's
         raise ExportError(f"--push-to-hub {repo}: the upload failed ({first_line(e)})") from None
     return str(url)

@@ -195,8 +195,34 @@ def parse_export_config(raw: Any) -> ExportConfig:
     config = _model_config(model)
     if stats is not None and not all(len(values) == config.in_chans for values in stats):
         raise ValueError(f"pixel_mean and pixel_std must hold {config.in_chans} values each")
+    if timm_weights:
+        _same_for_timm(raw, ours, config, stats)
     classes = parse_classes(classes, config.num_classes)
     return ExportConfig(config, classes, precision, resize, crop_pct, timm_weights, stats)
+
+
+def _same_for_timm(raw: dict[str, Any], ours: dict[str, Any], config: ModelConfig, stats: Any) -> None:
+    """A version 3 config's timm side must say what its gmlp_vision side says: the same network, the same input.
+
+    Raises:
+        ValueError: naming the first value that disagrees.
+    """
+    timm = timm_architecture(config)
+    if ours.get("weights") != "timm":
+        raise ValueError(f"gmlp_vision.weights must be 'timm' in version {VERSION}, got {_kind(ours.get('weights'))}")
+    if not isinstance(timm, tuple) or (raw.get("architecture"), raw.get("model_args")) != timm:
+        raise ValueError("architecture and model_args do not describe the model under gmlp_vision.model")
+    pretrained = raw.get("pretrained_cfg", {})
+    for key, values in zip(("mean", "std"), stats, strict=True):
+        given = pretrained.get(key)
+        ok = isinstance(given, list) and len(given) == len(values) and all(map(_plain_number, given))
+        if not (ok and all(abs(g * 255 - v) <= 1e-6 * max(1.0, abs(v)) for g, v in zip(given, values, strict=True))):
+            raise ValueError(f"pretrained_cfg.{key} must be gmlp_vision.pixel_{key}/255")
+
+
+def _plain_number(value: Any) -> bool:
+    """A JSON number that is a finite float (or an int a float holds exactly)."""
+    return (type(value) is float and math.isfinite(value)) or (type(value) is int and abs(value) < 2**53)
 
 
 def _fit(pretrained: dict[str, Any]) -> tuple[Any, Any]:
@@ -212,7 +238,7 @@ def _statistics(ours: dict[str, Any], key: str) -> tuple[float, ...]:
     """Per-channel pixel statistics: a list of finite numbers (positive for ``pixel_std``), at most 64."""
     value = ours.get(key)
     ok = isinstance(value, list) and 1 <= len(value) <= 64
-    ok = ok and all(type(v) in (int, float) and math.isfinite(v) and (key == "pixel_mean" or v > 0) for v in value)
+    ok = ok and all(_plain_number(v) and (key == "pixel_mean" or v > 0) for v in value)
     if not ok:
         raise ValueError(
             f"{key} must be a list of finite numbers, one per channel{'' if key == 'pixel_mean' else ' > 0'}"

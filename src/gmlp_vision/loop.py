@@ -17,7 +17,7 @@ from tqdm import tqdm
 from gmlp_vision.batches import BatchSource, EpochProgress
 from gmlp_vision.errors import NonFiniteLossError
 from gmlp_vision.metrics import METRICS
-from gmlp_vision.optim import LrSchedule
+from gmlp_vision.optim import LrSchedule, base_lr
 from gmlp_vision.runtime import Dist
 from gmlp_vision.step import Stepper
 
@@ -108,7 +108,7 @@ class _BarPostfix:
         self.total = self.total + losses.detach().double().sum()
         self.count += len(losses)
         if synced:
-            lr = optimizer.param_groups[0]["lr"]
+            lr = base_lr(optimizer)
             self.bar.set_postfix(loss=f"{float(self.total) / self.count:.4f}", lr=f"{lr:.3g}", refresh=False)
         self.bar.update(1)
 

@@ -236,10 +236,7 @@ class LrSchedule:
     def reported(self, optimizer: torch.optim.Optimizer, step: int) -> float:
         """The lr step ``step`` runs with, for the history: the scheduled one, else the optimiser's."""
         lr = self.lr_at(step)
-        if lr is not None:
-            return lr
-        top = optimizer.param_groups[-1]
-        return top["lr"] / top["lr_scale"] if "lr_scale" in top else optimizer.param_groups[0]["lr"]
+        return base_lr(optimizer) if lr is None else lr
 
 
 class Plateau:
@@ -350,6 +347,12 @@ def build_optimizer(optim: OptimConfig, model: nn.Module) -> torch.optim.Optimiz
     if optim.optimizer == "keras-adamw":
         return KerasAdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
     return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def base_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The optimiser's lr before any layer's ``lr_scale`` (the top layer's, `layer_groups`), else its first group's."""
+    top = optimizer.param_groups[-1]
+    return top["lr"] / top["lr_scale"] if "lr_scale" in top else optimizer.param_groups[0]["lr"]
 
 
 def layer_groups(model: nn.Module, decay: float, decay_vectors: bool = True) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from gmlp_vision.checkpoint import FORMAT, checkpoint_from_payload
 from gmlp_vision.config.groups import ModelConfig
 from gmlp_vision.errors import CheckpointError, first_line
 from gmlp_vision.fetch import fetch, hub_id, weights_file
+from gmlp_vision.hub import ExportConfig
 from gmlp_vision.model import GMLP
 from gmlp_vision.timm_layout import is_timm_state, timm_to_gmlp
 from gmlp_vision.transfer import Pretrained, Weights, apply_pretrained, fit_pretrained
@@ -59,19 +60,24 @@ def read_weights(path: str | Path) -> Weights:
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"--init {path}: holds no state dict of tensors")
     fetched = path if repo is not None else None
-    if is_timm_state(state):
+    export = _export_config(path) if classes is None else None
+    if export is not None:
+        classes = export.classes
+    if is_timm_state(state):  # timm's file, or an export in timm's layout (its statistics are in config.json)
         kernel = state["stem.proj.weight"]
         channels = int(kernel.shape[1]) if kernel.ndim == 4 else None
-        return Weights(timm_to_gmlp(state), fetched=fetched, channels=channels)
-    if classes is None and path.suffix == ".safetensors" and (path.parent / "config.json").is_file():
-        classes = _export_classes(path.parent)
+        stats = export.pixel_stats if export is not None else None
+        mean, std = (torch.tensor(v) for v in stats) if stats is not None else (None, None)
+        return Weights(timm_to_gmlp(state), mean, std, classes, fetched, channels)
     return Weights(state, state.get("pixel_mean"), state.get("pixel_std"), classes, fetched)
 
 
-def _export_classes(folder: Path) -> tuple[str, ...] | None:
-    """The class names of the export whose weights are in ``folder`` (None: its config.json is not an export's)."""
+def _export_config(path: Path) -> ExportConfig | None:
+    """What the ``config.json`` beside an export's weights says (None: no export's config there)."""
+    if path.suffix != ".safetensors" or not (path.parent / "config.json").is_file():
+        return None
     try:
-        return read_export_config(folder).classes
+        return read_export_config(path.parent)
     except CheckpointError:
         return None
 

@@ -32,7 +32,7 @@ from gmlp_vision.augment import streams_crop
 from gmlp_vision.batches import BatchSource, EpochProgress
 from gmlp_vision.callbacks import Callback, RunInfo
 from gmlp_vision.checkpoint import after_nonfinite
-from gmlp_vision.config import Config, fine_tunes, train_command
+from gmlp_vision.config import Config, train_command
 from gmlp_vision.cpu import use_cpu_threads
 from gmlp_vision.data import Dataset, load_dataset
 from gmlp_vision.data.base import channel_stats
@@ -194,8 +194,8 @@ def _start(
 def _recipe(cfg: Config) -> str:
     """The log line that names the recipe and its values (each one a flag)."""
     o = cfg.optim
-    name = "finetune" if fine_tunes(o.recipe, cfg.run.init) else "scratch"
-    why = " (auto: --init)" if o.recipe == "auto" and name == "finetune" else ""
+    name = "finetune" if o.recipe == "finetune" else "scratch"  # resolve_config says which one applied
+    why = " (--init)" if name == "finetune" and cfg.run.init is not None else ""
     decay = f", --layer-decay {o.layer_decay:g}" if o.layer_decay != 1.0 else ""
     schedule = f"--schedule {o.schedule}" + (f" with --warmup-epochs {o.warmup_epochs:g}" if o.warmup_epochs else "")
     return f"recipe {name}{why}: --lr {o.lr:g}, {schedule}{decay}, --epochs {o.epochs}"

@@ -171,11 +171,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     )
     if args.format == "safetensors":
         folder = _export_safetensors(args, ckpt_path, ckpt, model, images)
+        files = ["model.safetensors", "config.json"]
     else:
-        folder = _export_onnx(args, ckpt_path, model, images)
+        out = _export_onnx(args, ckpt_path, model, images)
+        folder, files = out.parent, [out.name, *([f"{out.stem}.int8.onnx"] if args.quantize else [])]
         _write_card(ckpt_path, folder, ckpt)
-    if args.push_to_hub:
-        print(f"uploaded {folder} to {push(folder, args.push_to_hub)}")
+    if args.push_to_hub:  # the export's own files and its card, nothing else the folder holds
+        files += ["README.md"] if (folder / "README.md").is_file() else []
+        print(f"uploaded {', '.join(files)} to {push(folder, args.push_to_hub, files)}")
     return 0
 
 
@@ -203,7 +206,7 @@ def _export_safetensors(args: argparse.Namespace, ckpt_path: Path, ckpt: Any, mo
 
 
 def _export_onnx(args: argparse.Namespace, ckpt_path: Path, model: Any, images: Any) -> Path:
-    """The ONNX graph (and ``--quantize int8``), checked with ``--check``; returns its folder."""
+    """The ONNX graph (and ``--quantize int8``), checked with ``--check``; returns the graph's path."""
     import gmlp_vision.export as export
 
     mc = model.cfg
@@ -226,7 +229,7 @@ def _export_onnx(args: argparse.Namespace, ckpt_path: Path, model: Any, images: 
                 f"check: int8 vs PyTorch fp32: max abs logit difference {diff:.3g} (quantisation error, no limit; "
                 "accuracy: benchmarks/bench_export.py)"
             )
-    return out.parent
+    return out
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

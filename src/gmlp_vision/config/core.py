@@ -164,8 +164,11 @@ def resolve_config(given: dict[str, Any], config_file: str | Path | None = None,
     values = {**preset_overrides(preset), **from_file, **given, "preset": preset}
     chosen = {**from_file, **given}
     if fine_tunes(values.get("recipe", OptimConfig.recipe), values.get("init")):
-        values.update({k: v for k, v in finetune_values(values).items() if k not in chosen})  # unless set
-        chosen["schedule"] = values["schedule"]
+        applied = {k: v for k, v in finetune_values(values).items() if k not in chosen}  # unless set
+        values.update(applied)
+        if applied:  # the run's config says which recipe its values came from
+            values["recipe"] = "finetune"
+        chosen["schedule"] = values.get("schedule", OptimConfig.schedule)
     if chosen.get("schedule", "constant") != "constant" and "plateau_patience" not in chosen:
         values["plateau_patience"] = 0
     return _from_flat(values)
@@ -186,7 +189,8 @@ def finetune_values(values: dict[str, Any]) -> dict[str, Any]:
     A cosine schedule after a warm-up of at least one epoch, layer-wise lr decay (BEiT's and MAE's 0.75: the new head
     trains at the preset's lr, every pretrained layer at a lower one) and a short run (at most `FINETUNE_EPOCHS`).
     The lr itself stays the preset's: a tenth of it left the new head untrained in 30 short epochs
-    (`benchmarks/bench_transfer.py`: 57.8 % against 74.9 % with the preset's lr, 68.6 % from scratch).
+    (`benchmarks/bench_transfer.py`, 6 epochs of pretraining: 57.6 % with a tenth, 74.8 % with the preset's lr, 68.5 %
+    from scratch).
     """
     lr, warmup, epochs = (values.get(k, getattr(OptimConfig, k)) for k in ("lr", "warmup_epochs", "epochs"))
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lr, warmup, epochs)):

@@ -199,7 +199,7 @@ class OptimConfig:
     lr: float = option(3e-3, "learning rate")
     recipe: str = option(
         "auto",
-        "finetune (auto with --init): unless set, cosine, 1 warm-up epoch, --layer-decay 0.75, <= 30 epochs",
+        "finetune (auto with --init): unless set, cosine, >= 1 warm-up epoch, --layer-decay 0.75, <= 30 epochs",
         ("auto", "scratch", "finetune"),
     )
     layer_decay: float = option(1.0, "layer-wise lr decay per block, from the head down (1: off)")
