@@ -164,3 +164,23 @@ def test_push_to_hub_uploads_the_export_folder_and_refuses_early_without_a_token
         assert main(["export", str(run), "--out", str(tmp_path / "other"), "--push-to-hub", repo]) == 1
         assert capsys.readouterr().err.strip() == f"gmlp: error: {message}"
         assert not (tmp_path / "other").exists() and len(calls) == 2  # refused before any work
+
+
+def test_evaluate_takes_an_export_by_folder_or_hub_id_with_its_data(offline_cache, tmp_path, capsys):
+    argv = ["--dataset", "digits", "--json", "--device", "cpu"]
+    assert main(["train", "--dataset", "digits", "--epochs", "1", "--threads", "1", "--no-progress",
+                 "--out", str(tmp_path / "run")]) == 0  # fmt: skip
+    assert main(["export", str(tmp_path / "run"), "--format", "safetensors", "--out", str(tmp_path / "st")]) == 0
+    put_in_cache(
+        offline_cache, "me/digits-gmlp", {n: tmp_path / "st" / n for n in ("config.json", "model.safetensors")}
+    )
+    capsys.readouterr()
+    lines = []
+    for model in (str(tmp_path / "run"), str(tmp_path / "st"), "me/digits-gmlp"):
+        assert main(["evaluate", model, *argv]) == 0
+        lines.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert lines[0]["acc"] == lines[1]["acc"] == lines[2]["acc"] and lines[0]["images"] == lines[2]["images"] == 355
+    assert lines[0]["loss"] == pytest.approx(lines[2]["loss"], rel=1e-6)
+    assert main(["evaluate", "me/digits-gmlp", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "gmlp: error: an export does not record the data it was trained on: pass --dataset (and --data)"

@@ -86,12 +86,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     cpu_threads_for(device)
-    ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
-    cfg = ckpt.config
-    ds = checkpoint_dataset(ckpt, args)
+    if _names_an_export(args.checkpoint):
+        model, ds, precision = _export_and_data(args, device)
+    else:
+        ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
+        ds, model, precision = checkpoint_dataset(ckpt, args), ckpt.build_model(device), ckpt.config.run.precision
     dataset = ds.name
-    model = ckpt.build_model(device)
-    metrics = evaluate(model, ds.test.images, ds.test.labels, batch_size=args.batch_size, precision=cfg.run.precision)
+    metrics = evaluate(model, ds.test.images, ds.test.labels, batch_size=args.batch_size, precision=precision)
     if args.json:
         print(
             json.dumps(
@@ -102,6 +103,40 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{dataset} {ds.test_split} split, {len(ds.test.labels)} images: loss {metrics['loss']:.4f}")
         print_accuracy(split_name(ds.test_split), metrics, shows_top5(ds.num_classes))
     return 0
+
+
+def _names_an_export(value: str) -> bool:
+    """Whether ``gmlp evaluate``'s MODEL is a safetensors export: its folder, its weights file, or a Hub id."""
+    from gmlp_vision.fetch import hub_id
+
+    path = Path(value)
+    return hub_id(value) is not None or path.suffix == ".safetensors" or (path / "model.safetensors").is_file()
+
+
+def _export_and_data(args: argparse.Namespace, device: Any) -> tuple[Any, Any, str]:
+    """An export's model (from its folder or the Hub), the data ``--dataset`` names, and the export's precision.
+
+    Raises:
+        ConfigError: no ``--dataset`` (an export does not record its data), or data of other classes.
+    """
+    from gmlp_vision.data import load_dataset
+    from gmlp_vision.predict import Classifier
+
+    classifier = Classifier.load(args.checkpoint, device)
+    if not hasattr(classifier.model, "cfg"):
+        raise ConfigError("gmlp evaluate takes a checkpoint, a run directory or a safetensors export, not ONNX")
+    if args.dataset is None:
+        raise ConfigError("an export does not record the data it was trained on: pass --dataset (and --data)")
+    options = dict(download=args.download, progress=not args.quiet, image_size=classifier.image_size)
+    options.update(resize=classifier.resize, crop_pct=classifier.crop_pct, channels=classifier.in_chans)
+    ds = load_dataset(args.dataset, args.data, **options)
+    if ds.classes != classifier.classes or ds.in_chans != classifier.in_chans:
+        first = printable(", ".join(classifier.classes[:3])) + (", ..." if len(classifier.classes) > 3 else "")
+        raise ConfigError(
+            f"the export's model knows {len(classifier.classes)} classes ({first}) on {classifier.in_chans} channels; "
+            f"{args.dataset} has {ds.num_classes} classes on {ds.in_chans} channels, or other names"
+        )
+    return classifier.model, ds, classifier.precision
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -273,7 +308,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def add_evaluate(sub: Any, dataset_names: Sequence[str]) -> None:
     """Add ``evaluate`` to the ``gmlp`` subparsers (listed after ``train``)."""
     p = sub.add_parser("evaluate", help="test top-1 and top-5 accuracy of a checkpoint")
-    p.add_argument("checkpoint", help="checkpoint file (best.pt, last.pt) or run directory")
+    p.add_argument(
+        "checkpoint",
+        metavar="MODEL",
+        help="checkpoint file (best.pt, last.pt), run directory, or a safetensors export (its folder, or its Hugging "
+        "Face Hub id ORG/NAME) with --dataset",
+    )
     _add_test_data_arguments(p, dataset_names)
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=_cmd_evaluate)
