@@ -12,6 +12,17 @@ classes' 5,000 test images:
 - ``gray``: the finetune arm on the same images written as grayscale PNG class folders, trained by one command,
   ``gmlp train --dataset folder --in-chans 1 --init ...`` (the patch kernel is summed over RGB).
 
+``--diagnose`` asks why the gain is what it is, with three more measurements on the same images:
+
+- ``probe``: a linear classifier (L-BFGS, weight decay) on the frozen pooled features of the pretrained model, and the
+  same on a randomly initialised one: what the pretrained features carry before any fine-tuning;
+- ``ceiling``: the model trained from scratch on all 25,000 training images of the target classes, as long as the
+  pretraining (cached likewise): the accuracy that 500 images cannot exceed however good the start;
+- ``source``: the pretrained model's own test accuracy on its five classes (from its run).
+
+The gain that 500 images could show at most is ``ceiling - scratch``; the fraction of it reached says whether the
+transfer or the headroom is short.
+
 Each arm's training seconds are reported (the test evaluation at the end is not counted, except in the gray arm, a
 whole command that also decodes its PNGs); every arm must finish within
 ``--budget`` seconds, the same for all. The shipped weights are measured (with ``--ema``, the run picks the better of
@@ -42,6 +53,7 @@ from gmlp_vision.config import resolve_config
 from gmlp_vision.cpu import cpu_threads
 from gmlp_vision.data import Dataset, Split, load_dataset
 from gmlp_vision.evaluate import evaluate
+from gmlp_vision.model import GMLP
 from gmlp_vision.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,17 +78,21 @@ def part(ds: Dataset, keep: tuple[int, ...], per_class: int | None) -> Dataset:
     return Dataset("cifar10", classes_of(ds.train, keep, per_class), classes_of(ds.test, keep), names)
 
 
-def pretrained(ds: Dataset, args: argparse.Namespace) -> tuple[Path, float, bool]:
-    """The pretraining run's shipped checkpoint (cached), its training seconds, and whether it came from the cache."""
+def pretrained(ds: Dataset, args: argparse.Namespace, name: str = "pretrain") -> tuple[Path, float, bool]:
+    """The pretraining run's shipped checkpoint (cached), its training seconds, and whether it came from the cache.
+
+    ``name="ceiling"`` is the same run on every training image of the target classes instead.
+    """
     given = {"epochs": args.pretrain_epochs, "progress": False, "threads": args.threads, "val_split": 0.1}
     code = _git("rev-parse", "HEAD:src")  # the package's source as committed: another one pretrains anew
     key = hashlib.sha256(json.dumps([given, args.preset, str(args.data), code], sort_keys=True).encode()).hexdigest()
     key = key[:12]
-    run = Path(args.cache) / f"pretrain-{key}"
+    run = Path(args.cache) / f"{name}-{key}"
     if (run / "results.json").is_file():
         return resolve_checkpoint(run), json.loads((run / "bench.json").read_text())["seconds"], True
     t0 = time.perf_counter()
-    train(resolve_config({**given, "out": str(run)}, preset=args.preset), part(ds, FIRST, None))
+    data = part(ds, FIRST, None) if name == "pretrain" else part(ds, SECOND, None)
+    train(resolve_config({**given, "out": str(run)}, preset=args.preset), data)
     seconds = time.perf_counter() - t0
     (run / "bench.json").write_text(json.dumps({"seconds": seconds}))
     return resolve_checkpoint(run), seconds, False
@@ -96,6 +112,48 @@ def arm(name: str, target: Dataset, args: argparse.Namespace, init: Path | None)
     test = evaluate(model, target.test.images, target.test.labels, precision=cfg.run.precision)
     return {"arm": name, "seconds": seconds, "acc": test["acc"], "shipped": result.final_checkpoint,
             "lr": cfg.optim.lr, "schedule": cfg.optim.schedule, "layer_decay": cfg.optim.layer_decay}  # fmt: skip
+
+
+@torch.no_grad()
+def features(model: GMLP, images: torch.Tensor) -> torch.Tensor:
+    """The pooled features (before the head) of ``images``, in fp32, 500 at a time."""
+    model.eval()
+    return torch.cat([model.forward_head(model.forward_features(x), pre_logits=True) for x in images.split(500)])
+
+
+def probe(model: GMLP, target: Dataset, weight_decay: float = 1e-3) -> float:
+    """Test accuracy of a linear classifier trained on ``model``'s frozen features of ``target``'s training images."""
+    train_x, test_x = features(model, target.train.images), features(model, target.test.images)
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    head = torch.nn.Linear(train_x.shape[1], len(target.classes))
+    optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(train_x), target.train.labels)
+        loss = loss + weight_decay * head.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return (head(test_x).argmax(1) == target.test.labels).float().mean().item()
+
+
+def diagnose(ds: Dataset, target: Dataset, args: argparse.Namespace, checkpoint: Path) -> dict[str, Any]:
+    """Why the gain is what it is: linear probes, the full-data ceiling and the source model's own accuracy."""
+    model, ckpt = load_model(checkpoint)
+    torch.manual_seed(0)
+    random = GMLP(ckpt.config.model)
+    random.load_state_dict({**random.state_dict(), "pixel_mean": model.pixel_mean, "pixel_std": model.pixel_std})
+    ceiling_checkpoint, ceiling_seconds, cached = pretrained(ds, args, "ceiling")
+    ceiling_model, _ = load_model(ceiling_checkpoint)
+    ceiling = evaluate(ceiling_model, target.test.images, target.test.labels)["acc"]
+    source = part(ds, FIRST, None).test
+    return {"probe_pretrained": probe(model, target), "probe_random": probe(random, target),
+            "ceiling": ceiling, "ceiling_seconds": ceiling_seconds, "ceiling_cached": cached,
+            "ceiling_images": 5 * 5000, "source": evaluate(model, source.images, source.labels)["acc"]}  # fmt: skip
 
 
 def write_gray(target: Dataset, root: Path) -> None:
@@ -140,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default="benchmarks/results/transfer-cache", help="runs and the cached pretraining")
     parser.add_argument("--json", default="benchmarks/results/transfer.json", help="where the JSON goes")
     parser.add_argument("--no-gray", action="store_true", help="skip the grayscale folder arm")
+    parser.add_argument("--diagnose", action="store_true", help="add linear probes and the full-data ceiling")
     args = parser.parse_args(argv)
     if not Path(args.data).is_file():
         print(f"bench_transfer: no CIFAR-10 archive at {args.data} (pass --data)", file=sys.stderr)
@@ -150,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [arm("finetune", target, args, checkpoint), arm("scratch", target, args, None)]
     if not args.no_gray:
         rows.append(gray_arm(target, args, checkpoint))
+    why = diagnose(ds, target, args, checkpoint) if args.diagnose else None
     over = [r["arm"] for r in rows if r["seconds"] > args.budget]
     threads = cpu_threads(args.threads).threads
     result = {"pretrain": {"checkpoint": str(checkpoint), "seconds": pretrain_seconds, "cached": cached,
@@ -158,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
               "train_images": len(target.train.labels), "test_images": len(target.test.labels),
               "cpu": _cpu(), "preset": args.preset, "commit": _git("rev-parse", "--short", "HEAD"),
               "src_dirty": bool(_git("status", "--porcelain", "--", "src"))}  # fmt: skip
+    if why is not None:
+        result["diagnosis"] = why
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     note = " (cached)" if cached else ""
@@ -168,6 +230,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['arm']:9s} {100 * r['acc']:6.2f} %  {r['seconds']:6.1f} s  shipped {r['shipped']}")
     gain = 100 * (rows[0]["acc"] - rows[1]["acc"])
     print(f"finetune - scratch: {gain:+.2f} points (the issue's bar: +15)")
+    if why is not None:
+        headroom = 100 * (why["ceiling"] - rows[1]["acc"])
+        print(f"source model on its own 5 classes: {100 * why['source']:.2f} %")
+        print(f"linear probe on frozen features: pretrained {100 * why['probe_pretrained']:.2f} %, "
+              f"random {100 * why['probe_random']:.2f} %")  # fmt: skip
+        print(f"ceiling (scratch on all 25,000 target images, {args.pretrain_epochs} epochs): "
+              f"{100 * why['ceiling']:.2f} %; headroom over scratch {headroom:+.2f} points, "
+              f"of which fine-tuning reached {gain / headroom:.0%}" if headroom > 0 else "")  # fmt: skip
     if over:
         print(f"over the budget: {', '.join(over)}", file=sys.stderr)
         return 1
