@@ -22,7 +22,8 @@ TRAINING = tuple(
 # Inference: what evaluation, predict, export, the exported files and the reports run. None of it may load training
 # code, directly or through other modules. A module named here that does not exist (yet: ``serve``) is skipped.
 INFERENCE = tuple(
-    f"{PACKAGE}.{name}" for name in "evaluate predict export artifacts card hub report report_eval serve".split()
+    f"{PACKAGE}.{name}"
+    for name in "evaluate predict outputs export artifacts card hub report report_eval serve".split()
 )
 NOT_YET = (f"{PACKAGE}.serve",)
 

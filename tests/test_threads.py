@@ -10,7 +10,7 @@ import torch
 
 from gmlp_vision import cpu
 from gmlp_vision.callbacks import Callback
-from gmlp_vision.cli.model_commands import cpu_threads_for
+from gmlp_vision.cli.common import cpu_threads_for
 from gmlp_vision.config import from_preset
 from gmlp_vision.cpu import busy_between, cgroup_cores, choose_threads, cpu_threads, cpu_times, idle_cores, usable_cores
 from gmlp_vision.train import train

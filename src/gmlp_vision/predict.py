@@ -55,10 +55,14 @@ class ClassScore:
 
 @dataclass(frozen=True)
 class Prediction:
-    """The top-k classes of one image, most probable first; ``index``/``name``/``probability`` are the top-1's."""
+    """The top-k classes of one image, most probable first; ``index``/``name``/``probability`` are the top-1's.
+
+    An image that could not be read (``predict(..., skip_bad=True)``) has no classes and says why in ``error``.
+    """
 
     source: str  # the file path, or "<input N>" for in-memory images
     top_k: tuple[ClassScore, ...]
+    error: str | None = None
 
     @property
     def index(self) -> int:
@@ -73,7 +77,9 @@ class Prediction:
         return self.top_k[0].probability
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict: source, top-1 index/name/probability, and the top-k list."""
+        """A JSON-ready dict: source, top-1 index/name/probability, and the top-k list (or source and error)."""
+        if self.error is not None:
+            return {"image": self.source, "error": self.error}
         top = [{"index": s.index, "name": s.name, "probability": s.probability} for s in self.top_k]
         return {"image": self.source, **top[0], "top_k": top}
 
@@ -242,29 +248,52 @@ class Classifier:
             return self.model(pixels)
         return infer(self.model, pixels, self.precision)
 
-    def predict(self, images: ImageInput | Sequence[ImageInput], top_k: int = 5) -> list[Prediction]:
+    def predict(
+        self, images: ImageInput | Sequence[ImageInput], top_k: int = 5, skip_bad: bool = False
+    ) -> list[Prediction]:
         """The ``top_k`` most probable classes of each image (one `Prediction` per image, in input order).
 
         Args:
             images: one image or a list of them: file paths, PIL images, numpy arrays (H, W[, C]) uint8, tensors
                 (C, H, W) or (B, C, H, W) in 0..255; any size (each is resized to the model's input size).
             top_k: how many classes to return per image (at most the number of classes).
+            skip_bad: an input that cannot be read gets a `Prediction` with its ``error`` instead of raising.
 
         Raises:
-            ImageError: an input cannot be read or has an unusable shape; the message names it.
+            ImageError: an input cannot be read or has an unusable shape (without ``skip_bad``); the message names it.
             ConfigError: ``top_k`` below 1.
         """
         if top_k < 1:
             raise ConfigError(f"--top-k must be at least 1, got {top_k}")
         flat = self._flatten(images)
-        probs = self._logits([x for _, x in flat]).softmax(dim=1)
-        values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
-        return [
-            Prediction(
-                src, tuple(ClassScore(int(i), self.classes[int(i)], float(p)) for p, i in zip(v, ix, strict=True))
-            )
-            for (src, _), v, ix in zip(flat, values.tolist(), indices.tolist(), strict=True)
-        ]
+        return [p for chunk in _chunks(flat, self.batch_size) for p in self._predict(chunk, top_k, skip_bad)]
+
+    @torch.no_grad()
+    def _predict(self, chunk: Sequence[tuple[str, ImageInput]], top_k: int, skip_bad: bool) -> list[Prediction]:
+        fitted: list[Tensor] = []
+        errors: dict[int, str] = {}
+        for i, (_, item) in enumerate(chunk):
+            try:
+                fitted.append(self._fit(item))
+            except ImageError as e:
+                if not skip_bad:
+                    raise
+                errors[i] = str(e)
+        ranked: Iterator[tuple[list[float], list[int]]] = iter(())
+        if fitted:
+            probs = self._run(torch.cat(fitted)).cpu().softmax(dim=1)
+            values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
+            ranked = zip(values.tolist(), indices.tolist(), strict=True)
+        out = []
+        for i, (src, _) in enumerate(chunk):
+            if i in errors:
+                out.append(Prediction(src, (), errors[i]))
+            else:
+                v, ix = next(ranked)
+                out.append(
+                    Prediction(src, tuple(ClassScore(j, self.classes[j], p) for p, j in zip(v, ix, strict=True)))
+                )
+        return out
 
 
 __all__ = ["ClassScore", "Classifier", "Prediction"]

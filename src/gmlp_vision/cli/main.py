@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import select
 import sys
 from typing import Any
 
 from gmlp_vision.cli.flags import DEFAULTS_NOTE, USAGE, add_config_arguments, config_from_args, explicit_values
 from gmlp_vision.cli.model_commands import add_commands, add_evaluate, print_accuracy, split_name
+from gmlp_vision.cli.predict_command import add_predict
 from gmlp_vision.data import DATASET_KINDS, DATASETS
 from gmlp_vision.errors import ConfigError, GmlpError, TrainingInterrupted, printable
 from gmlp_vision.presets import DATASET_PRESET, PRESET_HELP, PRESETS
@@ -142,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p)
     p.set_defaults(func=_cmd_info)
 
-    add_commands(sub, DATASETS)  # predict, export, report (model_commands.py)
+    add_predict(sub)  # (predict_command.py)
+    add_commands(sub, DATASETS)  # export, report (model_commands.py)
     for name, command in sub.choices.items():
         command.allow_abbrev = False  # --epoc is not --epochs: a typo is an error, not a guess
         command.prog = f"gmlp {name}"
@@ -161,9 +164,40 @@ class _TerminalSafe(logging.Formatter):
         return printable(super().format(record))
 
 
+def _stdout_gone() -> bool:
+    """Whether standard output is a pipe whose reader has gone (``gmlp info ... | head -2``): poll says POLLERR."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by an object without a descriptor (tests, notebooks)
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLERR)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
+def _drop_stdout() -> None:
+    """Send the rest of standard output to /dev/null, so that nothing fails to write it again (not even at exit)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+class _Stdout(logging.StreamHandler):  # type: ignore[type-arg]
+    """The log's stdout handler: when the reader has gone, the rest of the log is dropped and the command goes on."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], BrokenPipeError) and _stdout_gone():
+            _drop_stdout()
+            return
+        super().handleError(record)
+
+
 def _log_to_terminal(level: int) -> None:
-    """Progress and results on stdout; warnings and errors on stderr, so that they never mix into ``--json`` lines."""
-    out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+    """Progress and results on stdout; warnings and errors on stderr, so that they never mix into ``--json`` lines.
+
+    A run whose reader goes (``gmlp train ... | head``) keeps training, its log dropped: the run folder holds the rest.
+    """
+    out, err = _Stdout(sys.stdout), logging.StreamHandler(sys.stderr)
     out.addFilter(_below_warning)
     err.setLevel(logging.WARNING)
     for handler in (out, err):
@@ -172,7 +206,21 @@ def _log_to_terminal(level: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code."""
+    """Run the CLI; returns the exit code.
+
+    A command whose standard output is closed early (``| head``) stops there and exits 0, quietly, as Unix tools do.
+    """
+    try:
+        return _main(argv)
+    except BrokenPipeError as e:
+        if _stdout_gone():
+            _drop_stdout()
+            return 0
+        print(f"gmlp: error: {printable(e)}", file=sys.stderr)
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args, unknown = parser.parse_known_args(argv)
@@ -190,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"{prog}: error: {printable(e)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise  # `main` tells a closed standard output from any other pipe
     except (GmlpError, OSError) as e:  # messages quote names from files and folders: shown terminal-safe
         print(f"{prog}: error: {printable(e)}", file=sys.stderr)
         return 1

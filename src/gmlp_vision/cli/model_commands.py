@@ -11,43 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gmlp_vision.cli.common import cpu_threads_for, device_flag, positive_int
 from gmlp_vision.errors import ConfigError, printable
 
 CHECK_IMAGES = 64  # random images the export check compares on
-
-
-def positive_int(text: str) -> int:
-    """Argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def device_flag(text: str) -> str:
-    """Argparse type: auto, cpu, cuda or cuda:N."""
-    from gmlp_vision.config.checks import check_device  # the one rule, shared with the config and resolve_device
-
-    try:
-        return check_device(text)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--device ")) from None
-
-
-def cpu_threads_for(device: Any) -> None:
-    """Set torch's CPU threads for an inference command running on the CPU (`cpu.use_cpu_threads`, auto)."""
-    if device.type != "cpu":
-        return
-    from gmlp_vision.cpu import use_cpu_threads
-
-    choice = use_cpu_threads(0)
-    if choice.warning:
-        print(f"gmlp: warning: {choice.warning}", file=sys.stderr)  # stderr: stdout may be --json lines
 
 
 def checkpoint_dataset(ckpt: Any, args: argparse.Namespace) -> Any:
@@ -137,34 +108,6 @@ def _export_and_data(args: argparse.Namespace, device: Any) -> tuple[Any, Any, s
             f"{args.dataset} has {ds.num_classes} classes on {ds.in_chans} channels, or other names"
         )
     return classifier.model, ds, classifier.precision
-
-
-def _cmd_predict(args: argparse.Namespace) -> int:
-    from gmlp_vision.images import expand_inputs
-    from gmlp_vision.predict import Classifier
-    from gmlp_vision.runtime import resolve_device
-
-    device = resolve_device(args.device)
-    cpu_threads_for(device)
-    classifier = Classifier.load(args.checkpoint, device, batch_size=args.batch_size)
-    files = expand_inputs(args.images)
-    # A batch at a time, so results appear while a large folder is still being read.
-    for start in range(0, len(files), args.batch_size):
-        for pred in classifier.predict(files[start : start + args.batch_size], top_k=args.top_k):
-            print(_prediction_line(pred, args.json), flush=True)
-    return 0
-
-
-def _prediction_line(pred: Any, as_json: bool) -> str:
-    """One image's line: JSON (json.dumps escapes every control and non-ASCII character), or text for people.
-
-    File and class names are data: in text, their control characters are shown as escapes (`errors.printable`), so
-    a name cannot add lines, move the cursor or recolour the terminal.
-    """
-    if as_json:
-        return json.dumps(pred.to_dict())
-    scores = ", ".join(f"{printable(s.name)} {100 * s.probability:.1f}%" for s in pred.top_k)
-    return f"{printable(pred.source)}: {scores}"
 
 
 def _mb(path: Path) -> str:
@@ -330,22 +273,7 @@ def _add_test_data_arguments(p: argparse.ArgumentParser, dataset_names: Sequence
 
 
 def add_commands(sub: Any, dataset_names: Sequence[str]) -> None:
-    """Add ``predict``, ``export`` and ``report`` to the ``gmlp`` subparsers."""
-    p = sub.add_parser("predict", help="classify image files with a trained model")
-    p.add_argument(
-        "checkpoint",
-        metavar="MODEL",
-        help="a checkpoint (best.pt, last.pt), a run directory, an export folder (model.safetensors + config.json, or "
-        "model.onnx), an .onnx file (needs onnxruntime), or an export's Hugging Face Hub id ORG/NAME (needs the hub "
-        "extra)",
-    )
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (searched recursively), globs")
-    p.add_argument("--top-k", type=positive_int, default=5, help="classes shown per image (default: 5)")
-    p.add_argument("--json", action="store_true", help="one JSON object per image and line")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default: 64)")
-    p.add_argument("--device", type=device_flag, default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.set_defaults(func=_cmd_predict)
-
+    """Add ``export`` and ``report`` to the ``gmlp`` subparsers."""
     p = sub.add_parser("export", help="export a trained model to ONNX (optionally int8) or safetensors")
     p.add_argument("checkpoint", help="checkpoint file (best.pt, last.pt) or run directory")
     p.add_argument("--format", choices=("onnx", "safetensors"), default="onnx", help="default: onnx")
