@@ -23,7 +23,7 @@ def test_a_folder_loads_as_grayscale_in_memory_and_streamed_alike(tmp_path):
     assert torch.equal(stream.train.images.split(64).__next__(), memory.train.images)  # the same pixels both ways
     gray = memory.train.images.float()
     assert not torch.equal(gray, rgb.train.images[:, :1].float())  # luma, not the red channel
-    with pytest.raises(Exception, match="--in-chans 2: image folders are read as RGB"):
+    with pytest.raises(Exception, match="--in-chans 2: image files are read as RGB"):
         load_dataset("folder", root, **{**common, "channels": 2})
 
 

@@ -78,10 +78,13 @@ class ResumeTarget:
         return cls(optimizer, sums, ema=bool(cfg.optim.ema), scaler=scaler, train_images=train_images)
 
 
-def training_images(data: DataConfig, available: int) -> int:
-    """How many of ``available`` training-split images a run trains on: ``--train-limit``, less the validation tail."""
+def training_images(data: DataConfig, available: int, own_val: bool = False) -> int:
+    """How many of ``available`` training-split images a run trains on: ``--train-limit``, less the validation tail.
+
+    ``own_val``: the data has a validation split of its own (`data.Dataset.val`), so no tail is cut off.
+    """
     kept = min(available, data.train_limit) if data.train_limit else available
-    return int(math.floor(kept * (1.0 - data.val_split)))  # Keras validation_split
+    return kept if own_val else int(math.floor(kept * (1.0 - data.val_split)))  # Keras validation_split
 
 
 def check_resume_state(saved: SavedRun, target: ResumeTarget) -> None:

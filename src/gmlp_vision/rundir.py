@@ -22,6 +22,7 @@ from torch import Tensor
 
 from gmlp_vision.checkpoint import Checkpoint, load_checkpoint
 from gmlp_vision.config import Config, load_config_file
+from gmlp_vision.data.layout import HOLDOUT_FILE
 from gmlp_vision.errors import CheckpointError, ConfigError, RunDirBusy
 from gmlp_vision.files import write_text
 from gmlp_vision.metrics import EMA_FIELDS, HISTORY_FIELDS, METRICS
@@ -114,6 +115,11 @@ def _json_safe(value: Any) -> Any:
 def write_json(path: Path, value: Any) -> None:
     """Write strict JSON (non-finite numbers as null) atomically, so a crash never leaves half a file."""
     write_text(path, json.dumps(_json_safe(value), indent=2, allow_nan=False) + "\n")
+
+
+def write_holdout(run_dir: Path, files: tuple[str, ...], fraction: float) -> None:
+    """Record the test files the run's data held out (`data.layout.hold_out`): ``RUN_DIR/holdout.json``."""
+    write_json(run_dir / HOLDOUT_FILE, {"holdout": fraction, "test": list(files)})
 
 
 def write_history(run_dir: Path, history: list[dict[str, float]]) -> None:

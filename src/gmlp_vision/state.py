@@ -239,7 +239,8 @@ class TrainState:
 
     def _resume_target(self) -> ResumeTarget:
         """What this rank puts a ``last.pt`` into: its optimiser, rules, random stream and training set."""
-        n = training_images(self.cfg.data, len(self.ds.train.labels)) if self.ds is not None else None
+        ds = self.ds
+        n = training_images(self.cfg.data, len(ds.train.labels), ds.val is not None) if ds is not None else None
         ema, fp16 = self.ema is not None, self.scaler is not None
         return ResumeTarget(self.optimizer, METRICS, ema, fp16, self.generator, self.ctx.world, self.ctx.rank, n)
 

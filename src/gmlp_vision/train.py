@@ -32,10 +32,11 @@ from gmlp_vision.augment import streams_crop
 from gmlp_vision.batches import BatchSource, EpochProgress
 from gmlp_vision.callbacks import Callback, RunInfo
 from gmlp_vision.checkpoint import after_nonfinite
-from gmlp_vision.config import Config, train_command
+from gmlp_vision.config import Config, recipe_line, train_command
 from gmlp_vision.cpu import use_cpu_threads
 from gmlp_vision.data import Dataset, load_dataset
 from gmlp_vision.data.base import channel_stats
+from gmlp_vision.data.layout import read_holdout
 from gmlp_vision.data.stream import ImageFiles, stats_sample
 from gmlp_vision.distributed import distributed, maybe_compile
 from gmlp_vision.errors import ConfigError, NonFiniteLossError
@@ -47,7 +48,7 @@ from gmlp_vision.model import GMLP
 from gmlp_vision.optim import build_optimizer
 from gmlp_vision.pretrained import read_pretrained
 from gmlp_vision.resume_check import training_images
-from gmlp_vision.rundir import RunLock, open_run_dir, write_history, write_json
+from gmlp_vision.rundir import RunLock, open_run_dir, write_history, write_holdout, write_json
 from gmlp_vision.runtime import Dist
 from gmlp_vision.state import TrainState, rank_seed
 from gmlp_vision.step import EagerStep, Stepper
@@ -112,7 +113,7 @@ def train(
         locked = resume and ctx.main and bool(cfg.run.out) and Path(cfg.run.out or "").is_dir()
         if locked:
             held.enter_context(RunLock(Path(cfg.run.out or "")))
-        ds = dataset if dataset is not None else ctx.main_first(partial(_load_data, cfg, ctx.main))
+        ds = dataset if dataset is not None else ctx.main_first(partial(_load_data, cfg, ctx.main, resume))
         state, source, stepper, val, part = _start(cfg, ds, resume, ctx, device, None if locked else held)
         run = RunInfo(state.cfg, Path(state.cfg.run.out or ""), ds, ctx, state.model, state.averaged)
         for callback in callbacks:
@@ -147,8 +148,12 @@ def _say(ctx: Dist, message: str, *args: Any) -> None:
         log.info(message, *args)
 
 
-def _load_data(cfg: Config, main: bool) -> Dataset:
-    return load_dataset(cfg.data.dataset, cfg.data.data, **cfg.load_options(progress=cfg.run.progress and main))
+def _load_data(cfg: Config, main: bool, resume: bool) -> Dataset:
+    """The run's data; a resumed run tests on the files its start held out (``holdout.json``), whatever was added."""
+    options = cfg.load_options(progress=cfg.run.progress and main)
+    if resume and cfg.run.out:
+        options["holdout_files"] = read_holdout(Path(cfg.run.out))
+    return load_dataset(cfg.data.dataset, cfg.data.data, **options)
 
 
 def _start(
@@ -162,7 +167,7 @@ def _start(
     # Class count and channels are facts of the data, not choices.
     cfg = cfg.replace(num_classes=ds.num_classes, in_chans=ds.in_chans)
     images, labels = ds.train.images[: cfg.data.train_limit or None], ds.train.labels[: cfg.data.train_limit or None]
-    n_train = training_images(cfg.data, len(ds.train.labels))  # Keras validation_split
+    n_train = training_images(cfg.data, len(ds.train.labels), ds.val is not None)  # Keras validation_split
     if n_train < 1:
         raise ConfigError(f"no training images left: {len(labels)} images with --val-split {cfg.data.val_split}")
     # Pretrained weights are read and checked before anything is written: a bad --init leaves no run directory.
@@ -172,6 +177,8 @@ def _start(
         pretrained = read_pretrained(cfg.run.init, cfg.model, classes=ds.classes, reset_head=cfg.run.reset_head)
     run_dir, saved, best = ctx.on_main(partial(open_run_dir, cfg, resume, held, n_train))
     cfg = cfg.replace(out=str(run_dir))
+    if ds.holdout:  # the test files the loader held out, for a resumed run and `gmlp evaluate` to test on again
+        ctx.on_main(partial(write_holdout, run_dir, ds.holdout, cfg.data.holdout))
     crop_seed = cfg.run.seed if streams_crop(cfg.augment) else None
     source = BatchSource(
         images[:n_train].to(device), labels[:n_train].to(device), cfg.optim.batch_size, ctx=ctx, crop_seed=crop_seed
@@ -183,22 +190,16 @@ def _start(
         _say(ctx, "resuming %s at epoch %d, step %d", run_dir, state.epoch + 1, state.step)
     state.wrapped, state.best = _wrap(model, cfg, ctx, device), best
     stepper = _stepper(state, source)
-    val = (images[n_train:].to(device), labels[n_train:].to(device))
+    own = ds.val  # the data's own validation split, else the training split's tail
+    val = (own.images, own.labels) if own else (images[n_train:], labels[n_train:])
+    val = (val[0].to(device), val[1].to(device))
     message = "training %s on %s: %d train / %d validation images, %d steps per epoch, device %s, run dir %s"
     preset = cfg.preset or "custom config"
     _say(ctx, message, preset, cfg.data.dataset, n_train, len(val[1]), state.steps_per_epoch, device, run_dir)
-    _say(ctx, "%s", _recipe(cfg))
+    if ds.layout:
+        _say(ctx, "data: %s; %d %s images to test on", ds.layout, len(ds.test.labels), ds.test_split)
+    _say(ctx, "%s", recipe_line(cfg))
     return state, source, stepper, val, part
-
-
-def _recipe(cfg: Config) -> str:
-    """The log line that names the recipe and its values (each one a flag)."""
-    o = cfg.optim
-    name = "finetune" if o.recipe == "finetune" else "scratch"  # resolve_config says which one applied
-    why = " (--init)" if name == "finetune" and cfg.run.init is not None else ""
-    decay = f", --layer-decay {o.layer_decay:g}" if o.layer_decay != 1.0 else ""
-    schedule = f"--schedule {o.schedule}" + (f" with --warmup-epochs {o.warmup_epochs:g}" if o.warmup_epochs else "")
-    return f"recipe {name}{why}: --lr {o.lr:g}, {schedule}{decay}, --epochs {o.epochs}"
 
 
 def _new_model(cfg: Config, images: Tensor | ImageFiles, pretrained: Any, device: torch.device) -> GMLP:
@@ -335,6 +336,7 @@ def _finish(
         "epochs_run": len(state.history),
         "test_split": ds.test_split,
         "images": {"train": images[0], "validation": images[1], "test": len(ds.test.labels)},
+        **({"data_layout": ds.layout} if ds.layout else {}),
         "command": train_command(cfg),
     }
     if state.averaged is not None:

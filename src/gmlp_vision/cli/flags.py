@@ -70,18 +70,23 @@ def section(name: str) -> str:
 def shown_defaults() -> dict[str, str]:
     """Each field's default as plain ``gmlp train`` runs it, and what each other dataset's own preset changes.
 
-    For example ``"100; digits: 40; folder: 20"`` for ``epochs``: the help says what a run will use, not the dataclass.
+    For example ``"100; digits: 40; folder, csv: 20"`` for ``epochs``: the help says what a run will use, not the
+    dataclass (kinds that share a value are named together, in the table's order).
     Fields the data decides say so; unset optional values show nothing (their help says what happens).
     """
     plain = resolve_config({}).to_flat()
     own = {d for d, p in DATASET_PRESET.items() if p != DATASET_PRESET[_DEFAULT_DATASET]}
-    others = {d: resolve_config({"dataset": d}).to_flat() for d in sorted(own)}
+    others = {d: resolve_config({"dataset": d}).to_flat() for d in sorted(own, key=list(DATASET_PRESET).index)}
     out = {}
     for name, value in plain.items():
         if name in FROM_DATA:
             out[name] = "the dataset's"
             continue
-        changes = [f"{d}: {flat[name]}" for d, flat in others.items() if flat[name] != value != flat["dataset"]]
+        changed: dict[str, list[str]] = {}
+        for d, flat in others.items():
+            if flat[name] != value != flat["dataset"]:
+                changed.setdefault(str(flat[name]), []).append(d)
+        changes = [f"{', '.join(kinds)}: {shown}" for shown, kinds in changed.items()]
         out[name] = "; ".join([str(value), *changes]) if value is not None or changes else ""
     return out
 

@@ -21,14 +21,21 @@ from gmlp_vision.errors import ConfigError, printable
 CHECK_IMAGES = 64  # random images the export check compares on
 
 
-def checkpoint_dataset(ckpt: Any, args: argparse.Namespace) -> Any:
-    """The dataset a checkpoint was trained on (``--dataset``/``--data`` override), checked against its model."""
+def checkpoint_dataset(ckpt: Any, args: argparse.Namespace, run_dir: Path) -> Any:
+    """The dataset a checkpoint was trained on (``--dataset``/``--data`` override), checked against its model.
+
+    The run's own data is tested on the files its start held out (``run_dir``'s ``holdout.json``), if any.
+    """
     from gmlp_vision.data import load_dataset
+    from gmlp_vision.data.layout import read_holdout
 
     cfg = ckpt.config
     dataset = args.dataset or cfg.data.dataset
     data = args.data if args.data is not None else (cfg.data.data if dataset == cfg.data.dataset else None)
-    ds = load_dataset(dataset, data, **cfg.load_options(download=args.download, progress=not args.quiet))
+    options = cfg.load_options(download=args.download, progress=not args.quiet)
+    if dataset == cfg.data.dataset and data == cfg.data.data:
+        options["holdout_files"] = read_holdout(run_dir)
+    ds = load_dataset(dataset, data, **options)
     if ds.num_classes != cfg.model.num_classes or ds.in_chans != cfg.model.in_chans:
         raise ConfigError(
             f"the checkpoint's model has {cfg.model.num_classes} classes and {cfg.model.in_chans} channels; "
@@ -38,8 +45,8 @@ def checkpoint_dataset(ckpt: Any, args: argparse.Namespace) -> Any:
 
 
 def split_name(split: str) -> str:
-    """How the output names a held-out split: ``Test`` (CIFAR, digits, a folder's test/), else the folder (``val/``)."""
-    return "Test" if split == "test" else f"{split}/"
+    """How the output names the evaluation split: ``Test``, ``Held-out test`` (files the loader held out), ``val/``."""
+    return {"test": "Test", "holdout": "Held-out test"}.get(split, f"{split}/")
 
 
 def print_accuracy(split: str, metrics: dict[str, float], top5: bool) -> None:
@@ -60,8 +67,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if _names_an_export(args.checkpoint):
         model, ds, precision = _export_and_data(args, device)
     else:
-        ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
-        ds, model, precision = checkpoint_dataset(ckpt, args), ckpt.build_model(device), ckpt.config.run.precision
+        path = resolve_checkpoint(args.checkpoint)
+        ckpt = load_checkpoint(path)
+        ds, model, precision = (
+            checkpoint_dataset(ckpt, args, path.parent),
+            ckpt.build_model(device),
+            ckpt.config.run.precision,
+        )
     dataset = ds.name
     metrics = evaluate(model, ds.test.images, ds.test.labels, batch_size=args.batch_size, precision=precision)
     if args.json:
@@ -229,8 +241,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     if not args.evaluate:
         return 0
-    ckpt = load_checkpoint(resolve_checkpoint(run_dir))
-    ds = checkpoint_dataset(ckpt, args)
+    path = resolve_checkpoint(run_dir)
+    ckpt = load_checkpoint(path)
+    ds = checkpoint_dataset(ckpt, args, path.parent)
     device = resolve_device(args.device)
     cpu_threads_for(device)
     model = ckpt.build_model(device)

@@ -17,6 +17,7 @@ from typing import Any
 from gmlp_vision.config.checks import check_fields, flag, option, require
 from gmlp_vision.config.groups import AugmentConfig, DataConfig, ModelConfig, OptimConfig, RunConfig
 from gmlp_vision.errors import ConfigError, first_line, shown
+from gmlp_vision.kinds import kind_of_data
 from gmlp_vision.presets import DATASET_PRESET, PRESETS, preset_overrides
 
 CONFIG_FILE_LIMIT = 1 << 20  # bytes; a run's config.json is about 2 KB
@@ -84,6 +85,7 @@ class Config:
             "resize": data.resize,
             "crop_pct": data.crop_pct,
             "channels": self.model.in_chans,  # image folders only: the other kinds have their own
+            "holdout": data.holdout,
         }
         return {**options, **changes}
 
@@ -155,6 +157,10 @@ def resolve_config(given: dict[str, Any], config_file: str | Path | None = None,
     """
     from_file = load_config_file(config_file) if config_file else {}
     from_file.pop("out", None)
+    if "dataset" not in given and "dataset" not in from_file:
+        kind = kind_of_data(given.get("data", from_file.get("data")))
+        if kind is not None:  # --data names an image folder or a table: its kind without --dataset
+            given = {**given, "dataset": kind}
     preset = preset or from_file.get("preset")
     if preset is None:
         dataset = given.get("dataset", from_file.get("dataset", DataConfig.dataset))
@@ -172,6 +178,16 @@ def resolve_config(given: dict[str, Any], config_file: str | Path | None = None,
     if chosen.get("schedule", "constant") != "constant" and "plateau_patience" not in chosen:
         values["plateau_patience"] = 0
     return _from_flat(values)
+
+
+def recipe_line(cfg: Config) -> str:
+    """The log line that names the recipe and its values (each one a flag)."""
+    o = cfg.optim
+    name = "finetune" if o.recipe == "finetune" else "scratch"  # resolve_config says which one applied
+    why = " (--init)" if name == "finetune" and cfg.run.init is not None else ""
+    decay = f", --layer-decay {o.layer_decay:g}" if o.layer_decay != 1.0 else ""
+    schedule = f"--schedule {o.schedule}" + (f" with --warmup-epochs {o.warmup_epochs:g}" if o.warmup_epochs else "")
+    return f"recipe {name}{why}: --lr {o.lr:g}, {schedule}{decay}, --epochs {o.epochs}"
 
 
 FINETUNE_EPOCHS = 30  # at most, with the finetune recipe

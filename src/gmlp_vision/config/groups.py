@@ -98,11 +98,14 @@ class DataConfig:
 
     dataset: str = option(
         "cifar100",
-        "dataset; folder: --data DIR with train/ and val/ (or test/) class folders",
+        "dataset; folder: --data DIR of class folders, with or without train/ and val/ or test/; csv: --data "
+        "FILE.csv or .tsv of path,label[,split] rows (either is chosen by itself when --data names one)",
         tuple(KINDS),
     )
     data: str | None = option(
-        None, "local archive (.tar.gz) or extracted folder; default: the cache, downloading if needed"
+        None,
+        "CIFAR: a local archive (.tar.gz) or extracted folder (default: the cache, downloading if needed); folder: "
+        "the folder; csv: the table",
     )
     download: bool = option(True, "download missing archives to the cache")
     verify_md5: bool = option(False, "check a local archive's md5 sum")
@@ -122,10 +125,16 @@ class DataConfig:
     workers: int = option(4, "streamed folders: worker processes decoding images (0: in the training process)")
     train_limit: int = option(0, "use only the first N training images, before the validation split (0: all)")
     val_split: float = option(0.1, "fraction of the training images held out for validation: the LAST ones (Keras)")
+    holdout: float = option(
+        0.2,
+        "folder, csv without a val or test part: the share of each class held out as the test split (a fixed draw, "
+        "recorded in the run's holdout.json)",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
         fraction(self, "val_split")
+        require(0.0 < self.holdout < 1.0, f"--holdout must be in (0, 1), got {self.holdout}")
         non_negative(self, "train_limit")
         require(0.0 < self.crop_pct <= 1.0, f"--crop-pct must be in (0, 1], got {self.crop_pct}")
         require(0 <= self.workers <= MAX_THREADS, f"--workers must be in 0..{MAX_THREADS}, got {self.workers}")

@@ -31,8 +31,11 @@ class Split:
 class Dataset:
     """A named dataset: train and test splits plus the class names in label order.
 
-    ``test_split`` is what the data calls its held-out split: ``test`` for CIFAR and digits, ``val`` or ``test`` for
-    an image folder (its folder's name), so that messages name it as the user did.
+    ``test_split`` is what the data calls its evaluation split: ``test`` for CIFAR and digits, ``val`` or ``test``
+    for an image folder or a table (as the user named it), ``holdout`` where the loader held files out of the training
+    data (`layout.hold_out`; ``holdout`` then lists them, relative to the data's folder, for the run to record).
+    ``val`` is a validation split of the data's own (a folder with train/, val/ and test/), which training then
+    uses instead of a slice of ``train``.
     """
 
     name: str
@@ -40,6 +43,9 @@ class Dataset:
     test: Split
     classes: tuple[str, ...]
     test_split: str = "test"
+    val: Split | None = None
+    holdout: tuple[str, ...] = ()
+    layout: str = ""  # how the loader found the splits, for the log ("train/ and val/", ...); empty: the kind's own
 
     @property
     def num_classes(self) -> int:
@@ -80,6 +86,8 @@ class LoadOptions:
     resize: str = "crop"  # folder: crop (keep the aspect) or squash, `images.resize`
     crop_pct: float = 1.0  # folder: the share of the resized image `images.resize` keeps
     channels: int = 3  # folder: 3 (RGB) or 1 (grayscale, Pillow's L); the other kinds keep their own
+    holdout: float = 0.2  # folder, csv without a test split: the share of each class held out for testing
+    holdout_files: tuple[str, ...] | None = None  # folder, csv: a run's recorded hold-out, used instead of drawing one
 
 
 def channel_stats(images: Tensor, chunk: int = 1024) -> tuple[Tensor, Tensor]:

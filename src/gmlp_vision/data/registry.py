@@ -30,7 +30,8 @@ DATASET_KINDS: dict[str, DatasetKind] = {
     "cifar10": DatasetKind("gmlp_vision.data.cifar:load_cifar", 10, 3, "CIFAR-10 (official python archive)"),
     "cifar100": DatasetKind("gmlp_vision.data.cifar:load_cifar", 100, 3, "CIFAR-100 (the tutorial's)"),
     "digits": DatasetKind("gmlp_vision.data.digits:load_digits", 10, 1, "the embedded 8x8 digits"),
-    "folder": DatasetKind("gmlp_vision.data.folders:load_folder", help="--data DIR with train/ and val/"),
+    "folder": DatasetKind("gmlp_vision.data.folders:load_folder", help="--data DIR: class folders, train/ or not"),
+    "csv": DatasetKind("gmlp_vision.data.folders:load_table", help="--data FILE.csv/.tsv: path,label[,split] rows"),
 }
 DATASETS = tuple(KINDS)  # the names the config offers; tests/test_data.py keeps the rows above on the same ones
 
@@ -42,9 +43,11 @@ def load_dataset(name: str, path: str | Path | None = None, **options: Any) -> D
         name: One of `DATASETS`.
         path: CIFAR: the official ``.tar.gz``, its extracted folder, or a folder holding either. digits: optionally a
             ``digits.csv(.gz)`` in scikit-learn's format. None: the archive in the cache dir, or the packaged digits.
-            folder: the folder holding ``train/`` and ``val/`` or ``test/`` class folders (required).
+            folder: the folder of class folders, with or without ``train/`` and ``val/`` or ``test/`` (required).
+            csv: the ``.csv`` or ``.tsv`` table of ``path,label[,split]`` rows (required).
         **options: fields of `base.LoadOptions` (download, verify_md5, cache_dir, progress, image_size, skip_bad,
-            folder_mode, workers, crop_scale); each kind reads the ones that concern it.
+            folder_mode, workers, crop_scale, resize, crop_pct, channels, holdout, holdout_files); each kind reads the
+            ones that concern it.
 
     Returns:
         The dataset, both splits as uint8 image (or for a streamed folder `stream.ImageFiles`) and int64 label
