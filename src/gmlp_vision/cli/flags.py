@@ -93,7 +93,7 @@ def shown_defaults() -> dict[str, str]:
 
 FROM_DATA = ("num_classes", "in_chans")  # set from the dataset when training
 _DEFAULT_DATASET = DataConfig().dataset
-USAGE = "%(prog)s [-h] [--preset NAME] [--config JSON] [FLAG VALUE ...]"
+USAGE = "%(prog)s [-h] [--preset NAME] [--config FILE] [FLAG VALUE ...]"
 DEFAULTS_NOTE = (
     f"Defaults are those of plain `gmlp train`: {_DEFAULT_DATASET} with the {DATASET_PRESET[_DEFAULT_DATASET]} preset. "
     "Another --dataset starts from its own preset; where that changes a default, the help adds it (`digits: 8`: with "
@@ -110,8 +110,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
         default=argparse.SUPPRESS,
-        metavar="JSON",
-        help="a config.json (e.g. an earlier run's); its out is ignored, so the run gets a new directory",
+        metavar="FILE",
+        help="a config.json (e.g. an earlier run's) or a .yaml/.yml file (--print-config writes one); its out is "
+        "ignored, so the run gets a new directory",
     )
     sections = {key: parser.add_argument_group(title) for key, title in SECTION_TITLES.items()}
     defaults = shown_defaults()

@@ -35,6 +35,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = resume_config(args.resume, explicit_values(args))
     else:
         cfg = config_from_args(args)
+    if args.print_config:
+        from gmlp_vision.config import config_yaml
+
+        print(config_yaml(cfg), end="")
+        return 0
     try:
         result = train(cfg, resume=bool(args.resume), callbacks=default_callbacks(cfg))
     except TrainingInterrupted as e:
@@ -130,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "train", "train a model (default: the tutorial, seed preset on CIFAR-100)", "--resume RUN_DIR"
     )
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where its last.pt left it")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the full resolved config as YAML (for --config x.yaml) and exit without training",
+    )
     add_config_arguments(p)
     p.set_defaults(func=_cmd_train)
 

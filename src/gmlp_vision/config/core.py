@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from gmlp_vision.config.checks import check_fields, flag, option, require
 from gmlp_vision.config.groups import AugmentConfig, DataConfig, ModelConfig, OptimConfig, RunConfig
 from gmlp_vision.errors import ConfigError, first_line, shown
@@ -220,11 +222,18 @@ def finetune_values(values: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """A flat dict of the values in a config.json file of any version; types are checked when a `Config` is built.
+    """A flat dict of the values in a config file of any version; types are checked when a `Config` is built.
+
+    JSON (a run's config.json), or YAML where the name ends in .yaml or .yml (`gmlp train --print-config` writes it),
+    grouped as config.json is or flat.
 
     Raises:
-        ConfigError: not a regular file, larger than `CONFIG_FILE_LIMIT`, not JSON, or not a JSON object.
+        ConfigError: not a regular file, larger than `CONFIG_FILE_LIMIT`, not JSON or YAML, YAML with aliases, or
+            not a mapping.
     """
     path = Path(path)
     if not path.is_file():  # /dev/zero, a FIFO or a folder would be read forever or not at all
@@ -236,15 +245,45 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {first_line(e)}") from None
     if len(data) > CONFIG_FILE_LIMIT:
         raise ConfigError(f"config file {path} is larger than {CONFIG_FILE_LIMIT >> 20} MiB; not a run config")
-    try:
-        values = json.loads(data)
-    except (ValueError, RecursionError) as e:  # YAML, TOML or a typo: say what is read
-        raise ConfigError(
-            f"config file {path} is not JSON ({first_line(e)}); --config reads JSON only, such as a run's config.json"
-        ) from None
+    values = _yaml(data, path) if path.suffix.lower() in YAML_SUFFIXES else _json(data, path)
     if not isinstance(values, dict):
-        raise ConfigError(f"config file {path} must hold a JSON object")
+        raise ConfigError(f"config file {path} must hold a mapping of names to values")
     return _flatten(values)
+
+
+def _json(data: bytes, path: Path) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:  # TOML or a typo: say what is read
+        raise ConfigError(
+            f"config file {path} is not JSON ({first_line(e)}); --config reads JSON, or YAML from a .yaml or .yml file"
+        ) from None
+
+
+class _NoAliases(yaml.SafeLoader):
+    """YAML's safe loader without aliases: a config needs none, and nested aliases expand exponentially."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError("aliases (*name) are not allowed in a config: write the values out")
+        return super().compose_node(parent, index)
+
+
+def _yaml(data: bytes, path: Path) -> Any:
+    try:
+        return yaml.load(data, Loader=_NoAliases)  # noqa: S506 (a safe loader, aliases refused)
+    except (yaml.YAMLError, RecursionError, ValueError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or first_line(e)
+        raise ConfigError(f"config file {path} is not YAML we read: {problem}{where}") from None
+
+
+def config_yaml(cfg: Config) -> str:
+    """``cfg`` as YAML, grouped as config.json is: what ``--print-config`` prints and ``--config`` reads back."""
+    plain = json.loads(json.dumps(cfg.replace(out=None).to_dict()))  # lists for tuples; out: a new run's own
+    head = "# gmlp train --config FILE reads this back; num_classes and in_chans are the data's when it trains\n"
+    return head + yaml.safe_dump(plain, sort_keys=False, allow_unicode=False, width=1000)
 
 
 def to_flags(cfg: Config, base: Config | None = None, leave_out: tuple[str, ...] = ()) -> list[str]:
