@@ -241,7 +241,9 @@ def test_missing_path_and_unknown_name(tmp_path: Path) -> None:
         load_dataset("cifar10", tmp_path / "nope.tar.gz")
     with pytest.raises(DataError, match="holds neither cifar-100-python/"):
         load_dataset("cifar100", tmp_path)
-    with pytest.raises(DataError, match="unknown dataset .mnist.; choose one of cifar10, cifar100, digits, folder, csv"):
+    with pytest.raises(
+        DataError, match="unknown dataset .mnist.; choose one of cifar10, cifar100, digits, folder, csv"
+    ):
         load_dataset("mnist")
     assert DATASETS == ("cifar10", "cifar100", "digits", "folder", "csv")
 

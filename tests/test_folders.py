@@ -103,8 +103,8 @@ def test_train_evaluate_predict_on_a_folder(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     results = json.loads((run / "results.json").read_text())
     assert results["test"]["acc"] > 0.6 and results["test_split"] == "val"  # three colours: chance is 1/3
-    # The split is named as the user named it (val/ is not a test set); 3 classes: no top-5 anywhere.
-    assert "val/ accuracy:" in out and "Test accuracy" not in out and "top5" not in out and "top 5" not in out
+    # The val/ folder is named as what it serves as here, the test split; 3 classes: no top-5 anywhere.
+    assert "Test (val/) accuracy:" in out and "Test accuracy" not in out and "top5" not in out and "top 5" not in out
     assert main(["evaluate", str(run)]) == 0
     assert "folder val split, 36 images" in capsys.readouterr().out
     assert main(["evaluate", str(run), "--json"]) == 0

@@ -130,7 +130,10 @@ def test_a_run_on_class_folders_records_its_hold_out_and_tests_on_it_again(tmp_p
     assert main(["train", "--data", str(root), *flags]) == 0
     out = capsys.readouterr().out
     assert "training general on folder: 21 train / 3 validation images" in out
-    assert "data: class folders, 20% of each class held out for testing; 6 holdout images to test on" in out
+    assert (
+        "data: class folders, 20% of each class held out for testing; validation (val_*): the last 10% of training; "
+        "final evaluation: held-out test, 6 images"
+    ) in out
     assert "Held-out test accuracy" in out
     recorded = json.loads((run / "holdout.json").read_text())
     assert recorded["holdout"] == 0.2 and len(recorded["test"]) == 6 and read_holdout(run) == tuple(recorded["test"])
@@ -140,7 +143,7 @@ def test_a_run_on_class_folders_records_its_hold_out_and_tests_on_it_again(tmp_p
     assert main(["evaluate", str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 6
     assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
-    assert "6 holdout images to test on" in capsys.readouterr().out
+    assert "final evaluation: held-out test, 6 images" in capsys.readouterr().out
     (run / "holdout.json").write_text('{"test": "all"}')
     assert main(["evaluate", str(run)]) == 1
     assert "is no hold-out record" in capsys.readouterr().err
@@ -157,5 +160,8 @@ def test_a_table_trains_from_the_command_line_without_dataset(tmp_path, monkeypa
                  "--no-progress", "--out", str(run)]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "training general on csv: 9 train / 3 validation images" in out  # the val rows validate
-    assert "labels.csv: train, val and test rows; 3 test images to test on" in out
+    assert (
+        "labels.csv: train, val and test rows; validation (val_*): the data's own val split; final evaluation: test, 3"
+        in out
+    )
     assert not (run / "holdout.json").exists()

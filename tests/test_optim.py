@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from gmlp_vision.optim import EarlyStopping, KerasAdamW, Plateau
+from gmlp_vision.cli import main
+from gmlp_vision.optim import EarlyStopping, KerasAdamW, LrSchedule, Plateau
 
 
 def naive_keras_adamw(w, grads, lrs, wd=1e-4, b1=0.9, b2=0.999, eps=1e-7):
@@ -74,3 +75,15 @@ def test_state_dicts_round_trip():
     p2.load_state_dict(plateau.state_dict())
     s2.load_state_dict(stopper.state_dict())
     assert (p2.best, p2.wait, s2.best, s2.best_epoch, s2.wait) == (2.0, 1, 2.0, 1, 1)
+
+
+def test_a_warm_up_that_covers_the_whole_run_is_said(tmp_path, capsys):
+    said = LrSchedule(0.002, "onecycle", total=10, warmup=10).warning()
+    assert "covers the whole run (10 steps): the lr only rises, to 0.00195 at most of --lr 0.002" in said
+    assert LrSchedule(0.002, "onecycle", total=20, warmup=10).warning() is None
+    assert LrSchedule(0.002, "constant", total=20, warmup=0).warning() is None
+    argv = ["train", "--dataset", "digits", "--epochs", "2", "--warmup-epochs", "2", "--schedule", "cosine",
+            "--threads", "1", "--no-progress", "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "warning: the lr warm-up (42 steps) covers the whole run (42 steps): the lr only rises" in err

@@ -21,6 +21,16 @@ ROW_NEEDS = frozenset({"epoch", *METRICS, "lr", "seconds"})  # what every row ha
 Targets = tuple[Tensor, Tensor | None, Tensor | float]  # labels, the mixing partner's index, the kept share lam
 
 
+def split_label(split: str) -> str:
+    """How people read the evaluation split's name (``Dataset.test_split``), never to be taken for the validation.
+
+    The per-epoch ``val_*`` metrics are the validation split (a slice of the training data, or the data's own val
+    split when it has val and test parts); the final evaluation is always a *test*: ``test``, ``test (val/)`` where a
+    ``val/`` folder or ``val`` rows serve as the test split, ``held-out test`` where the loader held files out.
+    """
+    return {"test": "test", "val": "test (val/)", "holdout": "held-out test"}.get(split, f"test ({split})")
+
+
 def shows_top5(num_classes: int) -> bool:
     """Whether top-5 accuracy says something: with 10 classes or fewer it is shown nowhere (output, plots, card)."""
     return num_classes > 10

@@ -233,6 +233,16 @@ class LrSchedule:
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
 
+    def warning(self) -> str | None:
+        """What is wrong with a warm-up that covers the whole run (``--epochs`` no longer than ``--warmup-epochs``)."""
+        if not self.warmup or self.warmup < self.total or not self.total:
+            return None
+        peak = max(self.lr_at(0) or 0.0, self.lr_at(self.total - 1) or 0.0)
+        return (
+            f"the lr warm-up ({self.warmup} steps) covers the whole run ({self.total} steps): the lr only rises, to "
+            f"{peak:.3g} at most of --lr {self.lr:g}, and never anneals; give more --epochs or fewer --warmup-epochs"
+        )
+
     def reported(self, optimizer: torch.optim.Optimizer, step: int) -> float:
         """The lr step ``step`` runs with, for the history: the scheduled one, else the optimiser's."""
         lr = self.lr_at(step)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from gmlp_vision.errors import ReportError
 from gmlp_vision.evaluate import infer
+from gmlp_vision.metrics import split_label
 
 PLOTS_DIR = "plots"
 MANY_CLASSES = 40  # above this, names no longer fit as ticks: sort by accuracy and tick by rank
@@ -228,7 +229,7 @@ def evaluation_report(
         classes: class names, one per model output.
         batch_size: images per forward pass.
         precision: ``fp32`` or ``bf16``, as `evaluate.evaluate` takes it.
-        split: what the data calls these images (``test``, ``val``), for the titles.
+        split: what the data calls these images (``test``, ``val``, ``holdout``), named by `metrics.split_label`.
 
     Returns:
         The written files: confusion.png, confused_pairs.csv, per_class_accuracy.png, per_class.csv, misclassified.png.
@@ -241,7 +242,7 @@ def evaluation_report(
     k = len(classes)
     if int(labels.min()) < 0 or int(labels.max()) >= k:
         raise ReportError(f"labels must lie in 0..{k - 1} for {k} class names")
-    out = Path(run_dir) / PLOTS_DIR
+    out, split = Path(run_dir) / PLOTS_DIR, split_label(split)
     preds, confidence = predict_all(model, images, batch_size=batch_size, precision=precision)
     labels = labels.cpu()
     cm = confusion_matrix(labels, preds, k)

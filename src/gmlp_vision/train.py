@@ -43,7 +43,7 @@ from gmlp_vision.errors import ConfigError, NonFiniteLossError
 from gmlp_vision.evaluate import evaluate
 from gmlp_vision.graphs import GraphStep, unsupported
 from gmlp_vision.loop import train_one_epoch
-from gmlp_vision.metrics import epoch_row, format_epoch, shows_top5
+from gmlp_vision.metrics import epoch_row, format_epoch, shows_top5, split_label
 from gmlp_vision.model import GMLP
 from gmlp_vision.optim import build_optimizer
 from gmlp_vision.pretrained import read_pretrained
@@ -196,10 +196,19 @@ def _start(
     message = "training %s on %s: %d train / %d validation images, %d steps per epoch, device %s, run dir %s"
     preset = cfg.preset or "custom config"
     _say(ctx, message, preset, cfg.data.dataset, n_train, len(val[1]), state.steps_per_epoch, device, run_dir)
-    if ds.layout:
-        _say(ctx, "data: %s; %d %s images to test on", ds.layout, len(ds.test.labels), ds.test_split)
+    _say(ctx, "%s", _splits_line(cfg, ds))
+    warning = state.schedule.warning()
+    if warning and ctx.main:
+        log.warning("warning: %s", warning)
     _say(ctx, "%s", recipe_line(cfg))
     return state, source, stepper, val, part
+
+
+def _splits_line(cfg: Config, ds: Dataset) -> str:
+    """Which images validate (the epoch lines' ``val_*``) and which test, named so that the two are never confused."""
+    own = "the data's own val split" if ds.val is not None else f"the last {cfg.data.val_split:.0%} of training"
+    test = f"{split_label(ds.test_split)}, {len(ds.test.labels)} images"
+    return f"data: {ds.layout + '; ' if ds.layout else ''}validation (val_*): {own}; final evaluation: {test}"
 
 
 def _new_model(cfg: Config, images: Tensor | ImageFiles, pretrained: Any, device: torch.device) -> GMLP:

@@ -45,8 +45,11 @@ def checkpoint_dataset(ckpt: Any, args: argparse.Namespace, run_dir: Path) -> An
 
 
 def split_name(split: str) -> str:
-    """How the output names the evaluation split: ``Test``, ``Held-out test`` (files the loader held out), ``val/``."""
-    return {"test": "Test", "holdout": "Held-out test"}.get(split, f"{split}/")
+    """How the output's lines start for the evaluation split: ``Test``, ``Test (val/)``, ``Held-out test``."""
+    from gmlp_vision.metrics import split_label
+
+    label = split_label(split)
+    return label[0].upper() + label[1:]
 
 
 def print_accuracy(split: str, metrics: dict[str, float], top5: bool) -> None:
