@@ -60,11 +60,14 @@ class Batch:
     labels: Tensor | None = None
     readable: Tensor | None = None
     cropped: bool = False
+    class_weights: Tensor | None = None  # --class-weights balanced: each class's loss weight, on the device
 
     def weights(self) -> Tensor:
-        """Each image's weight in the gradient: ``weight``, times 0 for an unreadable file."""
+        """Each image's weight in the gradient: ``weight``, times its class's weight, times 0 for an unreadable file."""
         assert self.labels is not None
         weights = torch.full((len(self.labels),), self.weight, device=self.labels.device)
+        if self.class_weights is not None:
+            weights *= self.class_weights[self.labels]
         if self.readable is not None:
             weights *= self.readable
         return weights
@@ -80,6 +83,8 @@ class BatchSource:
         ctx: this process's place under torchrun (default: a single process).
         crop_seed: streamed files are decoded as random-resized crops keyed to this seed (`augment.streams_crop`
             says when); None: whole images. Images in memory ignore it (the step crops them).
+        class_weights: ``balanced``: each image's loss counts n / (classes x images of its class) (`class_weights`).
+        sampler: ``balanced``: an epoch draws as many images, with replacement, each class equally likely.
     """
 
     def __init__(
@@ -90,8 +95,14 @@ class BatchSource:
         *,
         ctx: Dist = SINGLE,
         crop_seed: int | None = None,
+        class_weights: str = "none",
+        sampler: str = "shuffle",
     ) -> None:
         self.images, self.labels, self.batch_size, self.ctx = images, labels, batch_size, ctx
+        counts = torch.bincount(labels.cpu()).double()
+        balanced = (len(labels) / (int((counts > 0).sum()) * counts.clamp_min(1))).float()
+        self.class_weights = balanced.to(labels.device) if class_weights == "balanced" else None
+        self.draw_weights = (1.0 / counts.clamp_min(1))[labels.cpu()] if sampler == "balanced" else None
         self.streamed = isinstance(images, ImageFiles)
         self.seed = crop_seed
         self.crops = self.streamed and crop_seed is not None  # decoded as crops: the step does not crop them again
@@ -110,7 +121,13 @@ class BatchSource:
         return math.ceil(len(self) / self.batch_size)
 
     def new_epoch(self, order: torch.Generator, step: int) -> EpochProgress:
-        """A new epoch's order, drawn from ``order`` (the same on every rank), starting at optimiser step ``step``."""
+        """A new epoch's order, drawn from ``order`` (the same on every rank), starting at optimiser step ``step``.
+
+        A permutation; with the balanced sampler, as many indices drawn with replacement, each class equally likely.
+        """
+        if self.draw_weights is not None:
+            drawn = torch.multinomial(self.draw_weights, len(self), replacement=True, generator=order)
+            return EpochProgress(drawn.to(self.device), step=step)
         return EpochProgress(torch.randperm(len(self), generator=order).to(self.device), step=step)
 
     def gather(self, index: Tensor) -> tuple[Tensor, Tensor]:
@@ -129,13 +146,14 @@ class BatchSource:
         """
         plan = self._plan(progress)
         if not gather:
-            yield from (Batch(number, mine, weight) for number, mine, weight in plan)
+            yield from (Batch(number, mine, weight, class_weights=self.class_weights) for number, mine, weight in plan)
         elif not self.streamed:
-            yield from (Batch(number, mine, weight, *self.gather(mine)) for number, mine, weight in plan)
+            for number, mine, weight in plan:
+                yield Batch(number, mine, weight, *self.gather(mine), class_weights=self.class_weights)
         else:
             decoded = self._decode([mine for _, mine, _ in plan], progress.step)
             for (number, mine, weight), (x, readable) in zip(plan, decoded, strict=True):
-                yield Batch(number, mine, weight, x, self.labels[mine], readable, self.crops)
+                yield Batch(number, mine, weight, x, self.labels[mine], readable, self.crops, self.class_weights)
 
     def _plan(self, progress: EpochProgress) -> list[tuple[int, Tensor, float]]:
         """The epoch's steps from batch ``progress.batch`` on: (number, this rank's share, each image's weight)."""

@@ -240,6 +240,8 @@ def _training_section(ckpt: Checkpoint) -> list[str]:
         ("augmentation", ", ".join(x for x in augment if x) or "none"),
         ("precision", cfg.run.precision),
     ]
+    if o.class_weights != "none" or cfg.data.sampler != "shuffle":
+        settings.append(("class balance", f"class weights {o.class_weights}, sampler {cfg.data.sampler}"))
     lines = ["## Training", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in settings]
     shared = cfg.to_dict()  # without the local paths of the data and the run

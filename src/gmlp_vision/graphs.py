@@ -144,7 +144,9 @@ class GraphStep:
         """The step itself, as captured: gather, augment, forward, backward, clip, update, add the metrics."""
         x, y = self.source.gather(index)
         self.optimizer.zero_grad(set_to_none=True)  # host-side only: inside a capture the gradients are None already
-        losses, logits = backward_step(self.wrapped, x, y, self.cfg, self.generator)
+        balanced = self.source.class_weights  # --class-weights balanced, else each image 1 / n as ever
+        weights = None if balanced is None else balanced[y] / len(y)
+        losses, logits = backward_step(self.wrapped, x, y, self.cfg, self.generator, weights=weights)
         if self.cfg.optim.clip_grad:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
         adamw_apply(self.optimizer, self.scalars)

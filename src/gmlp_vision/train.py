@@ -130,7 +130,7 @@ def train(
                     _say(ctx, "early stopping: no val_loss improvement for %d epochs", cfg.optim.early_stop_patience)
                     break
         del stepper  # the captured graphs' memory is not needed to test
-        return _finish(state, (len(source), len(val[1])), stopped, run, callbacks)
+        return _finish(state, source, len(val[1]), stopped, run, callbacks)
 
 
 def _use_threads(ctx: Dist, requested: int, held: ExitStack) -> None:
@@ -180,9 +180,9 @@ def _start(
     if ds.holdout:  # the test files the loader held out, for a resumed run and `gmlp evaluate` to test on again
         ctx.on_main(partial(write_holdout, run_dir, ds.holdout, cfg.data.holdout))
     crop_seed = cfg.run.seed if streams_crop(cfg.augment) else None
-    source = BatchSource(
-        images[:n_train].to(device), labels[:n_train].to(device), cfg.optim.batch_size, ctx=ctx, crop_seed=crop_seed
-    )
+    balance = dict(class_weights=cfg.optim.class_weights, sampler=cfg.data.sampler)
+    train_set = (images[:n_train].to(device), labels[:n_train].to(device), cfg.optim.batch_size)
+    source = BatchSource(*train_set, ctx=ctx, crop_seed=crop_seed, **balance)
     model = _new_model(cfg, images, pretrained if saved is None else None, device)
     state = _new_state(cfg, run_dir, ds, ctx, model, source.steps_per_epoch)
     part = state.load(saved) if saved is not None else None
@@ -320,7 +320,7 @@ def _end_epoch(state: TrainState, row: dict[str, float]) -> bool:
 
 
 def _finish(
-    state: TrainState, images: tuple[int, int], stopped: bool, run: RunInfo, callbacks: Sequence[Callback]
+    state: TrainState, source: BatchSource, n_val: int, stopped: bool, run: RunInfo, callbacks: Sequence[Callback]
 ) -> Result:
     """After the last epoch: the final weights, test metrics, ema.pt, results.json, and the callbacks' finish.
 
@@ -344,8 +344,9 @@ def _finish(
         "stopped_early": stopped,
         "epochs_run": len(state.history),
         "test_split": ds.test_split,
-        "images": {"train": images[0], "validation": images[1], "test": len(ds.test.labels)},
+        "images": {"train": len(source), "validation": n_val, "test": len(ds.test.labels)},
         **({"data_layout": ds.layout} if ds.layout else {}),
+        **({"class_weights": source.class_weights.tolist()} if source.class_weights is not None else {}),
         "command": train_command(cfg),
     }
     if state.averaged is not None:

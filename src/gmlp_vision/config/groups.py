@@ -125,6 +125,12 @@ class DataConfig:
     workers: int = option(4, "streamed folders: worker processes decoding images (0: in the training process)")
     train_limit: int = option(0, "use only the first N training images, before the validation split (0: all)")
     val_split: float = option(0.1, "fraction of the training images held out for validation: the LAST ones (Keras)")
+    sampler: str = option(
+        "shuffle",
+        "epoch order: shuffle (every training image once) or balanced (as many draws, with replacement, each class "
+        "equally likely)",
+        ("shuffle", "balanced"),
+    )
     holdout: float = option(
         0.2,
         "folder, csv without a val or test part: the share of each class held out as the test split (a fixed draw, "
@@ -233,6 +239,12 @@ class OptimConfig:
         "(1+t)/(10+t))), evaluated beside the model every epoch and at the end, saved as ema.pt (0: off)",
     )
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy (0.1 is the usual modern value)")
+    class_weights: str = option(
+        "none",
+        "balanced: each image's loss weighted by n / (classes x its class's training images), so that every class "
+        "counts the same (scikit-learn's and Keras' class_weight)",
+        ("none", "balanced"),
+    )
     clip_grad: float = option(0.0, "clip the gradients' global L2 norm to this value before each step (0: off)")
     decay_norms_biases: bool = option(
         True, "apply weight decay to norm weights and biases too (the tutorial does; modern recipes do not)"
