@@ -36,7 +36,7 @@ from bench_peers import PEERS
 from torch import Tensor, nn
 
 from gmlp_vision.batches import Batch, BatchSource
-from gmlp_vision.callbacks import Callback, RunInfo
+from gmlp_vision.callbacks import Callback
 from gmlp_vision.config import from_preset
 from gmlp_vision.data import Dataset, Split
 from gmlp_vision.distributed import maybe_compile
@@ -155,7 +155,7 @@ class EpochClock(Callback):
     def __init__(self) -> None:
         self.ends: list[float] = []
 
-    def on_epoch_end(self, run: RunInfo, row: dict[str, float]) -> None:
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
         self.ends.append(time.perf_counter())
 
 

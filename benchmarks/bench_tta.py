@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from gmlp_vision.callbacks import Callback, RunInfo
+from gmlp_vision.callbacks import Callback
 from gmlp_vision.cli.flags import add_config_arguments, config_from_args
 from gmlp_vision.data import Dataset, load_dataset
 from gmlp_vision.evaluate import evaluate
@@ -44,7 +44,8 @@ class TestEachEpoch(Callback):
     def __init__(self, ds: Dataset, precision: str, t0: float, rows: list[dict[str, float]]) -> None:
         self.ds, self.precision, self.t0, self.rows, self.excluded = ds, precision, t0, rows, 0.0
 
-    def on_epoch_end(self, run: RunInfo, row: dict[str, float]) -> None:
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        run, row = self.run, logs or {}
         t = time.perf_counter()
         seconds = t - self.t0 - self.excluded
         images, labels = self.ds.test.images, self.ds.test.labels

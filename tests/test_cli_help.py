@@ -10,6 +10,7 @@ from gmlp_vision.cli import main
 from gmlp_vision.cli.flags import SECTION_TITLES, section, shown_defaults
 from gmlp_vision.config import GROUP_OF, from_preset, resolve_config
 from gmlp_vision.errors import ConfigError
+from gmlp_vision.rundir import default_run_dir
 
 
 def help_text(capsys, *argv):
@@ -86,7 +87,7 @@ def test_building_the_parser_imports_no_torch():
     assert done.stdout.strip().endswith("heavy: []")
 
 
-def test_a_runs_config_json_trains_again_in_a_new_directory(tmp_path, capsys):
+def test_a_runs_config_json_trains_again_in_a_new_directory(tmp_path, capsys, monkeypatch):
     first = tmp_path / "first"
     argv = ["train", "--dataset", "digits", "--epochs", "1", "--no-progress", "--threads", "1"]
     assert main([*argv, "--out", str(first)]) == 0
@@ -97,7 +98,9 @@ def test_a_runs_config_json_trains_again_in_a_new_directory(tmp_path, capsys):
     assert json.loads((again / "config.json").read_text()) == {**saved, "run": {**saved["run"], "out": str(again)}}
     cfg = resolve_config({}, first / "config.json")
     assert cfg.run.out is None  # the file's out never reuses its run directory
-    assert "runs/digits-digits-" in str(__import__("gmlp_vision.rundir").rundir.default_run_dir(cfg))
+    monkeypatch.chdir(tmp_path)
+    made = [default_run_dir(cfg) for _ in range(3)]  # a fresh folder each time, also within one second
+    assert all(str(p).startswith("runs/digits-digits-") and p.is_dir() for p in made) and len(set(made)) == 3
 
 
 def test_a_schedule_turns_the_presets_plateau_off_unless_asked_for():

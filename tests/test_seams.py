@@ -134,22 +134,26 @@ class Recorder(Callback):
     def __init__(self, events):
         self.events = events
 
-    def on_run_start(self, run):
-        self.events.append(("start", run.run_dir.is_dir(), run.main, run.averaged is not None))
+    def on_train_begin(self, logs=None):
+        run = self.run
+        self.events.append(("start", run.run_dir.is_dir(), run.main, run.averaged is not None, logs))
 
-    def on_epoch_end(self, run, row):
+    def on_epoch_end(self, epoch, logs=None):
+        run = self.run
         assert (run.run_dir / "last.pt").is_file() and (run.run_dir / "history.csv").is_file()
-        self.events.append(("epoch", row["epoch"], round(row["loss"], 6)))
+        assert epoch == logs["epoch"] - 1  # Keras' 0-based epoch index; the row counts from 1
+        self.events.append(("epoch", logs["epoch"], round(logs["loss"], 6)))
 
-    def on_finish(self, run, summary):
-        self.events.append(("finish", sorted(summary), (run.run_dir / "results.json").is_file()))
+    def on_train_end(self, logs=None):
+        run = self.run
+        self.events.append(("finish", sorted(logs), (run.run_dir / "results.json").is_file()))
         path = run.run_dir / "note.txt"
         path.write_text("written by a callback")
-        return [path]
+        self.files = [path]
 
 
 class FailAtEpoch(Callback):
-    def on_epoch_end(self, run, row):
+    def on_epoch_end(self, epoch, logs=None):
         raise ConfigError("stop here")
 
 
@@ -159,7 +163,7 @@ def test_callbacks_see_the_run_start_each_epoch_and_the_finish(tmp_path, caplog)
     with caplog.at_level(logging.INFO, logger="gmlp_vision"):
         result = train(cfg, make_dataset(n_train=64, n_test=16), callbacks=[Recorder(events)])
     losses = [round(r["loss"], 6) for r in result.history]
-    assert events[:3] == [("start", True, True, True), ("epoch", 1, losses[0]), ("epoch", 2, losses[1])]
+    assert events[:3] == [("start", True, True, True, {}), ("epoch", 1, losses[0]), ("epoch", 2, losses[1])]
     assert events[3][0] == "finish" and "test" in events[3][1] and events[3][2]
     assert result.plots == [tmp_path / "run" / "note.txt"]  # what the callbacks wrote
     with pytest.raises(ConfigError, match="stop here"):  # a hook's error ends the run as training's would

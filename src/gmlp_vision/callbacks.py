@@ -1,11 +1,20 @@
-"""Callbacks: what a run calls at its start, after each epoch and at its finish.
+"""Callbacks: what a run calls at its start, after each epoch and at its finish, with Keras' method names.
 
-Whatever hangs off training (the plots, TensorBoard, a user's own logging, evaluating on the way) is a `Callback`
-passed to `train.train`, so the loop itself writes nothing but the run directory's own files (checkpoints, history,
-results). The command line passes `reporting.default_callbacks`; from Python::
+Whatever hangs off training (the plots, TensorBoard, MLflow, W&B, a user's own logging, evaluating on the way) is a
+`Callback` passed to `train.train`, so the loop itself writes nothing but the run directory's own files (checkpoints,
+history, results). The command line passes `reporting.default_callbacks`; from Python::
 
     from gmlp_vision.reporting import default_callbacks
-    train(cfg, callbacks=default_callbacks(cfg))
+
+    class Show(Callback):
+        def on_epoch_end(self, epoch, logs=None):  # epoch: 0-based, as in Keras; logs: the history row
+            print(epoch, logs["val_acc"])
+
+    train(cfg, callbacks=[*default_callbacks(cfg), Show()])
+
+As Keras' ``set_model``, `Callback.set_run` gives each callback the run (``self.run``, a `RunInfo`) before
+``on_train_begin``; ``on_train_end``'s logs are what ``results.json`` holds. A callback that writes files lists them
+in ``self.files`` (they become `train.Result.plots`).
 
 Under torchrun every process must be given the same callbacks: every hook runs on every process, in the order the
 callbacks were given, and a hook may use the run's collectives (`RunInfo.ctx`: `reporting.PlotReport` has rank 0
@@ -48,14 +57,24 @@ class RunInfo:
 
 
 class Callback:
-    """A hook into a training run; override the methods you need (each one's default does nothing)."""
+    """A hook into a training run, with Keras' method names; override the ones you need (each default does nothing)."""
 
-    def on_run_start(self, run: RunInfo) -> None:
+    run: RunInfo  # set by `set_run` before ``on_train_begin``
+    files: list[Path]  # what this callback wrote, for `train.Result.plots`
+
+    def set_run(self, run: RunInfo) -> None:
+        """Give the callback the run it hooks into (``self.run``), before ``on_train_begin``."""
+        self.run = run
+        self.files = []
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         """Before the first step (of a resumed run: before its next step), after the run directory is ready."""
 
-    def on_epoch_end(self, run: RunInfo, row: dict[str, float]) -> None:
-        """After each epoch's row is complete and saved (`metrics.epoch_row`), ``best.pt`` and ``last.pt`` written."""
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        """After epoch ``epoch`` (0-based), saved with ``best.pt`` and ``last.pt``: ``logs`` is its history row.
 
-    def on_finish(self, run: RunInfo, summary: dict[str, Any]) -> list[Path]:
-        """After the test evaluation and ``results.json`` (``summary`` is its content); returns the files written."""
-        return []
+        The row is `metrics.epoch_row`'s (``logs["epoch"]`` counts from 1, as the history does).
+        """
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        """After the test evaluation and ``results.json``: ``logs`` is its content."""

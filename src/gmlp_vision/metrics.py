@@ -8,6 +8,8 @@ these names from here. Top-5 accuracy is kept everywhere but shown only where it
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -29,6 +31,22 @@ def split_label(split: str) -> str:
     ``val/`` folder or ``val`` rows serve as the test split, ``held-out test`` where the loader held files out.
     """
     return {"test": "test", "val": "test (val/)", "holdout": "held-out test"}.get(split, f"test ({split})")
+
+
+def accuracy_lines(label: str, metrics: dict[str, float], top5: bool) -> list[str]:
+    """A split's accuracy lines: ``"Test accuracy: 97.50%"``, and its top-5 line where that says something."""
+    lines = [f"{label} accuracy: {100 * metrics['acc']:.2f}%"]
+    return lines + [f"{label} top 5 accuracy: {100 * metrics['top5']:.2f}%"] if top5 else lines
+
+
+def result_lines(summary: dict[str, Any], top5: bool) -> list[str]:
+    """What a finished run says of its test: each tested file's accuracy lines (``results.json`` is ``summary``)."""
+    label = split_label(summary["test_split"])
+    label = label[0].upper() + label[1:]
+    if "test_ema" not in summary:
+        return accuracy_lines(label, summary["test"], top5)
+    plain = accuracy_lines(f"Weights ({summary['test_checkpoint']}), {label}", summary["test"], top5)
+    return plain + accuracy_lines(f"Weight average (ema.pt), {label}", summary["test_ema"], top5)
 
 
 def shows_top5(num_classes: int) -> bool:

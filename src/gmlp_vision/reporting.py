@@ -7,10 +7,9 @@ They sit above `train` so that training never loads matplotlib or TensorBoard it
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 from typing import Any
 
-from gmlp_vision.callbacks import Callback, RunInfo
+from gmlp_vision.callbacks import Callback
 from gmlp_vision.config.core import Config
 from gmlp_vision.report import TensorBoardLogger, require_tensorboard, write_report
 
@@ -29,7 +28,8 @@ def default_callbacks(cfg: Config) -> list[Callback]:
 class PlotReport(Callback):
     """At the finish, rank 0 writes every plot under ``RUN_DIR/plots`` (`report.write_report`) of the shipped model."""
 
-    def on_finish(self, run: RunInfo, summary: dict[str, Any]) -> list[Path]:  # noqa: D102 (as `Callback`)
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:  # noqa: D102 (as `Callback`)
+        run, summary = self.run, logs or {}
         test, cfg = run.ds.test, run.cfg
         write = partial(
             write_report,
@@ -42,7 +42,7 @@ class PlotReport(Callback):
             precision=cfg.run.precision,
             split=run.ds.test_split,
         )
-        return run.ctx.on_main(write)
+        self.files = run.ctx.on_main(write)
 
 
 class TensorBoardLog(Callback):
@@ -56,16 +56,15 @@ class TensorBoardLog(Callback):
         require_tensorboard()
         self.logger: TensorBoardLogger | None = None
 
-    def on_run_start(self, run: RunInfo) -> None:  # noqa: D102 (as `Callback`)
-        if run.main:
-            self.logger = TensorBoardLogger(run.run_dir)
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:  # noqa: D102 (as `Callback`)
+        if self.run.main:
+            self.logger = TensorBoardLogger(self.run.run_dir)
 
-    def on_epoch_end(self, run: RunInfo, row: dict[str, float]) -> None:  # noqa: D102 (as `Callback`)
-        if self.logger is not None:
-            self.logger.log_epoch(row)
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:  # noqa: D102 (as `Callback`)
+        if self.logger is not None and logs is not None:
+            self.logger.log_epoch(logs)
 
-    def on_finish(self, run: RunInfo, summary: dict[str, Any]) -> list[Path]:  # noqa: D102 (as `Callback`)
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:  # noqa: D102 (as `Callback`)
         if self.logger is not None:
             self.logger.close()
             self.logger = None
-        return []

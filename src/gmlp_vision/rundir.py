@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
 import os
@@ -52,9 +53,23 @@ RESUMABLE_OVERRIDES = frozenset(
 )
 
 
-def default_run_dir(cfg: Config) -> Path:
-    """``runs/<dataset>-<preset>-<YYYYmmdd-HHMMSS>``."""
-    return Path("runs") / f"{cfg.data.dataset}-{cfg.preset or 'custom'}-{datetime.now():%Y%m%d-%H%M%S}"
+def default_run_dir(cfg: Config, data: str | None = None) -> Path:
+    """A new folder ``runs/<data>-<preset>-<YYYYmmdd-HHMMSS>``, made here: ``-2``, ``-3``... when it exists.
+
+    So a run without ``--out`` (``out=None`` from Python) always gets a fresh folder, however often it is repeated.
+    ``data`` names the data (default: the config's dataset kind; a dataset passed in memory has its own name).
+    """
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in (data or cfg.data.dataset))[:40]
+    base = Path("runs") / f"{name}-{cfg.preset or 'custom'}-{datetime.now():%Y%m%d-%H%M%S}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
 
 
 def prepare_run_dir(path: Path) -> Path:
@@ -177,16 +192,17 @@ def remove_stale_temps(run_dir: Path) -> None:
 
 
 def open_run_dir(
-    cfg: Config, resume: bool, held: ExitStack | None, train_images: int | None = None
+    cfg: Config, resume: bool, held: ExitStack | None, train_images: int | None = None, data: str | None = None
 ) -> tuple[Path, Checkpoint | None, dict[str, Tensor] | None]:
     """Rank 0's part of starting a run: the locked run directory with its config.json, and what to resume from.
 
     Args:
         held: where to keep the run directory's lock until training ends (None: the caller holds it already).
         train_images: how many images an epoch trains on (a resumed epoch's permutation is checked against it).
+        data: the data's name, for a new run directory's (`default_run_dir`).
     """
     saved = best = None
-    run_dir = Path(cfg.run.out) if cfg.run.out else default_run_dir(cfg)
+    run_dir = Path(cfg.run.out) if cfg.run.out else default_run_dir(cfg, data)
     if held is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         held.enter_context(RunLock(run_dir))  # before anything in it is read, deleted or written

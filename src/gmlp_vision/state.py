@@ -10,6 +10,7 @@ every step, and `StopRequests` turns signals into a clean stop.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 from collections.abc import Iterator
@@ -127,6 +128,28 @@ class TrainState:
     def averaged(self) -> nn.Module | None:
         """The weight average's model (``--ema``), else None."""
         return self.ema.module if self.ema is not None else None
+
+    def shipped(self, weights: str) -> str:
+        """Which file the run ships: ``weights`` (best.pt or last.pt), or with ``--ema`` the better of it and ema.pt.
+
+        Decided on the validation split (never the test split): higher top-1 accuracy wins, then lower loss; a tie
+        keeps ``weights``. Without validation images the weight average ships. Said in the log (rank 0).
+        """
+        if self.averaged is None:
+            return weights
+        rows, say = self.history, log.info if self.ctx.main else log.debug
+        if not rows or "val_ema_acc" not in rows[-1]:
+            say("shipping ema.pt, the weight average: no validation images to choose on")
+            return "ema.pt"
+        plain = rows[self.stopper.best_epoch] if weights == "best.pt" else rows[-1]
+        ours, theirs = (plain["val_acc"], -plain["val_loss"]), (rows[-1]["val_ema_acc"], -rows[-1]["val_ema_loss"])
+        shipped = "ema.pt" if theirs > ours and math.isfinite(theirs[1]) else weights  # a NaN or inf loss never ships
+        verdict = "beats" if shipped == "ema.pt" else "does not beat"
+        message = (
+            "shipping %s: the weight average's validation accuracy %.2f %% (loss %.4f) %s %s's %.2f %% (loss %.4f)"
+        )
+        say(message, shipped, 100 * theirs[0], -theirs[1], verdict, weights, 100 * ours[0], -ours[1])
+        return shipped
 
     def save(
         self, name: str, module: nn.Module, metrics: dict[str, float], train_state: Any = None, step: int | None = None

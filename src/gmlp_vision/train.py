@@ -33,6 +33,7 @@ from gmlp_vision.batches import BatchSource, EpochProgress
 from gmlp_vision.callbacks import Callback, RunInfo
 from gmlp_vision.checkpoint import after_nonfinite
 from gmlp_vision.config import Config, recipe_line, train_command
+from gmlp_vision.console import run_lines
 from gmlp_vision.cpu import use_cpu_threads
 from gmlp_vision.data import Dataset, load_dataset
 from gmlp_vision.data.base import channel_stats
@@ -43,7 +44,7 @@ from gmlp_vision.errors import ConfigError, NonFiniteLossError
 from gmlp_vision.evaluate import evaluate
 from gmlp_vision.graphs import GraphStep, unsupported
 from gmlp_vision.loop import train_one_epoch
-from gmlp_vision.metrics import epoch_row, format_epoch, shows_top5, split_label
+from gmlp_vision.metrics import epoch_row, format_epoch, result_lines, shows_top5, split_label
 from gmlp_vision.model import GMLP
 from gmlp_vision.optim import build_optimizer
 from gmlp_vision.pretrained import read_pretrained
@@ -82,19 +83,21 @@ def train(
     *,
     resume: bool = False,
     callbacks: Sequence[Callback] = (),
+    verbose: int = 1,
 ) -> Result:
     """Train a gMLP as ``cfg`` says, evaluate it on the test split, and leave everything in the run directory.
 
-    Started by ``torchrun``, every process calls this with the same config: they train one model data-parallel
-    (see `gmlp_vision.distributed`), and rank 0 alone logs and writes the run directory.
+    Under ``torchrun`` every process calls this with the same config (`gmlp_vision.distributed`); rank 0 writes.
 
     Args:
         cfg: the resolved run configuration.
-        dataset: an already loaded dataset (default: load ``cfg.data.dataset`` from ``cfg.data.data`` or the cache).
+        dataset: a loaded `data.Dataset`, of your own tensors too (default: ``cfg.data``'s); ``results.json`` then
+            says the data came from memory and records no command (none could rebuild it).
         resume: continue the run in ``cfg.run.out`` from its ``last.pt`` (exactly: weights, optimiser, schedules,
             position in the epoch, every RNG), or start it there if it never saved one.
-        callbacks: called at the run's start, after each epoch and at the finish (`callbacks.Callback`); the plots
-            and TensorBoard are callbacks: pass `reporting.default_callbacks` for what ``gmlp train`` writes.
+        callbacks: `callbacks.Callback`s (Keras' method names); `reporting.default_callbacks` makes what ``gmlp
+            train`` runs with (plots, TensorBoard, MLflow, W&B).
+        verbose: 1: the lines ``gmlp train`` prints (`console.run_lines`; logging already set up decides); 0: none.
 
     Returns:
         The run's `Result`.
@@ -108,6 +111,8 @@ def train(
         CheckpointError: a checkpoint could not be written (the previous one is intact) or resumed.
     """
     with distributed(cfg.run.device) as (ctx, device), ExitStack() as held:
+        if verbose:
+            held.enter_context(run_lines(ctx.main))
         _use_threads(ctx, cfg.run.threads, held)
         # Resuming: take the run directory's lock before the data is loaded, so a second writer is told at once.
         locked = resume and ctx.main and bool(cfg.run.out) and Path(cfg.run.out or "").is_dir()
@@ -117,7 +122,8 @@ def train(
         state, source, stepper, val, part = _start(cfg, ds, resume, ctx, device, None if locked else held)
         run = RunInfo(state.cfg, Path(state.cfg.run.out or ""), ds, ctx, state.model, state.averaged)
         for callback in callbacks:
-            callback.on_run_start(run)
+            callback.set_run(run)
+            callback.on_train_begin({})
         stopped = False
         with state.stops.installed():
             while state.epoch < state.cfg.optim.epochs:
@@ -125,12 +131,12 @@ def train(
                 part = None
                 stopped = _end_epoch(state, row)
                 for callback in callbacks:
-                    callback.on_epoch_end(run, row)
+                    callback.on_epoch_end(state.epoch - 1, dict(row))
                 if stopped:
                     _say(ctx, "early stopping: no val_loss improvement for %d epochs", cfg.optim.early_stop_patience)
                     break
         del stepper  # the captured graphs' memory is not needed to test
-        return _finish(state, source, len(val[1]), stopped, run, callbacks)
+        return _finish(state, source, len(val[1]), stopped, callbacks, in_memory=dataset is not None)
 
 
 def _use_threads(ctx: Dist, requested: int, held: ExitStack) -> None:
@@ -175,7 +181,7 @@ def _start(
     resumed = resume and bool(cfg.run.out) and (Path(cfg.run.out or "") / "last.pt").exists()
     if cfg.run.init and not resumed:  # a resumed run's weights come from its last.pt
         pretrained = read_pretrained(cfg.run.init, cfg.model, classes=ds.classes, reset_head=cfg.run.reset_head)
-    run_dir, saved, best = ctx.on_main(partial(open_run_dir, cfg, resume, held, n_train))
+    run_dir, saved, best = ctx.on_main(partial(open_run_dir, cfg, resume, held, n_train, ds.name))
     cfg = cfg.replace(out=str(run_dir))
     if ds.holdout:  # the test files the loader held out, for a resumed run and `gmlp evaluate` to test on again
         ctx.on_main(partial(write_holdout, run_dir, ds.holdout, cfg.data.holdout))
@@ -195,7 +201,7 @@ def _start(
     val = (val[0].to(device), val[1].to(device))
     message = "training %s on %s: %d train / %d validation images, %d steps per epoch, device %s, run dir %s"
     preset = cfg.preset or "custom config"
-    _say(ctx, message, preset, cfg.data.dataset, n_train, len(val[1]), state.steps_per_epoch, device, run_dir)
+    _say(ctx, message, preset, ds.name, n_train, len(val[1]), state.steps_per_epoch, device, run_dir)
     _say(ctx, "%s", _splits_line(cfg, ds))
     warning = state.schedule.warning()
     if warning and ctx.main:
@@ -320,7 +326,7 @@ def _end_epoch(state: TrainState, row: dict[str, float]) -> bool:
 
 
 def _finish(
-    state: TrainState, source: BatchSource, n_val: int, stopped: bool, run: RunInfo, callbacks: Sequence[Callback]
+    state: TrainState, source: BatchSource, n_val: int, stopped: bool, callbacks: Sequence[Callback], in_memory: bool
 ) -> Result:
     """After the last epoch: the final weights, test metrics, ema.pt, results.json, and the callbacks' finish.
 
@@ -339,7 +345,7 @@ def _finish(
     summary = {
         "test": test,
         "test_checkpoint": weights,  # the file ``test`` was measured on (``test_ema``: ema.pt's)
-        "final_checkpoint": _shipped(state, weights),
+        "final_checkpoint": state.shipped(weights),
         "best_epoch": state.stopper.best_epoch + 1,
         "stopped_early": stopped,
         "epochs_run": len(state.history),
@@ -347,14 +353,23 @@ def _finish(
         "images": {"train": len(source), "validation": n_val, "test": len(ds.test.labels)},
         **({"data_layout": ds.layout} if ds.layout else {}),
         **({"class_weights": source.class_weights.tolist()} if source.class_weights is not None else {}),
-        "command": train_command(cfg),
+        "command": None if in_memory else train_command(cfg),  # no command rebuilds data passed in memory
+        **({"data": f"a Dataset passed to train() in memory ({ds.name!r})"} if in_memory else {}),
     }
     if state.averaged is not None:
         summary["test_ema"] = _evaluate(state, state.averaged, ds.test.images, ds.test.labels)
         state.epoch = len(state.history)
         state.save("ema.pt", state.averaged, summary["test_ema"])
     ctx.on_main(partial(write_json, state.run_dir / "results.json", summary))
-    written = [path for callback in callbacks for path in callback.on_finish(run, summary)]
+    for line in result_lines(summary, shows_top5(ds.num_classes)):
+        _say(ctx, "%s", line)
+    for callback in callbacks:
+        callback.on_train_end(dict(summary))
+    written = [path for callback in callbacks for path in getattr(callback, "files", [])]
+    _say(ctx, "run directory: %s (shipped weights: %s)", state.run_dir, summary["final_checkpoint"])
+    if written:
+        names = ", ".join(p.name for p in written if p.suffix == ".png")
+        _say(ctx, "plots: %s (%s)", written[0].parent, names)
     return Result(
         state.run_dir,
         state.history,
@@ -368,27 +383,6 @@ def _finish(
         shows_top5=shows_top5(ds.num_classes),
         test_checkpoint=weights,
     )
-
-
-def _shipped(state: TrainState, weights: str) -> str:
-    """Which file the run ships: ``weights`` (best.pt or last.pt), or with ``--ema`` the better of it and ema.pt.
-
-    Decided on the validation split, the training data's held-out slice (never the test split): higher top-1
-    accuracy wins, then lower loss; a tie keeps ``weights``. Without validation images the weight average ships.
-    """
-    if state.averaged is None:
-        return weights
-    rows = state.history
-    if not rows or "val_ema_acc" not in rows[-1]:
-        _say(state.ctx, "shipping ema.pt, the weight average: no validation images to choose on")
-        return "ema.pt"
-    plain = rows[state.stopper.best_epoch] if weights == "best.pt" else rows[-1]
-    ours, theirs = (plain["val_acc"], -plain["val_loss"]), (rows[-1]["val_ema_acc"], -rows[-1]["val_ema_loss"])
-    shipped = "ema.pt" if theirs > ours and math.isfinite(theirs[1]) else weights  # a NaN or inf loss never ships
-    verdict = "beats" if shipped == "ema.pt" else "does not beat"
-    message = "shipping %s: the weight average's validation accuracy %.2f %% (loss %.4f) %s %s's %.2f %% (loss %.4f)"
-    _say(state.ctx, message, shipped, 100 * theirs[0], -theirs[1], verdict, weights, 100 * ours[0], -ours[1])
-    return shipped
 
 
 # The model's buffers (normalisation statistics) are the same on every rank: no broadcast before each forward.

@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import select
 import sys
 from typing import Any
 
 from gmlp_vision.cli.flags import DEFAULTS_NOTE, USAGE, add_config_arguments, config_from_args, explicit_values
-from gmlp_vision.cli.model_commands import add_commands, add_evaluate, print_accuracy, split_name
+from gmlp_vision.cli.model_commands import add_commands, add_evaluate
 from gmlp_vision.cli.predict_command import add_predict
+from gmlp_vision.console import drop_stdout, log_to_terminal, stdout_gone
 from gmlp_vision.data import DATASET_KINDS, DATASETS
 from gmlp_vision.errors import ConfigError, GmlpError, TrainingInterrupted, printable
 from gmlp_vision.presets import DATASET_PRESET, PRESET_HELP, PRESETS
@@ -41,23 +41,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(config_yaml(cfg), end="")
         return 0
     try:
-        result = train(cfg, resume=bool(args.resume), callbacks=default_callbacks(cfg))
+        train(cfg, resume=bool(args.resume), callbacks=default_callbacks(cfg), verbose=0)  # the log is set up here
     except TrainingInterrupted as e:
         if launched().main:
             print(f"gmlp: {e}", file=sys.stderr)
         return 128 + e.signum  # what shells expect: 130 for SIGINT, 143 for SIGTERM
-    if not launched().main:
-        return 0
-    split = split_name(result.test_split)
-    if result.test_ema is None:
-        print_accuracy(split, result.test, result.shows_top5)
-    else:  # both, each named by its file
-        print_accuracy(f"Weights ({result.test_checkpoint}), {split}", result.test, result.shows_top5)
-        print_accuracy(f"Weight average (ema.pt), {split}", result.test_ema, result.shows_top5)
-    print(f"run directory: {result.run_dir} (shipped weights: {result.final_checkpoint})")
-    if result.plots:
-        print(f"plots: {result.plots[0].parent} ({', '.join(p.name for p in result.plots if p.suffix == '.png')})")
-    return 0
+    return 0  # the run said its results in the log (`metrics.result_lines`)
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
@@ -163,58 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _below_warning(record: logging.LogRecord) -> bool:
-    return record.levelno < logging.WARNING
-
-
-class _TerminalSafe(logging.Formatter):
-    """The message alone, terminal-safe: it may quote class or file names (`errors.printable`), one line each."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return printable(super().format(record))
-
-
-def _stdout_gone() -> bool:
-    """Whether standard output is a pipe whose reader has gone (``gmlp info ... | head -2``): poll says POLLERR."""
-    try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):  # replaced by an object without a descriptor (tests, notebooks)
-        return False
-    poller = select.poll()
-    poller.register(fd, select.POLLERR)
-    return any(events & select.POLLERR for _, events in poller.poll(0))
-
-
-def _drop_stdout() -> None:
-    """Send the rest of standard output to /dev/null, so that nothing fails to write it again (not even at exit)."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
-
-
-class _Stdout(logging.StreamHandler):  # type: ignore[type-arg]
-    """The log's stdout handler: when the reader has gone, the rest of the log is dropped and the command goes on."""
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        if isinstance(sys.exc_info()[1], BrokenPipeError) and _stdout_gone():
-            _drop_stdout()
-            return
-        super().handleError(record)
-
-
-def _log_to_terminal(level: int) -> None:
-    """Progress and results on stdout; warnings and errors on stderr, so that they never mix into ``--json`` lines.
-
-    A run whose reader goes (``gmlp train ... | head``) keeps training, its log dropped: the run folder holds the rest.
-    """
-    out, err = _Stdout(sys.stdout), logging.StreamHandler(sys.stderr)
-    out.addFilter(_below_warning)
-    err.setLevel(logging.WARNING)
-    for handler in (out, err):
-        handler.setFormatter(_TerminalSafe("%(message)s"))
-    logging.basicConfig(level=level, handlers=[out, err], force=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code.
 
@@ -223,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except BrokenPipeError as e:
-        if _stdout_gone():
-            _drop_stdout()
+        if stdout_gone():
+            drop_stdout()
             return 0
         print(f"gmlp: error: {printable(e)}", file=sys.stderr)
         return 1
@@ -241,7 +178,7 @@ def _main(argv: list[str] | None) -> int:
     from gmlp_vision.runtime import launched
 
     rank = launched().rank  # under torchrun only rank 0 logs; every rank reports its own errors
-    _log_to_terminal(logging.INFO if rank == 0 else logging.WARNING)
+    log_to_terminal(logging.INFO if rank == 0 else logging.WARNING)
     prog = "gmlp" if rank == 0 else f"gmlp [rank {rank}]"
     try:
         return args.func(args)

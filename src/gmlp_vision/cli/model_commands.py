@@ -54,9 +54,9 @@ def split_name(split: str) -> str:
 
 def print_accuracy(split: str, metrics: dict[str, float], top5: bool) -> None:
     """The accuracy lines of a split: top-1, and top-5 where it says something (``top5``)."""
-    print(f"{split} accuracy: {100 * metrics['acc']:.2f}%")
-    if top5:
-        print(f"{split} top 5 accuracy: {100 * metrics['top5']:.2f}%")
+    from gmlp_vision.metrics import accuracy_lines
+
+    print("\n".join(accuracy_lines(split, metrics, top5)))
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
