@@ -167,7 +167,11 @@ def test_cli_export_writes_a_model_card(run, tmp_path, capsys):
     for section in ("## Files", "## Data", "## Results", "## Training", "## Classes", "## How to use",
                     "## Intended use and limits"):  # fmt: skip
         assert f"\n{section}\n" in card
-    assert f"{100 * results['test']['acc']:.2f} %" in card and results["command"] in card
+    assert f"{100 * results['test']['acc']:.2f} %" in card
+    assert (
+        results["command"] is None and "Produced by:" not in card
+    )  # the data came from memory: no command rebuilds it
+    assert "- Trained on a Dataset passed to train() in memory ('cifar10')." in card and "datasets:" not in card
     images = results["images"]
     assert f"{images['train']} for training, {images['validation']} held out" in card
     assert "`model.safetensors`" in card and "`config.json`" in card and "| `model.onnx` |" not in card
@@ -212,11 +216,14 @@ def test_a_checkpoint_without_a_final_evaluation_says_so(run, tmp_path):
         assert "No final evaluation is recorded" in card and f"{100 * ckpt.metrics['val_acc']:.2f} %" in card
 
 
-def test_the_card_leaves_local_paths_out(run):
+def test_the_card_leaves_local_paths_out(run, tmp_path):
     ckpt = load_checkpoint(run / "best.pt")
-    cfg = ckpt.config.replace(dataset="folder", data="/home/someone/private/flowers")
-    card = model_card(run / "best.pt", dataclasses.replace(ckpt, config=cfg), [])
-    assert "/home/someone" not in card and "`flowers`" in card and str(run) not in card
+    alone = tmp_path / "best.pt"  # without the run's results.json (which says its data came from memory)
+    shutil.copy(run / "best.pt", alone)
+    for kind, what in (("folder", "image folder"), ("csv", "label table")):
+        cfg = ckpt.config.replace(dataset=kind, data="/home/someone/private/flowers")
+        card = model_card(alone, dataclasses.replace(ckpt, config=cfg), [])
+        assert "/home/someone" not in card and f"the {what} `flowers`" in card and str(run) not in card
 
 
 def test_the_cards_metadata_block_is_yaml_with_a_model_index(run, paper_run, tmp_path):

@@ -118,16 +118,14 @@ def _header(ckpt_path: Path, ckpt: Checkpoint, files: list[str], results: dict[s
     if isinstance(timm_architecture(ckpt.config.model), tuple) and "model.safetensors" in files:
         lines.append("- timm")  # timm builds it from these files
     lines.append("license: other  # the weights carry the training data's terms: set its licence before sharing")
-    dataset = ckpt.config.data.dataset
-    if dataset in HUB_DATASETS:
-        lines += ["datasets:", f"- {HUB_DATASETS[dataset]}"]
+    hub, data_name = _data_ids(ckpt, results)
+    if hub is not None:
+        lines += ["datasets:", f"- {hub}"]
     lines += ["metrics:", "- accuracy"]
     metrics = _final_metrics(ckpt_path, results)
     acc = metrics.get("acc") if metrics is not None else None
     if type(acc) is float and 0.0 <= acc <= 1.0:  # a finite share: anything else leaves the index out
         split = _yaml_text(_text(results, "test_split", "test"))
-        folder = ckpt.config.data.data
-        data_name = Path(folder).name if dataset == "folder" and folder else dataset
         name = _yaml_text(ckpt_path.parent.name or "gmlp")
         lines += [
             "model-index:",
@@ -137,7 +135,7 @@ def _header(ckpt_path: Path, ckpt: Checkpoint, files: list[str], results: dict[s
             "      type: image-classification",
             "      name: Image Classification",
             "    dataset:",
-            f"      type: {json.dumps(HUB_DATASETS.get(dataset, 'imagefolder'))}",
+            f"      type: {json.dumps(hub or 'imagefolder')}",
             f"      name: {_yaml_text(data_name)}",
             f"      split: {split}",
             "    metrics:",
@@ -149,16 +147,31 @@ def _header(ckpt_path: Path, ckpt: Checkpoint, files: list[str], results: dict[s
     return "\n".join(lines)
 
 
-def _data_name(ckpt: Checkpoint) -> str:
+def _data_ids(ckpt: Checkpoint, results: dict[str, Any]) -> tuple[str | None, str]:
+    """The data's Hugging Face Hub dataset id (CIFAR's) or None, and its name.
+
+    The name is a folder's or table's file name, the kind, or for data passed to train() in memory what results.json
+    says of it (``results["data"]``).
+    """
     data = ckpt.config.data
-    if data.dataset == "folder" and data.data:
-        return f"the image folder {_code(Path(data.data).name)}"
-    return _code(data.dataset)
+    if isinstance(results.get("data"), str):
+        return None, results["data"]
+    if data.dataset in ("folder", "csv") and data.data:
+        return None, Path(data.data).name
+    return HUB_DATASETS.get(data.dataset), data.dataset
+
+
+def _data_name(ckpt: Checkpoint, results: dict[str, Any]) -> str:
+    name = _data_ids(ckpt, results)[1]
+    if isinstance(results.get("data"), str):
+        return printable(name)
+    what = {"folder": "the image folder ", "csv": "the label table "}.get(ckpt.config.data.dataset, "")
+    return what + _code(name)
 
 
 def _data_section(ckpt: Checkpoint, results: dict[str, Any]) -> list[str]:
     mc, data = ckpt.config.model, ckpt.config.data
-    lines = ["## Data", "", f"- Trained on {_data_name(ckpt)}."]
+    lines = ["## Data", "", f"- Trained on {_data_name(ckpt, results)}."]
     counts = results.get("images")
     if isinstance(counts, dict):
         split = _text(results, "test_split", "test")
@@ -321,7 +334,8 @@ def model_card(ckpt_path: Path, ckpt: Checkpoint, files: list[str]) -> str:
     mc = ckpt.config.model
     n = len(ckpt.classes)
     params = sum(v.numel() for k, v in ckpt.model_state.items() if not k.startswith("pixel_"))
-    title = f"# gMLP image classifier: {_data_name(ckpt).replace('the image folder ', '')}, {n} classes"
+    shown = _data_name(ckpt, results).replace("the image folder ", "").replace("the label table ", "")
+    title = f"# gMLP image classifier: {shown}, {n} classes"
     lines = [_header(ckpt_path, ckpt, files, results), title, ""]
     lines.append(
         f'A gMLP ("Pay Attention to MLPs", Liu et al. 2021) trained with gmlp-vision {__version__}: {params:,} '

@@ -209,6 +209,18 @@ class TensorBoardLogger:
             self.writer.add_scalar(tag, value, step)
         self.writer.flush()
 
+    def log_results(self, hyper: dict[str, Any], summary: dict[str, Any]) -> None:
+        """The run's hyper-parameters with its test metrics (the HParams tab), and the test metrics as ``test/*``."""
+        metrics = {}
+        for split in ("test", "test_ema"):
+            for key, value in (summary.get(split) or {}).items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    metrics[f"{split}/{key}"] = float(value)
+        hparams = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hyper.items()}
+        step = int(summary.get("epochs_run", 0))
+        self.writer.add_hparams(hparams, metrics, run_name=".", global_step=step)
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()
 

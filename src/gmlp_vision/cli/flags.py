@@ -49,6 +49,8 @@ METAVARS = {
     **dict.fromkeys(("mixup", "cutmix"), "ALPHA"),
     **dict.fromkeys(("data", "init"), "PATH"),
     "out": "DIR",
+    "mlflow": "URI",
+    "wandb": "PROJECT",
     "ema": "DECAY",
     "weight_decay": "WD",
     "warmup_epochs": "EPOCHS",

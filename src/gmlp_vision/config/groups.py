@@ -313,11 +313,32 @@ class RunConfig:
     progress: bool = option(True, "show a progress bar during each epoch")
     tensorboard: bool = option(
         False,
-        "also log every epoch's metrics to RUN_DIR/tensorboard (needs the tensorboard extra)",
+        "also log every epoch's metrics, the hyper-parameters and the test metrics to RUN_DIR/tensorboard (needs the "
+        "tensorboard extra)",
+    )
+    mlflow: str | None = option(
+        None,
+        "also log the hyper-parameters, every epoch's metrics and the test metrics to this MLflow tracking URI: "
+        "sqlite:///mlflow.db (or a path ending .db), http://host:5000 (needs the mlflow extra)",
+    )
+    wandb: str | None = option(
+        None,
+        "also log them to this Weights & Biases project (needs the wandb extra and a login; WANDB_MODE=offline keeps "
+        "the run in RUN_DIR/wandb)",
     )
 
     def __post_init__(self) -> None:
         check_fields(self)
+        require(
+            self.mlflow is None or "://" in self.mlflow or self.mlflow.endswith(".db"),
+            f"--mlflow takes a tracking URI (sqlite:///mlflow.db, http://host:5000) or a path ending .db, got "
+            f"{shown(self.mlflow)}",
+        )
+        bad = set("/\\#?%:") & set(self.wandb or "")
+        require(
+            self.wandb is None or (0 < len(self.wandb) <= 128 and not bad and self.wandb.isprintable()),
+            f"--wandb takes a W&B project name (1 to 128 characters, none of / \\ # ? % :), got {shown(self.wandb)}",
+        )
         require(0 <= self.seed < 2**32, f"--seed must be in 0..{2**32 - 1}, got {shown(self.seed)}")
         positive(self, "eval_batch_size")
         non_negative(self, "threads", "checkpoint_every")
