@@ -97,6 +97,8 @@ def test_a_csv_with_a_split_column_and_a_tsv_without(tmp_path):
         ("path,label\n", "has no rows under its header"),
         ("path,label,split\nimgs/ant/000.png,ant,test\n", "has no training rows"),
         ("path,label\xff\n", "is not UTF-8 text"),
+        ("path,label,split\nimgs/ant/000.png,ant,train\n./imgs/ant/000.png,ant,test\n",
+         "line 3: ./imgs/ant/000.png is in the test split and \\(line 2\\) in train"),
     ],
 )  # fmt: skip
 def test_a_bad_table_is_one_line_that_names_the_row(tmp_path, text, message):
@@ -165,3 +167,33 @@ def test_a_table_trains_from_the_command_line_without_dataset(tmp_path, monkeypa
         in out
     )
     assert not (run / "holdout.json").exists()
+
+
+@pytest.mark.parametrize("splits", [("train",), ("train", "val", "test")])
+def test_the_other_folder_layouts_train_from_the_command_line(tmp_path, monkeypatch, capsys, splits):
+    monkeypatch.setenv("GMLP_DATA", str(tmp_path / "cache"))
+    root = tmp_path / "photos"
+    for split in splits:
+        images(root / split, per_class=10 if split == "train" else 3)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(root), "--epochs", "1", "--image-size", "12", "--threads", "1", "--no-progress",
+                 "--out", str(run)]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    if splits == ("train",):
+        assert "training general on folder: 21 train / 3 validation images" in out
+        assert "train/ alone, 20% of each class held out for testing" in out and "Held-out test accuracy" in out
+        assert json.loads((run / "holdout.json").read_text())["test"][0].startswith("train/ant/")
+    else:
+        assert "training general on folder: 30 train / 9 validation images" in out  # val/ validates
+        assert "validation (val_*): the data's own val split; final evaluation: test, 9 images" in out
+        assert "Test accuracy" in out and not (run / "holdout.json").exists()
+
+
+def test_a_folder_of_loose_images_says_how_to_lay_it_out(tmp_path, capsys):
+    loose = tmp_path / "photos"
+    loose.mkdir()
+    Image.new("RGB", (8, 8)).save(loose / "a.png")
+    assert main(["train", "--data", str(loose), "--epochs", "1", "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "holds image files but no class folders" in err and "photos/<class>/" in err and "\n" not in err
+    assert not (tmp_path / "run").exists()

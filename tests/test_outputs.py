@@ -2,6 +2,7 @@
 command quiet with exit 0 when its standard output is closed early (``| head``)."""
 
 import csv
+import errno
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from gmlp_vision import files
 from gmlp_vision.cli import main
 from gmlp_vision.errors import ImageError
 from gmlp_vision.outputs import columns, open_predictions
@@ -148,3 +150,19 @@ def test_training_goes_on_when_stdout_is_closed(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     assert "test" in json.loads((tmp_path / "run" / "results.json").read_text())
+
+
+def test_where_the_table_cannot_go_is_one_line_naming_the_place(tiny_run, clf, photos, tmp_path, capsys, monkeypatch):
+    assert main(["predict", str(tiny_run), str(photos), "--output", str(photos)]) == 2
+    assert f"--output {photos} is a folder: name a file in it" in capsys.readouterr().err
+    assert main(["predict", str(tiny_run), str(photos), "--output", str(tmp_path / "no" / "p.csv")]) == 2
+    assert "there is no folder" in capsys.readouterr().err
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "replace", full)  # the disk fills up as the finished table is put in place
+    with pytest.raises(OSError, match="no space left in .*; free some space, or write elsewhere with --output") as e:
+        with open_predictions(tmp_path / "p.csv", 2) as writer:
+            writer.write(clf.predict(sorted(photos.glob("[0-9].png")), top_k=2))
+    assert ".tmp" not in str(e.value) and sorted(p.name for p in tmp_path.iterdir()) == ["photos"]

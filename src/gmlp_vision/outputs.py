@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from gmlp_vision.errors import ConfigError
-from gmlp_vision.files import replacing
+from gmlp_vision.files import replacing, why_not_written
 
 
 class Prediction(Protocol):
@@ -33,9 +33,14 @@ def output_format(path: str | Path) -> str:
     """The format ``path``'s suffix names; checked before any image is read.
 
     Raises:
-        ConfigError: another suffix, or ``.parquet`` without pyarrow.
+        ConfigError: another suffix, ``.parquet`` without pyarrow, a folder, or a folder that does not exist.
     """
-    kind = FORMATS.get(Path(path).suffix.lower())
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--output {path} is a folder: name a file in it, such as {path / 'predictions.csv'}")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--output {path}: there is no folder {path.parent}; make it first, or write elsewhere")
+    kind = FORMATS.get(path.suffix.lower())
     if kind is None:
         raise ConfigError(f"--output {path}: the file name must end in {', '.join(FORMATS)} (it picks the format)")
     if kind == "parquet":
@@ -118,21 +123,29 @@ def open_predictions(path: str | Path, top_k: int) -> Iterator[PredictionWriter]
     """A `PredictionWriter` on a temp file beside ``path``, renamed over ``path`` when the block succeeds.
 
     Raises:
-        ConfigError: an unknown suffix, or parquet without pyarrow.
-        OSError: the folder cannot be written.
+        ConfigError: an unknown suffix, parquet without pyarrow, a folder, or a missing folder.
+        OSError: the folder cannot be written (why, in one line that names it: `files.why_not_written`).
     """
     path = Path(path)
     kind = output_format(path)
-    with replacing(path) as tmp:
-        if kind == "parquet":
-            sink = _Parquet(tmp, top_k)
-            try:
-                yield PredictionWriter(sink, top_k)
-            finally:
-                sink.writer.close()
-        else:
-            with open(tmp, "w", encoding="utf-8", newline="") as f:
-                yield PredictionWriter(_Text(f, kind, top_k), top_k)
+    try:
+        with replacing(path) as tmp:
+            yield from _written(tmp, kind, top_k)
+    except OSError as e:
+        raise OSError(e.errno, why_not_written(path, e, "write elsewhere with --output")) from None
+
+
+def _written(tmp: Path, kind: str, top_k: int) -> Iterator[PredictionWriter]:
+    """The writer of ``kind`` on ``tmp``, closed when the block ends."""
+    if kind == "parquet":
+        sink = _Parquet(tmp, top_k)
+        try:
+            yield PredictionWriter(sink, top_k)
+        finally:
+            sink.writer.close()
+    else:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            yield PredictionWriter(_Text(f, kind, top_k), top_k)
 
 
 __all__ = ["FORMATS", "PredictionWriter", "columns", "open_predictions", "output_format", "row"]

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from gmlp_vision.data.base import Dataset, LoadOptions, Split, default_cache_dir
 from gmlp_vision.errors import DataError, one_line
+from gmlp_vision.images import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +255,11 @@ def _read_folder(path: Path, layout: _Layout) -> dict[str, Any]:
         for other in _LAYOUTS.values():
             if other is not layout and _find_root(path, other) is not None:
                 raise DataError(f"{path} holds {other.title}, not {layout.title}; pass {layout.archive} or its folder")
+        if path.is_dir() and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in path.iterdir()):
+            raise DataError(
+                f"{path} holds image files but no class folders: put each class's images in a folder of its own "
+                f"({path}/<class>/*.jpg) and train with --data {path}"
+            )
         raise DataError(f"{path} holds neither {layout.base}/ nor its files; pass {layout.archive} or its folder")
     found: dict[str, Any] = {}
     for member in layout.members:

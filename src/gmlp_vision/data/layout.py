@@ -163,11 +163,15 @@ def table_files(table: Path, fraction: float, chosen: tuple[str, ...] | None = N
     rows = _table_rows(table)
     root = table.parent
     by_split: dict[str, list[tuple[Path, str]]] = {name: [] for name in SPLITS}
+    first: dict[Path, tuple[int, str]] = {}  # each file's first row: a file in two splits would leak into the test
     for line, (path_text, label, split) in rows:
         path = Path(path_text)
         path = path if path.is_absolute() else root / path
         if not path.is_file():
             raise DataError(f"{table} line {line}: no image file {path_text}")
+        seen, other = first.setdefault(path.resolve(), (line, split))
+        if other != split:
+            raise DataError(f"{table} line {line}: {path_text} is in the {split} split and (line {seen}) in {other}")
         by_split[split].append((path, label))
     classes = sorted({label for items in by_split.values() for _, label in items})
     if not by_split["train"]:
