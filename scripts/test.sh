@@ -3,7 +3,7 @@
 # contents, and run the whole test suite, a worker per core.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh dev onnx tensorboard hub parquet mlflow wandb
+bash scripts/setup.sh dev onnx tensorboard hub parquet mlflow wandb serve
 # timm, the peer the timm-layout export is checked against (tests/test_timm_export.py): a test-time tool, never a
 # dependency of the package; without its dependencies (its torchvision import is served by benchmarks/_stubs).
 .venv/bin/python -m pip show --quiet timm >/dev/null 2>&1 ||
@@ -33,12 +33,15 @@ wanted = ["Intended Audience :: Developers", "Intended Audience :: Science/Resea
           *(f"Programming Language :: Python :: 3.{minor}" for minor in range(10, 14)),
           "Topic :: Scientific/Engineering :: Artificial Intelligence",
           "Topic :: Scientific/Engineering :: Image Recognition", "Typing :: Typed"]
-files = ["py.typed", "fused.c", "data/digits.py", "data/digits.csv.gz", "data/digits-LICENSE.txt"]
+files = ["py.typed", "fused.c", "serve_page.html", "data/digits.py", "data/digits.csv.gz", "data/digits-LICENSE.txt"]
 checks = {
     **{f"{key}: {value}": meta[key] == value for key, value in fields.items()},
     **{f"classifier {c}": c in classifiers for c in wanted},
     "no licence classifier (License-Expression says it)": not any(c.startswith("License ::") for c in classifiers),
     "scikit-learn not in Requires-Dist": not any("scikit-learn" in r for r in meta.get_all("Requires-Dist") or ()),
+    "the serve, mlflow and wandb packages only in their extras": all(
+        "extra ==" in r for r in meta.get_all("Requires-Dist") or () if r.startswith(("fastapi", "uvicorn", "mlflow", "wandb"))
+    ),
     **{f"gmlp_vision/{f} in the wheel": f"gmlp_vision/{f}" in names for f in files},
 }
 if failed := [check for check, ok in checks.items() if not ok]:

@@ -20,12 +20,12 @@ TRAINING = tuple(
     "resume_check transfer pretrained".split()
 )
 # Inference: what evaluation, predict, export, the exported files and the reports run. None of it may load training
-# code, directly or through other modules. A module named here that does not exist (yet: ``serve``) is skipped.
+# code, directly or through other modules.
 INFERENCE = tuple(
     f"{PACKAGE}.{name}"
     for name in "evaluate predict outputs export artifacts card hub report report_eval serve".split()
 )
-NOT_YET = (f"{PACKAGE}.serve",)
+NOT_YET: tuple[str, ...] = ()  # modules named above that do not exist yet
 
 
 def module_name(path: Path) -> str:

@@ -23,6 +23,7 @@ failure is an `ImageError` naming the file. Folders and glob patterns expand to 
 from __future__ import annotations
 
 import glob
+import io
 import math
 import struct
 import warnings
@@ -46,7 +47,7 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", 
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # 64 Mpx (8192 x 8192): far above any photo we classify at 32 px, far below a bomb
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, the weights of Pillow's "L" conversion
 RESIZE_MODES = ("crop", "squash")  # how a non-square image becomes square (`resize`; the --resize choices)
-ImageInput = str | Path | Image.Image | np.ndarray | Tensor
+ImageInput = str | Path | bytes | Image.Image | np.ndarray | Tensor
 
 
 def expand_inputs(args: Iterable[str | Path]) -> list[Path]:
@@ -115,77 +116,86 @@ def pil_to_tensor(image: Image.Image, channels: int) -> Tensor:
 
 
 @contextmanager
-def open_image(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[Image.Image]:
-    """An image file opened defensively (first frame), for reading inside the block.
+def open_image(
+    source: str | Path | bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None
+) -> Iterator[Image.Image]:
+    """An image file, or an image's bytes (an upload), opened defensively (first frame), for reading inside the block.
 
     Only `ALLOWED_FORMATS` are recognised (by content), the header is checked before anything is decoded, and
-    every failure inside the block (decoding happens there) becomes an `ImageError` naming the file.
+    every failure inside the block (decoding happens there) becomes an `ImageError` naming the file (or ``name``,
+    for bytes: ``"the uploaded image"`` by default).
 
     Raises:
         ImageError: missing, not an image of an allowed format, truncated or corrupt, or more than ``max_pixels``
             pixels.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ImageError(f"image not found: {path}" if not path.exists() else f"{path} is not a file")
+    if isinstance(source, bytes):
+        shown, opened = name or "the uploaded image", io.BytesIO(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError(f"image not found: {path}" if not path.exists() else f"{path} is not a file")
+        shown, opened = str(path), path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path, formats=ALLOWED_FORMATS) as image:
+            with Image.open(opened, formats=ALLOWED_FORMATS) as image:
                 if image.width * image.height > max_pixels:
                     raise ImageError(
-                        f"{path}: {image.width}x{image.height} is more than {max_pixels:,d} pixels "
+                        f"{shown}: {image.width}x{image.height} is more than {max_pixels:,d} pixels "
                         "(refused as a possible decompression bomb)"
                     )
                 if image.format == "PNG":
-                    _check_png_chunks(path)
+                    _check_png_chunks(source if isinstance(source, bytes) else Path(source).read_bytes(), shown)
                 image.seek(0)
                 yield image
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{path}: refused as a possible decompression bomb ({e})") from None
+        raise ImageError(f"{shown}: refused as a possible decompression bomb ({e})") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{path} is not an image file of an accepted format ({', '.join(ALLOWED_FORMATS)})") from None
+        raise ImageError(f"{shown} is not an image file of an accepted format ({', '.join(ALLOWED_FORMATS)})") from None
     except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, ValueError, struct.error...: all "corrupt"
-        raise ImageError(f"cannot read image {path}: {e or type(e).__name__}") from None
+        raise ImageError(f"cannot read image {shown}: {e or type(e).__name__}") from None
 
 
-def _check_png_chunks(path: Path) -> None:
+def _check_png_chunks(data: bytes, shown: str) -> None:
     """Verify every chunk's CRC-32: Pillow skips the image data's (IDAT), so a flipped bit there can decode silently.
 
     Raises:
         ImageError: a chunk whose CRC does not match, or chunks that run past the end of the file.
     """
-    data = path.read_bytes()
     pos = 8  # after the signature, which Pillow checked
     while pos + 12 <= len(data):
         (length,) = struct.unpack(">I", data[pos : pos + 4])
         end = pos + 8 + length
         if end + 4 > len(data):
-            raise ImageError(f"cannot read image {path}: a PNG chunk runs past the end of the file (truncated)")
+            raise ImageError(f"cannot read image {shown}: a PNG chunk runs past the end of the file (truncated)")
         if zlib.crc32(data[pos + 4 : end]) != struct.unpack(">I", data[end : end + 4])[0]:
-            raise ImageError(f"cannot read image {path}: a PNG chunk fails its CRC check (the file is damaged)")
+            raise ImageError(f"cannot read image {shown}: a PNG chunk fails its CRC check (the file is damaged)")
         if data[pos + 4 : pos + 8] == b"IEND":
             return
         pos = end + 4
-    raise ImageError(f"cannot read image {path}: the PNG file ends without its IEND chunk (truncated)")
+    raise ImageError(f"cannot read image {shown}: the PNG file ends without its IEND chunk (truncated)")
 
 
-def load_image(path: str | Path, channels: int = 3, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Tensor:
-    """Read an image file (first frame) as (C, H, W) uint8 with ``channels`` channels.
+def load_image(
+    source: str | Path | bytes, channels: int = 3, *, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None
+) -> Tensor:
+    """Read an image file, or an image's bytes, (first frame) as (C, H, W) uint8 with ``channels`` channels.
 
     Args:
-        path: a PNG, JPEG (MPO too), WebP, BMP, GIF or TIFF file, recognised by content whatever its name;
-            16-bit and float images are scaled to 8 bits (see the module doc).
+        source: a PNG, JPEG (MPO too), WebP, BMP, GIF or TIFF file, or its bytes, recognised by content whatever its
+            name; 16-bit and float images are scaled to 8 bits (see the module doc).
         channels: 3 for RGB, 1 for grayscale.
         max_pixels: refuse images whose header declares more pixels than this, before decoding them.
+        name: what messages call bytes (default ``"the uploaded image"``).
 
     Raises:
         ImageError: missing, not an image of an accepted format, truncated or corrupt, or too large; the message
             names the file.
     """
-    with open_image(path, max_pixels=max_pixels) as image:
+    with open_image(source, max_pixels=max_pixels, name=name) as image:
         return pil_to_tensor(image, channels)
 
 

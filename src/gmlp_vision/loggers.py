@@ -145,9 +145,9 @@ class WandbRun:
 
         kept = _ids(run_dir).get("wandb")
         settings = wandb.Settings(silent=True, console="off")
+        where = dict(project=project, dir=str(run_dir), name=run_dir.name, id=kept, resume="allow" if kept else None)
         with _said("W&B", project):
-            self.run = wandb.init(project=project, dir=str(run_dir), name=run_dir.name, config=params(hyper),
-                                  id=kept, resume="allow" if kept else None, settings=settings)  # fmt: skip
+            self.run = wandb.init(config=params(hyper), settings=settings, **where)
         _keep_id(run_dir, "wandb", self.run.id)
 
     def log_epoch(self, row: dict[str, float]) -> None:

@@ -207,7 +207,7 @@ class Classifier:
 
     def _load(self, item: ImageInput) -> Tensor:
         channels = self.in_chans
-        if isinstance(item, (str, Path)):
+        if isinstance(item, (str, Path, bytes)):  # bytes: an image file's content (an upload)
             return load_image(item, channels, max_pixels=self.max_pixels)
         if isinstance(item, Image.Image):
             return pil_to_tensor(item, channels)
@@ -233,6 +233,11 @@ class Classifier:
         source = item if isinstance(item, (str, Path)) else None
         fitted = resize_uint8(x, size, mode=self.resize, crop_pct=self.crop_pct, source=source)
         return fitted[None].float()
+
+    @torch.no_grad()
+    def probabilities(self, pixels: Tensor) -> Tensor:
+        """Softmax probabilities (B, num_classes), float32 on the CPU, of a batch `preprocess` made: one model run."""
+        return self._run(pixels).float().softmax(dim=1).cpu()
 
     def logits(self, images: ImageInput | Sequence[ImageInput]) -> Tensor:
         """Float32 logits (B, num_classes) on the CPU, one row per image, computed ``batch_size`` images at a time."""

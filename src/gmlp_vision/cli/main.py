@@ -16,6 +16,7 @@ from typing import Any
 from gmlp_vision.cli.flags import DEFAULTS_NOTE, USAGE, add_config_arguments, config_from_args, explicit_values
 from gmlp_vision.cli.model_commands import add_commands, add_evaluate
 from gmlp_vision.cli.predict_command import add_predict
+from gmlp_vision.cli.serve_command import add_serve
 from gmlp_vision.console import drop_stdout, log_to_terminal, stdout_gone
 from gmlp_vision.data import DATASET_KINDS, DATASETS
 from gmlp_vision.errors import ConfigError, GmlpError, TrainingInterrupted, printable
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_predict(sub)  # (predict_command.py)
     add_commands(sub, DATASETS)  # export, report (model_commands.py)
+    add_serve(sub)  # (serve_command.py)
     for name, command in sub.choices.items():
         command.allow_abbrev = False  # --epoc is not --epochs: a typo is an error, not a guess
         command.prog = f"gmlp {name}"

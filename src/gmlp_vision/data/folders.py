@@ -139,8 +139,8 @@ def load_files(name: str, files: Files, options: LoadOptions) -> Dataset:
         parts = {split: _streamed_split(paths, options) for split, paths in splits.items()}
     else:
         parts = _in_memory(splits, _cache_key(files, options, splits), options)
-    return Dataset(name, parts["train"], parts[files.test_split], tuple(files.classes), files.test_split,
-                   val=parts.get("val"), holdout=files.holdout, layout=files.layout)  # fmt: skip
+    splits = (parts["train"], parts[files.test_split], tuple(files.classes), files.test_split)
+    return Dataset(name, *splits, val=parts.get("val"), holdout=files.holdout, layout=files.layout)
 
 
 def _streamed_split(paths: Labelled, options: LoadOptions) -> Split:

@@ -1,0 +1,158 @@
+"""`gmlp serve`: a real server on 127.0.0.1 with a random port, driven over HTTP (bounded in count and time):
+the endpoints, the answers against `Classifier.predict`, dynamic batching, bad and hostile requests, and SIGTERM."""
+
+import http.client
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gmlp_vision.cli import main
+from gmlp_vision.predict import Classifier
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+pytest.importorskip("fastapi", reason="the serve extra (scripts/test.sh installs it)")
+
+
+def png(seed: int, size=(20, 24)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def start(run: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    """``gmlp serve RUN --port 0`` and the address it prints."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "gmlp_vision", "serve", str(run), "--port", "0", *flags],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    line = server.stdout.readline()
+    if not line.startswith("serving "):
+        server.kill()
+        pytest.fail(f"no address printed: {line!r} {server.stderr.read()}")
+    return server, line.split(" at ", 1)[1].split("/ ", 1)[0]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run):
+    process, url = start(tiny_run, "--max-wait-ms", "100", "--max-body-mb", "1")
+    yield url
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0  # SIGTERM: a clean stop
+
+
+def call(url: str, path: str, body: bytes | None = None, content_type: str = "image/png") -> tuple[int, dict]:
+    request = urllib.request.Request(url + path, data=body, headers={"Content-Type": content_type} if body else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def multipart(field: str, data: bytes) -> tuple[bytes, str]:
+    boundary = "gmlp-test-boundary"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="x.png"\r\n'
+    body = (head + "Content-Type: image/png\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def test_the_endpoints_answer_as_the_classifier_does(server, tiny_run):
+    clf = Classifier.from_checkpoint(tiny_run)
+    assert call(server, "/health")[1]["status"] == "ok"
+    status, meta = call(server, "/metadata")
+    assert status == 200 and meta["classes"] == list(clf.classes) and meta["image_size"] == clf.image_size
+    assert {"resize", "crop_pct", "precision", "gmlp_vision", "in_chans"} <= set(meta)
+    image = png(1)
+    expected = clf.predict(Image.open(io.BytesIO(image)), top_k=3)[0]
+    status, raw = call(server, "/predict?top_k=3", image)
+    assert status == 200 and [p["name"] for p in raw["predictions"]] == [s.name for s in expected.top_k]
+    assert [p["probability"] for p in raw["predictions"]] == pytest.approx([s.probability for s in expected.top_k])
+    assert call(server, "/predict?top_k=3", *multipart("image", image)) == (200, raw)
+    schema = call(server, "/openapi.json")[1]
+    assert "/predict" in schema["paths"] and "/metadata" in schema["paths"]
+    with urllib.request.urlopen(server + "/", timeout=30) as page:
+        html = page.read().decode()
+    assert "<title>gmlp-vision</title>" in html and "http://" not in html and "https://" not in html  # offline
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "content_type", "status", "message"),
+    [
+        ("/predict", b"not an image", "image/png", 422, "is not an image file of an accepted format"),
+        ("/predict", png(2)[:60], "image/png", 422, "cannot read image the uploaded image"),
+        ("/predict", b"hello", "text/plain", 415, "send an image as the body"),
+        ("/predict", b"x" * (2 << 20), "image/png", 413, "larger than the cap, 1,048,576 bytes"),
+        ("/predict?top_k=99", png(3), "image/png", 400, "top_k must be in 1..4"),
+        ("/predict", None, "image/png", 405, "Method Not Allowed"),
+        ("/predict?top_k=many", png(7), "image/png", 400, "query.top_k: Input should be a valid integer"),
+        ("/nowhere", png(8), "image/png", 404, "Not Found"),
+        ("/predict", *multipart("photo", png(4)), 400, "no file field 'image'"),
+        ("/predict", b"--x\r\nnonsense", "multipart/form-data; boundary=x", 400, ""),
+    ],
+)  # fmt: skip
+def test_a_bad_request_is_a_4xx_json_error_and_the_server_goes_on(server, path, body, content_type, status, message):
+    got, answer = call(server, path, body, content_type)
+    assert got == status and message in answer["error"]
+    assert call(server, "/predict", png(5))[0] == 200
+
+
+def test_a_body_without_a_length_is_capped_while_it_is_read(server):
+    host, port = server.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    chunks = (b"y" * 65536 for _ in range(40))  # 2.5 MB in chunks, no Content-Length
+    connection.request("POST", "/predict", body=chunks, headers={"Content-Type": "image/png"}, encode_chunked=True)
+    response = connection.getresponse()
+    assert response.status == 413 and "larger than the cap" in json.loads(response.read())["error"]
+    connection.close()
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server):
+    images = [png(10 + i) for i in range(16)]
+    alone = [call(server, "/predict?top_k=2", image)[1] for image in images[:4]]
+    before = call(server, "/health")[1]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda image: call(server, "/predict?top_k=2", image), images))
+    after = call(server, "/health")[1]
+    assert all(status == 200 for status, _ in answers)
+    for (_, together), single in zip(answers[:4], alone, strict=True):  # the same answer in a batch as alone
+        assert [p["name"] for p in together["predictions"]] == [p["name"] for p in single["predictions"]]
+        probs = [p["probability"] for p in together["predictions"]]
+        assert probs == pytest.approx([p["probability"] for p in single["predictions"]], abs=1e-5)
+    assert after["images"] - before["images"] == 16
+    assert after["batches"] - before["batches"] < 16  # gathered: fewer model runs than requests
+
+
+def test_sigterm_lets_a_request_in_flight_finish_then_exits_0(tiny_run):
+    process, url = start(tiny_run, "--max-wait-ms", "1500")  # a lone request waits 1.5 s for company
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(call, url, "/predict", png(6))
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        assert pending.result(timeout=60)[0] == 200
+    assert process.wait(timeout=30) == 0
+
+
+def test_serving_needs_its_extra_and_a_free_address(tiny_run, monkeypatch, capsys):
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "fastapi", None)
+        assert main(["serve", str(tiny_run)]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == "gmlp: error: gmlp serve needs the serve extra: pip install 'gmlp-vision[serve]'"
+    )
+    assert main(["serve", str(tiny_run), "--max-wait-ms", "-1"]) == 2
+    assert "--max-wait-ms must be in 0..10000" in capsys.readouterr().err
+    assert main(["serve", str(tiny_run), "--host", "256.1.1.1"]) == 2
+    assert "cannot listen on 256.1.1.1" in capsys.readouterr().err
