@@ -3,7 +3,7 @@
 # contents, and run the whole test suite, a worker per core.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh dev onnx tensorboard hub parquet mlflow wandb serve
+bash scripts/setup.sh dev onnx tensorboard hub parquet mlflow wandb serve triton
 # timm, the peer the timm-layout export is checked against (tests/test_timm_export.py): a test-time tool, never a
 # dependency of the package; without its dependencies (its torchvision import is served by benchmarks/_stubs).
 .venv/bin/python -m pip show --quiet timm >/dev/null 2>&1 ||

@@ -233,6 +233,7 @@ def create_app(classifier: Classifier, source: str, options: ServeOptions = Serv
     """The FastAPI application serving ``classifier`` (``source``: what ``/metadata`` calls the model)."""
     batcher = Batcher(classifier, options.max_batch, options.max_wait_ms)
     decoder = ThreadPoolExecutor(2, thread_name_prefix="gmlp-decode")  # images decode beside the model's runs
+    bodies = asyncio.Semaphore(max(8, 2 * options.max_batch))
     info = metadata(classifier, source, options)
     started = time.monotonic()
 
@@ -255,12 +256,12 @@ def create_app(classifier: Classifier, source: str, options: ServeOptions = Serv
     app.add_exception_handler(RequestValidationError, _invalid)
 
     async def answer(request: Request, top_k: int) -> dict[str, Any]:
-        data = await image_bytes(request, options.max_body)
-        loop = asyncio.get_running_loop()
-        try:
-            pixels = await loop.run_in_executor(decoder, classifier.preprocess, [data])
-        except ImageError as e:
-            raise RequestError(422, str(e)) from None
+        async with bodies:  # a bounded number of bodies in memory at once, however many callers
+            data = await image_bytes(request, options.max_body)
+            try:
+                pixels = await asyncio.get_running_loop().run_in_executor(decoder, classifier.preprocess, [data])
+            except ImageError as e:
+                raise RequestError(422, str(e)) from None
         probs = await batcher.submit(pixels[0])
         return {"predictions": ranked(probs, classifier.classes, top_k)}
 

@@ -147,6 +147,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     if args.quantize and args.format != "onnx":
         raise ConfigError("--quantize int8 applies to --format onnx only")
+    if args.format == "triton":
+        return _export_triton(args)
+    if args.name is not None:
+        raise ConfigError("--name applies to --format triton only")
     if args.push_to_hub:
         check_push(args.push_to_hub)  # before any work: the extra, the token, offline
     if args.check:
@@ -172,6 +176,36 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.push_to_hub:  # the export's own files and its card, nothing else the folder holds
         files += ["README.md"] if (folder / "README.md").is_file() else []
         print(f"uploaded {', '.join(files)} to {push(folder, args.push_to_hub, files)}")
+    return 0
+
+
+def _export_triton(args: argparse.Namespace) -> int:
+    """``--format triton``: a Triton model repository entry, its graph checked with ``--check``."""
+    import gmlp_vision.export as export
+    from gmlp_vision.checkpoint import load_model, resolve_checkpoint
+    from gmlp_vision.files import made_folder, write_text
+    from gmlp_vision.triton import model_name, repository_files
+
+    if args.push_to_hub:
+        raise ConfigError("--push-to-hub takes --format safetensors or onnx, not a Triton repository")
+    ckpt_path = resolve_checkpoint(args.checkpoint)
+    name = model_name(ckpt_path, args.name)
+    model, ckpt = load_model(ckpt_path)
+    repo = Path(args.out) if args.out else ckpt_path.parent / "triton"
+    folder, data = repo / name, ckpt.config.data
+    with made_folder(folder):  # a failed export leaves no folder made for it
+        export.export_onnx(ckpt_path, folder / "1" / "model.onnx")
+        for file, text in repository_files(name, model.cfg, ckpt.classes, data.resize, data.crop_pct).items():
+            write_text(folder / file, text)
+    print(f"wrote {folder}: config.pbtxt, 1/model.onnx, labels.txt, README.md (a Triton model repository: {repo})")
+    if args.check:
+        import torch
+
+        mc = model.cfg
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (CHECK_IMAGES, mc.in_chans, mc.image_size, mc.image_size), generator=generator)
+        diff = export.check_onnx(folder / "1" / "model.onnx", model, images.to(torch.uint8))
+        print(f"check: onnxruntime vs PyTorch on {CHECK_IMAGES} random images: max abs logit difference {diff:.3g}")
     return 0
 
 
@@ -290,10 +324,19 @@ def _add_test_data_arguments(p: argparse.ArgumentParser, dataset_names: Sequence
 
 def add_commands(sub: Any, dataset_names: Sequence[str]) -> None:
     """Add ``export`` and ``report`` to the ``gmlp`` subparsers."""
-    p = sub.add_parser("export", help="export a trained model to ONNX (optionally int8) or safetensors")
+    p = sub.add_parser("export", help="export a trained model to ONNX (optionally int8), safetensors or Triton")
     p.add_argument("checkpoint", help="checkpoint file (best.pt, last.pt) or run directory")
-    p.add_argument("--format", choices=("onnx", "safetensors"), default="onnx", help="default: onnx")
-    p.add_argument("--out", help="ONNX file or safetensors folder (default: export/ beside the checkpoint)")
+    p.add_argument(
+        "--format",
+        choices=("onnx", "safetensors", "triton"),
+        default="onnx",
+        help="default: onnx; triton: a Triton model repository (REPO/NAME/config.pbtxt, 1/model.onnx, labels.txt)",
+    )
+    p.add_argument(
+        "--out",
+        help="ONNX file, safetensors folder or Triton repository (default: export/ beside the checkpoint; triton/)",
+    )
+    p.add_argument("--name", help="--format triton: the model's name in the repository (default: the run's)")
     p.add_argument("--quantize", choices=("int8",), help="also write MODEL.int8.onnx, dynamically quantised for CPU")
     p.add_argument("--check", action="store_true", help=f"compare with PyTorch on {CHECK_IMAGES} random images")
     p.add_argument("--opset", type=positive_int, default=17, help="ONNX opset (default: 17)")
