@@ -8,6 +8,13 @@ bash scripts/setup.sh dev onnx tensorboard hub parquet mlflow wandb serve triton
 # dependency of the package; without its dependencies (its torchvision import is served by benchmarks/_stubs).
 .venv/bin/python -m pip show --quiet timm >/dev/null 2>&1 ||
     .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "timm>=1.0,<2"
+# Chromium from the distribution, for the demo page's browser test (tests/test_serve_page.py skips, saying so, where
+# it cannot be installed): as root with apt only; Playwright drives it (the dev extra).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get install -y -qq chromium || { apt-get update -qq && apt-get install -y -qq chromium; }; } >/dev/null 2>&1 ||
+        echo "test.sh: Chromium could not be installed; the browser test will skip" >&2
+fi
 .venv/bin/ruff check src tests tools benchmarks
 .venv/bin/ruff format --check src tests tools benchmarks
 # The wheel, built with .venv's setuptools (the dev extra pins >= 77, the first to accept license = "MIT"), its build/
