@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import math
 import signal
 import socket
@@ -45,6 +46,7 @@ from gmlp_vision.version import __version__
 
 RAW_TYPES = ("image/", "application/octet-stream")  # raw bodies: an image's bytes
 MULTIPART = "multipart/form-data"
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 class Classifier(Protocol):
@@ -87,7 +89,9 @@ class ServeOptions:
 class Batcher:
     """Gathers concurrent requests' preprocessed images into batches and runs each batch once, in one thread.
 
-    ``batches`` and ``images`` count what ran (``/health`` reports them).
+    A batch waits for more images (up to ``max_wait_ms`` after its first) only while other requests are on their way
+    (``coming``: counted by `arriving`), so a lone request runs at once. ``batches`` and ``images`` count what ran
+    (``/health`` reports them).
     """
 
     def __init__(self, classifier: Classifier, max_batch: int, max_wait_ms: float) -> None:
@@ -95,6 +99,7 @@ class Batcher:
         self.queue: asyncio.Queue[tuple[Tensor, asyncio.Future[Tensor]]] = asyncio.Queue()
         self.runner = ThreadPoolExecutor(1, thread_name_prefix="gmlp-model")  # the model runs one batch at a time
         self.batches = self.images = 0
+        self.coming = 0  # requests on their way here (reading or decoding): worth waiting for
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -104,6 +109,15 @@ class Batcher:
         if self.task is not None:
             self.task.cancel()
         self.runner.shutdown(wait=False)
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Count a request as on its way for the block (its body read and decoded), so that batches wait for it."""
+        self.coming += 1
+        try:
+            yield
+        finally:
+            self.coming -= 1
 
     async def submit(self, pixels: Tensor) -> Tensor:
         """The probabilities of one preprocessed image (C, S, S), run in a batch with whatever else is waiting."""
@@ -120,7 +134,7 @@ class Batcher:
                 items.append(self.queue.get_nowait())
                 continue
             left = deadline - loop.time()
-            if left <= 0:
+            if left <= 0 or not self.coming:  # nobody else on the way: a lone request does not wait
                 break
             try:
                 items.append(await asyncio.wait_for(self.queue.get(), left))
@@ -187,13 +201,12 @@ async def read_body(request: Request, cap: int) -> bytes:
             raise RequestError(400, "Content-Length is not a number")
         if int(declared) > cap:
             raise RequestError(413, f"the body ({int(declared):,d} bytes) is larger than the cap, {cap:,d} bytes")
-    chunks, size = [], 0
+    body = bytearray()  # one growing buffer, given back whole: no heap of small chunks left behind
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > cap:
+        if len(body) + len(chunk) > cap:
             raise RequestError(413, f"the body is larger than the cap, {cap:,d} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        body += chunk
+    return bytes(body)
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:
@@ -233,7 +246,7 @@ def create_app(classifier: Classifier, source: str, options: ServeOptions = Serv
     """The FastAPI application serving ``classifier`` (``source``: what ``/metadata`` calls the model)."""
     batcher = Batcher(classifier, options.max_batch, options.max_wait_ms)
     decoder = ThreadPoolExecutor(2, thread_name_prefix="gmlp-decode")  # images decode beside the model's runs
-    bodies = asyncio.Semaphore(max(8, 2 * options.max_batch))
+    bodies = asyncio.Semaphore(16)  # bodies held at once: 16 x the cap at most; the rest wait in the kernel's buffers
     info = metadata(classifier, source, options)
     started = time.monotonic()
 
@@ -257,11 +270,12 @@ def create_app(classifier: Classifier, source: str, options: ServeOptions = Serv
 
     async def answer(request: Request, top_k: int) -> dict[str, Any]:
         async with bodies:  # a bounded number of bodies in memory at once, however many callers
-            data = await image_bytes(request, options.max_body)
-            try:
-                pixels = await asyncio.get_running_loop().run_in_executor(decoder, classifier.preprocess, [data])
-            except ImageError as e:
-                raise RequestError(422, str(e)) from None
+            with batcher.arriving():
+                data = await image_bytes(request, options.max_body)
+                try:
+                    pixels = await asyncio.get_running_loop().run_in_executor(decoder, classifier.preprocess, [data])
+                except ImageError as e:
+                    raise RequestError(422, str(e)) from None
         probs = await batcher.submit(pixels[0])
         return {"predictions": ranked(probs, classifier.classes, top_k)}
 
@@ -347,8 +361,22 @@ class _Server(uvicorn.Server):
                 signal.signal(s, handler)
 
 
+def _return_large_buffers() -> None:
+    """glibc: every allocation of 1 MiB or more mmapped, so a request body given back is given back to the system.
+
+    By default glibc raises that threshold to the size of the largest block freed so far (up to 32 MiB), after which
+    the bodies of large requests land on the heap and stay in the server's resident memory (measured with
+    ``benchmarks/bench_serve.py``: +240 MB after 350 hostile requests). Elsewhere than glibc nothing is changed.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
 def serve(app: FastAPI, sock: socket.socket, timeout: float) -> None:
     """Run ``app`` on ``sock`` with uvicorn until SIGINT or SIGTERM; requests in flight finish first."""
+    _return_large_buffers()
     settings = dict(log_level="warning", timeout_keep_alive=5, limit_concurrency=1024, access_log=False)
     config = uvicorn.Config(app, timeout_graceful_shutdown=int(timeout) + 1, **settings)
     _Server(config).run(sockets=[sock])
