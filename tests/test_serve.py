@@ -182,3 +182,18 @@ def test_serving_needs_its_extra_and_a_free_address(tiny_run, monkeypatch, capsy
     assert "--max-wait-ms must be in 0..10000" in capsys.readouterr().err
     assert main(["serve", str(tiny_run), "--host", "256.1.1.1"]) == 2
     assert "cannot listen on 256.1.1.1" in capsys.readouterr().err
+
+
+def test_cors_is_off_unless_an_origin_is_given(server, tiny_run):
+    def allowed(url):
+        request = urllib.request.Request(url + "/metadata", headers={"Origin": "http://example.org"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.headers.get("access-control-allow-origin")
+
+    assert allowed(server) is None
+    process, url = start(tiny_run, "--cors", "http://example.org")
+    try:
+        assert allowed(url) == "http://example.org"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0

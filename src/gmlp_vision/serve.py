@@ -36,6 +36,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartParser
@@ -260,8 +261,6 @@ def create_app(classifier: Classifier, source: str, options: ServeOptions = Serv
     described = f"A gMLP image classifier ({len(classifier.classes)} classes) from {source}."
     app = FastAPI(title="gmlp-vision", version=__version__, lifespan=lifespan, description=described)
     if options.cors:
-        from fastapi.middleware.cors import CORSMiddleware
-
         app.add_middleware(CORSMiddleware, allow_origins=list(options.cors), allow_methods=["GET", "POST"])
 
     app.add_exception_handler(RequestError, _refused)  # every error a JSON {"error": ...}, 404 and 405 too
