@@ -267,7 +267,7 @@ def create_app(classifier: Classifier, source: str, options: ServeOptions = Serv
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid)
 
-    async def answer(request: Request, top_k: int) -> dict[str, Any]:
+    async def answer(request: Request, top_k: int) -> JSONResponse:
         async with bodies:  # a bounded number of bodies in memory at once, however many callers
             with batcher.arriving():
                 data = await image_bytes(request, options.max_body)
@@ -276,10 +276,10 @@ def create_app(classifier: Classifier, source: str, options: ServeOptions = Serv
                 except ImageError as e:
                     raise RequestError(422, str(e)) from None
         probs = await batcher.submit(pixels[0])
-        return {"predictions": ranked(probs, classifier.classes, top_k)}
+        return JSONResponse({"predictions": ranked(probs, classifier.classes, top_k)})  # plain JSON: no re-encoding
 
     @app.post("/predict", summary="Classify one image (raw body or multipart field 'image')")
-    async def predict(request: Request, top_k: int | None = None) -> dict[str, Any]:
+    async def predict(request: Request, top_k: int | None = None) -> JSONResponse:
         k = min(options.top_k, len(classifier.classes)) if top_k is None else top_k
         if not 1 <= k <= len(classifier.classes):
             raise RequestError(400, f"top_k must be in 1..{len(classifier.classes)}, got {k}")
