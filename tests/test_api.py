@@ -75,3 +75,17 @@ def test_an_in_memory_dataset_trains_and_is_recorded_as_such(tmp_path):
     assert results["command"] is None  # no command could rebuild these tensors
     assert results["data"] == "a Dataset passed to train() in memory ('mine')"
     assert results["images"] == {"train": 32, "validation": 4, "test": 12}
+
+
+def test_evaluate_of_a_run_on_in_memory_data_asks_for_the_data(tmp_path, capsys):
+    from gmlp_vision.cli import main
+
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(40) % 10  # as many classes as CIFAR-10: the config's kind would load and fit
+    mine = Dataset("mine", Split(images[:30], labels[:30]), Split(images[30:], labels[30:]), tuple("abcdefghij"))
+    cfg = from_preset("tiny", image_size=8, patch_size=4, epochs=1, progress=False, out=str(tmp_path / "run"))
+    train(cfg, mine, verbose=0)
+    assert main(["evaluate", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "the run trained on a Dataset passed to train() in memory ('mine'): pass --dataset and --data" in err

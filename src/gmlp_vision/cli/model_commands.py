@@ -30,6 +30,8 @@ def checkpoint_dataset(ckpt: Any, args: argparse.Namespace, run_dir: Path) -> An
     from gmlp_vision.data.layout import read_holdout
 
     cfg = ckpt.config
+    if args.dataset is None and args.data is None and (in_memory := _in_memory_data(run_dir)):
+        raise ConfigError(f"the run trained on {printable(in_memory)}: pass --dataset and --data for the test data")
     dataset = args.dataset or cfg.data.dataset
     data = args.data if args.data is not None else (cfg.data.data if dataset == cfg.data.dataset else None)
     options = cfg.load_options(download=args.download, progress=not args.quiet)
@@ -42,6 +44,19 @@ def checkpoint_dataset(ckpt: Any, args: argparse.Namespace, run_dir: Path) -> An
             f"{dataset} has {ds.num_classes} and {ds.in_chans}"
         )
     return ds
+
+
+def _in_memory_data(run_dir: Path) -> str | None:
+    """What ``results.json`` says of data passed to train() in memory (no config names it), or None."""
+    from gmlp_vision.errors import CheckpointError
+    from gmlp_vision.untrusted import JSON_LIMIT, read_json_file
+
+    try:
+        results = read_json_file(run_dir / "results.json", JSON_LIMIT) if (run_dir / "results.json").is_file() else {}
+    except CheckpointError:
+        return None
+    said = results.get("data") if isinstance(results, dict) else None
+    return said if isinstance(said, str) else None
 
 
 def split_name(split: str) -> str:
