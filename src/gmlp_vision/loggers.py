@@ -21,6 +21,7 @@ from typing import Any
 
 from gmlp_vision.errors import ConfigError, GmlpError, first_line
 from gmlp_vision.files import write_text
+from gmlp_vision.metrics import test_metrics
 from gmlp_vision.untrusted import read_json_file
 from gmlp_vision.version import __version__
 
@@ -41,16 +42,6 @@ def params(flat: dict[str, Any]) -> dict[str, Any]:
 def epoch_metrics(row: dict[str, float]) -> dict[str, float]:
     """A history row's finite numbers, the epoch itself left out (it is the step)."""
     return {k: float(v) for k, v in row.items() if k != "epoch" and isinstance(v, (int, float)) and math.isfinite(v)}
-
-
-def test_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    """``results.json``'s test metrics, flat: ``test_acc``, ``test_ema_acc``, ..."""
-    out = {}
-    for split in ("test", "test_ema"):
-        for k, v in (summary.get(split) or {}).items():
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                out[f"{split}_{k}"] = float(v)
-    return out
 
 
 def _ids(run_dir: Path) -> dict[str, str]:
@@ -201,6 +192,5 @@ __all__ = [
     "params",
     "require_mlflow",
     "require_wandb",
-    "test_metrics",
     "tracking_uri",
 ]

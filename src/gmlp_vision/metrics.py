@@ -8,6 +8,7 @@ these names from here. Top-5 accuracy is kept everywhere but shown only where it
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -47,6 +48,22 @@ def result_lines(summary: dict[str, Any], top5: bool) -> list[str]:
         return accuracy_lines(label, summary["test"], top5)
     plain = accuracy_lines(f"Weights ({summary['test_checkpoint']}), {label}", summary["test"], top5)
     return plain + accuracy_lines(f"Weight average (ema.pt), {label}", summary["test_ema"], top5)
+
+
+def top_classes(probs: Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """Each row's ``k`` most probable classes (at most all), most probable first: ``(index, probability)`` pairs."""
+    values, indices = probs.topk(min(k, probs.shape[-1]), dim=-1)
+    return [list(zip(ix, v, strict=True)) for v, ix in zip(values.tolist(), indices.tolist(), strict=True)]
+
+
+def test_metrics(summary: dict[str, Any], sep: str = "_") -> dict[str, float]:
+    """``results.json``'s finite test metrics, flat: ``test_acc``, ``test_ema_acc``, ... (``sep`` between the parts)."""
+    out = {}
+    for split in ("test", "test_ema"):
+        for key, value in (summary.get(split) or {}).items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                out[f"{split}{sep}{key}"] = float(value)
+    return out
 
 
 def shows_top5(num_classes: int) -> bool:

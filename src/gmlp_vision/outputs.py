@@ -18,7 +18,7 @@ from gmlp_vision.errors import ConfigError
 from gmlp_vision.files import replacing, why_not_written
 
 
-class Prediction(Protocol):
+class Ranked(Protocol):
     """What a row is made of: `predict.Prediction` (this module writes tables and needs nothing of the model)."""
 
     source: str
@@ -59,7 +59,7 @@ def columns(top_k: int) -> list[str]:
     return ["path", *ranked, "error"]
 
 
-def row(pred: Prediction, top_k: int) -> dict[str, Any]:
+def row(pred: Ranked, top_k: int) -> dict[str, Any]:
     """One image's row: its path, its ``top_k`` classes and probabilities (None where it has fewer), its error."""
     out: dict[str, Any] = {"path": pred.source}
     for k in range(top_k):
@@ -111,7 +111,7 @@ class PredictionWriter:
     def __init__(self, sink: _Text | _Parquet, top_k: int) -> None:
         self.sink, self.top_k, self.rows, self.errors = sink, top_k, 0, 0
 
-    def write(self, predictions: Sequence[Prediction]) -> None:
+    def write(self, predictions: Sequence[Ranked]) -> None:
         """Append one row per prediction."""
         self.sink.write([row(p, self.top_k) for p in predictions])
         self.rows += len(predictions)

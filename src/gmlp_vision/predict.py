@@ -40,6 +40,7 @@ from gmlp_vision.images import (
     resize_uint8,
     tensor_images,
 )
+from gmlp_vision.metrics import top_classes
 from gmlp_vision.model import GMLP
 from gmlp_vision.precision import precision_named
 
@@ -284,20 +285,11 @@ class Classifier:
                 if not skip_bad:
                     raise
                 errors[i] = str(e)
-        ranked: Iterator[tuple[list[float], list[int]]] = iter(())
-        if fitted:
-            probs = self._run(torch.cat(fitted)).cpu().softmax(dim=1)
-            values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
-            ranked = zip(values.tolist(), indices.tolist(), strict=True)
+        ranked = iter(top_classes(self.probabilities(torch.cat(fitted)), top_k) if fitted else [])
         out = []
         for i, (src, _) in enumerate(chunk):
-            if i in errors:
-                out.append(Prediction(src, (), errors[i]))
-            else:
-                v, ix = next(ranked)
-                out.append(
-                    Prediction(src, tuple(ClassScore(j, self.classes[j], p) for p, j in zip(v, ix, strict=True)))
-                )
+            scores = () if i in errors else tuple(ClassScore(j, self.classes[j], p) for j, p in next(ranked))
+            out.append(Prediction(src, scores, errors.get(i)))
         return out
 
 

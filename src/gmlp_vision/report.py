@@ -23,7 +23,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from gmlp_vision.errors import ReportError
-from gmlp_vision.metrics import VALIDATION, shows_top5
+from gmlp_vision.metrics import VALIDATION, shows_top5, test_metrics
 from gmlp_vision.report_eval import PLOTS_DIR, evaluation_report, new_figure, save_figure
 
 
@@ -211,11 +211,7 @@ class TensorBoardLogger:
 
     def log_results(self, hyper: dict[str, Any], summary: dict[str, Any]) -> None:
         """The run's hyper-parameters with its test metrics (the HParams tab), and the test metrics as ``test/*``."""
-        metrics = {}
-        for split in ("test", "test_ema"):
-            for key, value in (summary.get(split) or {}).items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    metrics[f"{split}/{key}"] = float(value)
+        metrics = test_metrics(summary, sep="/")
         hparams = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hyper.items()}
         step = int(summary.get("epochs_run", 0))
         self.writer.add_hparams(hparams, metrics, run_name=".", global_step=step)

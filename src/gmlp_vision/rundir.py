@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import itertools
 import json
 import math
 import os
@@ -62,14 +61,14 @@ def default_run_dir(cfg: Config, data: str | None = None) -> Path:
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in (data or cfg.data.dataset))[:40]
     base = Path("runs") / f"{name}-{cfg.preset or 'custom'}-{datetime.now():%Y%m%d-%H%M%S}"
     base.parent.mkdir(parents=True, exist_ok=True)
-    for n in itertools.count(1):
-        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+    path, n = base, 1
+    while True:
         try:
             path.mkdir()
             return path
         except FileExistsError:
-            continue
-    raise AssertionError("unreachable")
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
 
 
 def prepare_run_dir(path: Path) -> Path:

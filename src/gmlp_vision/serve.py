@@ -43,6 +43,7 @@ from starlette.formparsers import MultiPartParser
 from torch import Tensor
 
 from gmlp_vision.errors import ConfigError, ImageError, first_line
+from gmlp_vision.metrics import top_classes
 from gmlp_vision.version import __version__
 
 RAW_TYPES = ("image/", "application/octet-stream")  # raw bodies: an image's bytes
@@ -237,10 +238,8 @@ async def image_bytes(request: Request, cap: int) -> bytes:
 
 
 def ranked(probs: Tensor, classes: Sequence[str], top_k: int) -> list[dict[str, Any]]:
-    """The ``top_k`` classes of one image's probabilities, most probable first."""
-    values, indices = probs.topk(min(top_k, len(classes)))
-    pairs = zip(values.tolist(), indices.tolist(), strict=True)
-    return [{"index": i, "name": classes[i], "probability": p} for p, i in pairs]
+    """The ``top_k`` classes of one image's probabilities, most probable first (`metrics.top_classes`)."""
+    return [{"index": i, "name": classes[i], "probability": p} for i, p in top_classes(probs[None], top_k)[0]]
 
 
 def create_app(classifier: Classifier, source: str, options: ServeOptions = ServeOptions()) -> FastAPI:
