@@ -13,13 +13,13 @@ import torch
 from safetensors.torch import save_file
 
 from gmlp_vision.cli import main
-from gmlp_vision.config import ModelConfig, from_preset
+from gmlp_vision.config import ModelConfig, from_preset, resolve_config
 from gmlp_vision.errors import CheckpointError
 from gmlp_vision.export import export_safetensors
 from gmlp_vision.fetch import HUB_EXTRA, hub_id
 from gmlp_vision.model import GMLP
 from gmlp_vision.predict import Classifier
-from gmlp_vision.pretrained import read_pretrained
+from gmlp_vision.pretrained import read_pretrained, weights_fit
 from gmlp_vision.train import train
 from synthetic import make_dataset
 from test_transfer import SMALL, timm_state
@@ -184,3 +184,32 @@ def test_evaluate_takes_an_export_by_folder_or_hub_id_with_its_data(offline_cach
     assert main(["evaluate", "me/digits-gmlp", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "gmlp: error: an export does not record the data it was trained on: pass --dataset (and --data)"
+
+
+def test_fine_tuning_takes_the_pretrained_models_own_resize_unless_set(offline_cache, tmp_path, capsys):
+    cfg = ModelConfig(**SMALL)
+    save_file(timm_state(cfg), tmp_path / "model.safetensors")
+    assert weights_fit(tmp_path / "model.safetensors") == {"resize": "crop", "crop_pct": 0.875}  # timm's gmlp_s16_224
+    timm_config = {"architecture": "gmlp_s16_224", "pretrained_cfg": {"crop_pct": 0.95, "crop_mode": "squash"}}
+    (tmp_path / "config.json").write_text(json.dumps(timm_config))
+    files = {"model.safetensors": tmp_path / "model.safetensors", "config.json": tmp_path / "config.json"}
+    put_in_cache(offline_cache, "timm/gmlp_small.fit", files)
+    assert weights_fit("timm/gmlp_small.fit") == {"resize": "squash", "crop_pct": 0.95}  # what its config.json says
+    squashed = from_preset("tiny", epochs=1, progress=False, out=str(tmp_path / "run"), resize="squash", crop_pct=0.8)
+    result = train(squashed, make_dataset())
+    own = weights_fit(result.run_dir / "last.pt")
+    assert own == {"resize": "squash", "crop_pct": 0.8}
+    assert weights_fit(export_safetensors(result.run_dir, tmp_path / "export")) == own
+    init = str(result.run_dir / "last.pt")
+    tuned = resolve_config({"dataset": "digits", "init": init}, fit_of=weights_fit)
+    assert (tuned.data.resize, tuned.data.crop_pct, tuned.optim.recipe) == ("squash", 0.8, "finetune")
+    mine = resolve_config({"dataset": "digits", "init": init, "crop_pct": 1.0}, fit_of=weights_fit)
+    assert (mine.data.resize, mine.data.crop_pct) == ("squash", 1.0)  # a flag wins
+    scratch = resolve_config({"dataset": "digits", "init": init, "recipe": "scratch"}, fit_of=weights_fit)
+    assert (scratch.data.resize, scratch.data.crop_pct) == ("crop", 1.0)  # the preset's
+    argv = ["train", "--dataset", "digits", "--init", "timm/gmlp_small.fit", "--print-config"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "resize: squash" in printed and "crop_pct: 0.95" in printed
+    assert main(["train", "--dataset", "digits", "--init", str(tmp_path / "missing.pt"), "--print-config"]) == 1
+    assert "missing.pt: no such file" in capsys.readouterr().err

@@ -234,6 +234,17 @@ def _fit(pretrained: dict[str, Any]) -> tuple[Any, Any]:
     return modes[crop_mode], pretrained.get("crop_pct", 1.0)
 
 
+def timm_fit(pretrained: Any) -> tuple[str, float]:
+    """``--resize`` and ``crop_pct`` from the ``pretrained_cfg`` of timm's own config.json (no ``crop_mode``: centre).
+
+    Raises:
+        ValueError: no object, or a mode or crop_pct we do not have.
+    """
+    if not isinstance(pretrained, dict):
+        raise ValueError(f"pretrained_cfg must be an object, got {_kind(pretrained)}")
+    return parse_fit(*_fit({"crop_mode": "center", **pretrained}))
+
+
 def _statistics(ours: dict[str, Any], key: str) -> tuple[float, ...]:
     """Per-channel pixel statistics: a list of finite numbers (positive for ``pixel_std``), at most 64."""
     value = ours.get(key)
@@ -260,4 +271,5 @@ __all__ = [
     "parse_classes",
     "parse_export_config",
     "parse_fit",
+    "timm_fit",
 ]

@@ -18,10 +18,11 @@ from gmlp_vision.checkpoint import FORMAT, checkpoint_from_payload
 from gmlp_vision.config.groups import ModelConfig
 from gmlp_vision.errors import CheckpointError, first_line
 from gmlp_vision.fetch import fetch, hub_id, weights_file
-from gmlp_vision.hub import ExportConfig
+from gmlp_vision.hub import ExportConfig, timm_fit
 from gmlp_vision.model import GMLP
 from gmlp_vision.timm_layout import is_timm_state, timm_to_gmlp
-from gmlp_vision.transfer import Pretrained, Weights, apply_pretrained, fit_pretrained
+from gmlp_vision.transfer import TIMM_FIT, Pretrained, Weights, apply_pretrained, fit_pretrained
+from gmlp_vision.untrusted import JSON_LIMIT, read_json_file
 
 
 def read_weights(path: str | Path) -> Weights:
@@ -50,10 +51,10 @@ def read_weights(path: str | Path) -> Weights:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or hostile files raise many kinds; one clear line for all
         raise CheckpointError(f"--init {path}: not a readable weights file ({first_line(e)})") from None
-    classes = None
+    classes = fit = None
     if isinstance(state, dict) and state.get("format") == FORMAT:
         ckpt = checkpoint_from_payload(state, path)
-        state, classes = ckpt.model_state, ckpt.classes
+        state, classes, fit = ckpt.model_state, ckpt.classes, (ckpt.config.data.resize, ckpt.config.data.crop_pct)
     for key in ("state_dict", "model"):  # common wrappers of plain PyTorch checkpoints
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -62,14 +63,37 @@ def read_weights(path: str | Path) -> Weights:
     fetched = path if repo is not None else None
     export = _export_config(path) if classes is None else None
     if export is not None:
-        classes = export.classes
+        classes, fit = export.classes, (export.resize, export.crop_pct)
     if is_timm_state(state):  # timm's file, or an export in timm's layout (its statistics are in config.json)
         kernel = state["stem.proj.weight"]
         channels = int(kernel.shape[1]) if kernel.ndim == 4 else None
         stats = export.pixel_stats if export is not None else None
         mean, std = (torch.tensor(v) for v in stats) if stats is not None else (None, None)
-        return Weights(timm_to_gmlp(state), mean, std, classes, fetched, channels)
-    return Weights(state, state.get("pixel_mean"), state.get("pixel_std"), classes, fetched)
+        fit = fit or _timm_fit(path)
+        return Weights(timm_to_gmlp(state), mean, std, classes, fetched, channels, fit)
+    return Weights(state, state.get("pixel_mean"), state.get("pixel_std"), classes, fetched, fit=fit)
+
+
+def weights_fit(path: str | Path) -> dict[str, object]:
+    """How the images the weights at ``path`` learnt from were fitted, as config values: ``resize``, ``crop_pct``.
+
+    For `config.resolve_config`'s finetune recipe (the pretrained model's own resize, as timm's data config takes
+    it); empty where the file does not say (a plain state dict).
+
+    Raises:
+        CheckpointError: as `read_weights`.
+    """
+    fit = read_weights(path).fit
+    return {} if fit is None else {"resize": fit[0], "crop_pct": fit[1]}
+
+
+def _timm_fit(path: Path) -> tuple[str, float]:
+    """The fit of timm weights: what the ``config.json`` beside them says (a Hub download has one), else timm's own."""
+    try:
+        raw = read_json_file(path.parent / "config.json", JSON_LIMIT)
+        return timm_fit(raw.get("pretrained_cfg") if isinstance(raw, dict) else None)
+    except (CheckpointError, ValueError):  # no config, or not timm's: timm's gmlp_s16_224
+        return TIMM_FIT
 
 
 def _export_config(path: Path) -> ExportConfig | None:

@@ -42,6 +42,7 @@ log = logging.getLogger("gmlp_vision")
 
 MAX_RESIZED_PATCH = 64  # PI-resize solves a (p*p, p'*p') system: 4096 x 4096 at most
 TIMM_PIXEL_MEAN = TIMM_PIXEL_STD = 127.5  # timm's gMLP configs: mean = std = 0.5 on pixels scaled to 0..1
+TIMM_FIT = ("crop", 0.875)  # timm's gmlp_s16_224: shorter side to 224 / 0.875, centre crop
 
 
 def resample_spatial(weight: Tensor, bias: Tensor, grid: int) -> tuple[Tensor, Tensor]:
@@ -123,6 +124,7 @@ class Weights:
     classes: tuple[str, ...] | None = None  # the class names they were trained on, where the file says
     fetched: Path | None = None  # the file in huggingface_hub's cache, for weights named by a Hub id
     channels: int | None = None  # input channels, where known apart from ``mean`` (timm's Conv2d kernel says)
+    fit: tuple[str, float] | None = None  # how the images they learnt from were fitted: (--resize, --crop-pct)
 
 
 def fit_pretrained(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
@@ -141,10 +142,13 @@ def explicit_values(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k in GROUP_OF}
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def config_from_args(args: argparse.Namespace, fit_of: Callable[[Any], dict[str, Any]] | None = None) -> Config:
     """The `Config` the parsed flags describe: defaults < preset < ``--config`` file < explicit flags.
+
+    ``fit_of`` reads how ``--init``'s weights fitted their images, for the finetune recipe (`resolve_config`).
 
     Raises:
         ConfigError: an unknown preset, an unreadable config file, or an impossible combination of values.
     """
-    return resolve_config(explicit_values(args), getattr(args, "config", None), getattr(args, "preset", None))
+    preset = getattr(args, "preset", None)
+    return resolve_config(explicit_values(args), getattr(args, "config", None), preset, fit_of)

@@ -35,7 +35,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("--resume takes the run's own config; --preset and --config cannot change it")
         cfg = resume_config(args.resume, explicit_values(args))
     else:
-        cfg = config_from_args(args)
+        from gmlp_vision.pretrained import weights_fit
+
+        cfg = config_from_args(args, weights_fit)
     if args.print_config:
         from gmlp_vision.config import config_yaml
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -145,14 +146,21 @@ def from_preset(name: str, **overrides: Any) -> Config:
     return _from_flat({**preset_overrides(name), **overrides})
 
 
-def resolve_config(given: dict[str, Any], config_file: str | Path | None = None, preset: str | None = None) -> Config:
+def resolve_config(
+    given: dict[str, Any],
+    config_file: str | Path | None = None,
+    preset: str | None = None,
+    fit_of: Callable[[Any], dict[str, Any]] | None = None,
+) -> Config:
     """Resolve defaults < preset < config file < ``given`` (flat explicit values) into a checked `Config`.
 
     With no ``preset`` (and none in the config file), the dataset's default preset is used (`DATASET_PRESET`). A
     config file's ``out`` is ignored (a run's own config.json names its directory; running it again starts a new
     one): only ``given`` sets it. A schedule other than ``constant`` sets the lr itself, so it turns the preset's
     plateau halvings off unless ``plateau_patience`` is given too. With the finetune recipe (`fine_tunes`), its
-    values (`finetune_values`) sit between the preset and the file: what the file or ``given`` set wins.
+    values (`finetune_values`) sit between the preset and the file: what the file or ``given`` set wins. So does
+    how the pretrained model fitted its images, ``fit_of(init)`` (``resize``, ``crop_pct``; the config layer reads no
+    weights: the caller passes the reader, `pretrained.weights_fit`).
 
     Raises:
         ConfigError: an unknown preset, an unreadable config file, or an impossible combination of values.
@@ -172,7 +180,8 @@ def resolve_config(given: dict[str, Any], config_file: str | Path | None = None,
     values = {**preset_overrides(preset), **from_file, **given, "preset": preset}
     chosen = {**from_file, **given}
     if fine_tunes(values.get("recipe", OptimConfig.recipe), values.get("init")):
-        applied = {k: v for k, v in finetune_values(values).items() if k not in chosen}  # unless set
+        recipe = {**finetune_values(values), **(fit_of(values["init"]) if fit_of and values.get("init") else {})}
+        applied = {k: v for k, v in recipe.items() if k not in chosen}  # unless set
         values.update(applied)
         if applied:  # the run's config says which recipe its values came from
             values["recipe"] = "finetune"
@@ -189,7 +198,8 @@ def recipe_line(cfg: Config) -> str:
     why = " (--init)" if name == "finetune" and cfg.run.init is not None else ""
     decay = f", --layer-decay {o.layer_decay:g}" if o.layer_decay != 1.0 else ""
     schedule = f"--schedule {o.schedule}" + (f" with --warmup-epochs {o.warmup_epochs:g}" if o.warmup_epochs else "")
-    return f"recipe {name}{why}: --lr {o.lr:g}, {schedule}{decay}, --epochs {o.epochs}"
+    fit = f", --resize {cfg.data.resize} --crop-pct {cfg.data.crop_pct:g}" if name == "finetune" else ""
+    return f"recipe {name}{why}: --lr {o.lr:g}, {schedule}{decay}, --epochs {o.epochs}{fit}"
 
 
 FINETUNE_EPOCHS = 30  # at most, with the finetune recipe
