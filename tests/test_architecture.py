@@ -23,7 +23,9 @@ TRAINING = tuple(
 # code, directly or through other modules.
 INFERENCE = tuple(
     f"{PACKAGE}.{name}"
-    for name in "evaluate predict outputs export artifacts card hub report report_eval serve".split()
+    for name in (
+        "evaluate predict outputs export artifacts card hub report report_eval serve serve_requests serve_run"
+    ).split()
 )
 NOT_YET: tuple[str, ...] = ()  # modules named above that do not exist yet
 

@@ -1,6 +1,7 @@
 """`gmlp serve`: a real server on 127.0.0.1 with a random port, driven over HTTP (bounded in count and time):
 the endpoints, the answers against `Classifier.predict`, dynamic batching, bad and hostile requests, and SIGTERM."""
 
+import asyncio
 import io
 import json
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from gmlp_vision.cli import main
@@ -23,6 +25,7 @@ from gmlp_vision.predict import Classifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 pytest.importorskip("fastapi", reason="the serve extra (scripts/test.sh installs it)")
+from gmlp_vision.serve import Predict, ServeOptions  # noqa: E402  (after the skip: it needs the extra)
 
 
 def png(seed: int, size=(20, 24)) -> bytes:
@@ -82,6 +85,9 @@ def test_the_endpoints_answer_as_the_classifier_does(server, tiny_run):
     assert call(server, "/predict?top_k=3", *multipart("image", image)) == (200, raw)
     schema = call(server, "/openapi.json")[1]
     assert "/predict" in schema["paths"] and "/metadata" in schema["paths"]
+    documented = schema["paths"]["/predict"]["post"]
+    assert {"image/*", "multipart/form-data"} <= set(documented["requestBody"]["content"])
+    assert documented["parameters"][0]["name"] == "top_k" and {"200", "413", "422"} <= set(documented["responses"])
     with urllib.request.urlopen(server + "/", timeout=30) as page:
         html = page.read().decode()
     assert "<title>gmlp-vision</title>" in html and "http://" not in html and "https://" not in html  # offline
@@ -95,7 +101,7 @@ def test_the_endpoints_answer_as_the_classifier_does(server, tiny_run):
         ("/predict", b"hello", "text/plain", 415, "send an image as the body"),
         ("/predict?top_k=99", png(3), "image/png", 400, "top_k must be in 1..4"),
         ("/predict", None, "image/png", 405, "Method Not Allowed"),
-        ("/predict?top_k=many", png(7), "image/png", 400, "query.top_k: Input should be a valid integer"),
+        ("/predict?top_k=many", png(7), "image/png", 400, "top_k must be a whole number, got 'many'"),
         ("/nowhere", png(8), "image/png", 404, "Not Found"),
         ("/predict", *multipart("photo", png(4)), 400, "no file field 'image'"),
         ("/predict", b"--x\r\nnonsense", "multipart/form-data; boundary=x", 400, ""),
@@ -144,6 +150,27 @@ def test_a_large_body_is_refused_by_its_declared_length_or_while_it_is_read(serv
     assert call(server, "/predict", png(9))[0] == 200  # and on it goes
 
 
+def resident_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's memory from /proc")
+def test_refused_bodies_are_given_back_at_once(tiny_run):
+    process, url = start(tiny_run, "--max-body-mb", "4")
+    try:
+        assert call(url, "/predict", png(9))[0] == 200
+        before = resident_mb(process.pid)
+        for _ in range(30):  # 30 bodies refused at the 4 MB cap: 120 MB if each stayed until a garbage collection
+            chunks = (b"10000\r\n" + b"z" * 65536 + b"\r\n" for _ in range(80))
+            assert raw_post(url, "Transfer-Encoding: chunked\r\n", chunks)[0] == 413
+        assert call(url, "/predict", png(9))[0] == 200
+        assert resident_mb(process.pid) - before < 40
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+
+
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server):
     images = [png(10 + i) for i in range(16)]
     alone = [call(server, "/predict?top_k=2", image)[1] for image in images[:4]]
@@ -185,15 +212,68 @@ def test_serving_needs_its_extra_and_a_free_address(tiny_run, monkeypatch, capsy
 
 
 def test_cors_is_off_unless_an_origin_is_given(server, tiny_run):
-    def allowed(url):
-        request = urllib.request.Request(url + "/metadata", headers={"Origin": "http://example.org"})
+    def allowed(url, path="/metadata", method="GET", body=None):
+        headers = {"Origin": "http://example.org", "Content-Type": "image/png"}
+        if method == "OPTIONS":
+            headers["Access-Control-Request-Method"] = "POST"
+        request = urllib.request.Request(url + path, body, headers, method=method)
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.headers.get("access-control-allow-origin")
 
-    assert allowed(server) is None
+    assert allowed(server) is None and allowed(server, "/predict", "POST", png(9)) is None
     process, url = start(tiny_run, "--cors", "http://example.org")
     try:
         assert allowed(url) == "http://example.org"
+        assert allowed(url, "/predict", "POST", png(9)) == "http://example.org"  # /predict answers outside FastAPI
+        assert allowed(url, "/predict", "OPTIONS") == "http://example.org"  # the browser's preflight
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
+
+
+class FailingOnce:
+    """A classifier whose first model run fails (out of memory, say) and whose later runs answer 50 / 50."""
+
+    classes, image_size, in_chans, resize, crop_pct, precision = ("a", "b"), 4, 3, "crop", 1.0, "fp32"
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def preprocess(self, images):
+        return torch.zeros(len(images), 3, 4, 4)
+
+    def probabilities(self, pixels):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("out of memory\ntraceback lines")
+        return torch.full((len(pixels), 2), 0.5)
+
+
+async def post_asgi(app, body: bytes) -> tuple[int, dict]:
+    """One POST /predict through the ASGI application itself: its status and JSON."""
+    messages, sent = [{"type": "http.request", "body": body, "more_body": False}], []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    headers = [(b"content-type", b"image/png"), (b"content-length", str(len(body)).encode())]
+    scope = {"type": "http", "method": "POST", "path": "/predict", "query_string": b"", "headers": headers}
+    await app(scope, receive, send)
+    return sent[0]["status"], json.loads(sent[1]["body"])
+
+
+def test_a_model_failure_is_a_500_json_error_and_the_next_request_is_answered():
+    async def twice():
+        predict = Predict(FailingOnce(), ServeOptions())
+        predict.start()
+        try:
+            return [await post_asgi(predict, b"image") for _ in range(2)]
+        finally:
+            await predict.stop()
+
+    (first, failed), (second, answered) = asyncio.run(twice())
+    assert first == 500 and failed == {"error": "the server failed: out of memory"}
+    assert second == 200 and [p["probability"] for p in answered["predictions"]] == [0.5, 0.5]

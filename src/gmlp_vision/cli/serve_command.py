@@ -17,7 +17,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("gmlp serve needs the serve extra: pip install 'gmlp-vision[serve]'") from None
     from gmlp_vision.predict import Classifier
     from gmlp_vision.runtime import resolve_device
-    from gmlp_vision.serve import ServeOptions, bind, create_app, serve
+    from gmlp_vision.serve import ServeOptions, create_app
+    from gmlp_vision.serve_run import bind, serve
 
     options = ServeOptions(
         args.max_batch,
