@@ -171,6 +171,42 @@ def test_refused_bodies_are_given_back_at_once(tiny_run):
         assert process.wait(timeout=30) == 0
 
 
+def closed_after(url: str, send: bytes, trickle: bytes = b"") -> float:
+    """Seconds until the server closes a connection that sent ``send`` and then ``trickle``, a byte every 0.3 s."""
+    host, port = url.removeprefix("http://").split(":")
+    t0 = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(send)
+        sock.settimeout(0.3)
+        for byte in trickle:
+            try:
+                if not sock.recv(1024):
+                    return time.monotonic() - t0
+            except TimeoutError:
+                pass
+            try:
+                sock.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                return time.monotonic() - t0
+        sock.settimeout(20)
+        while sock.recv(1024):
+            pass
+    return time.monotonic() - t0
+
+
+def test_slow_senders_are_cut_off_by_the_timeout(tiny_run):
+    process, url = start(tiny_run, "--timeout", "1.5")
+    try:
+        assert 1.0 < closed_after(url, b"") < 8  # a connection that never sends a byte
+        head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        assert 1.0 < closed_after(url, head, b"X-Slow: " + b"y" * 60) < 8  # headers a byte at a time
+        assert raw_post(url, "Content-Length: 1000\r\n", [b"z" * 10])[0] == 408  # headers whole, the body never
+        assert call(url, "/predict", png(9))[0] == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+
+
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server):
     images = [png(10 + i) for i in range(16)]
     alone = [call(server, "/predict?top_k=2", image)[1] for image in images[:4]]

@@ -7,6 +7,7 @@ to give large request bodies back to the system.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import signal
@@ -74,11 +75,63 @@ def _return_large_buffers() -> None:
         pass
 
 
+def header_deadline(timeout: float) -> type[asyncio.Protocol] | str:
+    """The HTTP protocol for uvicorn: its httptools one, with a deadline for each request's headers.
+
+    The headers must be in ``timeout`` seconds after the connection or the request's first byte, or the connection
+    is closed ("auto", no deadline, without httptools). uvicorn has none: a connection that sends nothing, or a
+    header a byte at a time, would be held for ever, and ``limit_concurrency`` such connections would shut everyone
+    else out.
+    """
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return "auto"
+
+    class HeaderDeadline(HttpToolsProtocol):
+        deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            if self.deadline is None:  # the next request on a kept-alive connection
+                self.arm()
+
+        def on_headers_complete(self) -> None:
+            self.disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.disarm()
+            super().connection_lost(exc)
+
+        def arm(self) -> None:
+            self.deadline = self.loop.call_later(timeout, self.too_slow)
+
+        def disarm(self) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+                self.deadline = None
+
+        def too_slow(self) -> None:
+            self.deadline = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderDeadline
+
+
 def serve(app: Any, sock: socket.socket, timeout: float) -> None:
-    """Run ``app`` on ``sock`` with uvicorn until SIGINT or SIGTERM; requests in flight finish first."""
+    """Run ``app`` on ``sock`` with uvicorn until SIGINT or SIGTERM; requests in flight finish first.
+
+    ``timeout``: the seconds a request's headers may take (`header_deadline`), and the grace period at shutdown.
+    """
     _return_large_buffers()
     settings = dict(log_level="warning", timeout_keep_alive=5, limit_concurrency=1024, access_log=False)
-    config = uvicorn.Config(app, timeout_graceful_shutdown=int(timeout) + 1, **settings)
+    config = uvicorn.Config(app, timeout_graceful_shutdown=int(timeout) + 1, http=header_deadline(timeout), **settings)
     _Server(config).run(sockets=[sock])
 
 

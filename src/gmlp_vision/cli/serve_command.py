@@ -67,7 +67,9 @@ def add_serve(sub: Any) -> None:
         "--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with (default: 5)"
     )
     p.add_argument("--max-body-mb", type=_megabytes, default=20.0, help="largest request body in MB (default: 20)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds a request may take (default: 30)")
+    p.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds a request may take, and its headers (default: 30)"
+    )
     p.add_argument("--top-k", type=positive_int, default=5, help="classes returned per image (default: 5)")
     p.add_argument(
         "--cors",
