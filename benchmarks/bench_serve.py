@@ -8,7 +8,8 @@ by `Classifier.probabilities`, in batches of ``--max-batch`` (throughput) and on
 before and after the server's load; the server's share is of the faster of the two (on a shared machine they differ).
 
 Then ``--hostile`` requests (truncated images, a decompression-bomb header, wrong content types, bodies over the cap
-by declared length and by chunks, slow senders cut off by the server's timeout, garbage bytes), then a valid one: it
+by declared length and by chunks, slow senders of bodies and of headers cut off by the server's timeout, garbage
+bytes), then a valid one: it
 must succeed, and the server's resident memory (``/proc/PID/status``) must stay within 200 MB of what it was after
 the load before them (the load itself grows it once: the batches' buffers at their largest).
 
@@ -132,9 +133,9 @@ def bomb() -> bytes:
 
 
 async def hostile_one(host: str, port: int, i: int, valid: bytes) -> int:
-    """One hostile request of kind ``i % 7``; returns the status (0: the server closed without one)."""
+    """One hostile request of kind ``i % 8``; returns the status (0: the server closed without one)."""
     reader, writer = await asyncio.open_connection(host, port)
-    kind = i % 7
+    kind = i % 8
     try:
         if kind == 0:
             writer.write(request(valid[: len(valid) // 2]))  # truncated
@@ -153,8 +154,10 @@ async def hostile_one(host: str, port: int, i: int, valid: bytes) -> int:
             for _ in range(400):
                 writer.write(b"10000\r\n" + b"z" * 65536 + b"\r\n")
                 await writer.drain()
-        else:  # a slow sender: half the body, then silence until the server's timeout
+        elif kind == 6:  # a slow sender: half the body, then silence until the server's timeout
             writer.write(request(valid)[: len(valid) // 2])
+        else:  # a slow sender of headers: half of them, then silence until the server closes the connection
+            writer.write(request(valid)[:40])
         await writer.drain()
         return await asyncio.wait_for(read_answer(reader), 30)
     except (ConnectionError, asyncio.IncompleteReadError):
