@@ -49,7 +49,7 @@ def test_dataset_alone_picks_its_preset_and_explicit_preset_wins():
     assert parse(["--dataset", "digits", "--preset", "tiny"]).preset == "tiny"
     folder = parse(["--dataset", "folder", "--data", "photos"])  # your own images: the general recipe, not seed's
     assert folder.preset == "general" and folder.optim.schedule == "onecycle" and folder.model.dropout == 0.0
-    assert folder.run.precision == "fp32" and folder.data.val_split == 0.1
+    assert folder.run.precision == "auto" and folder.data.val_split == 0.1  # bf16 where native, else fp32
 
 
 def test_every_dataset_kind_starts_from_a_preset():

@@ -27,6 +27,7 @@ that loaded a dataset has raised the threshold already): on 2 cores of an Intel 
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 import time
@@ -69,6 +70,20 @@ class ThreadChoice:
         if self.threads < share:
             text += f"; --threads {share} to use them all"
         return text + ")"
+
+
+@functools.cache
+def cpu_features() -> frozenset[str]:
+    """The CPU's feature flags as Linux names them (``/proc/cpuinfo``: avx2, avx512_bf16, amx_bf16, ...).
+
+    Empty where they cannot be read (another system): nothing is assumed then.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
 
 
 def _cores(count: int, kind: str = "") -> str:

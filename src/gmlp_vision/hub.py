@@ -47,9 +47,8 @@ ARCHITECTURE = "gmlp"
 INPUT = "float (B, C, S, S) raw pixels 0..255; the per-channel normalisation is inside the model"
 TIMM_INPUT = "timm: float (B, C, S, S) normalised as pretrained_cfg says; gmlp-vision: raw pixels 0..255"
 CROP_MODES = {"crop": "center", "squash": "squash"}  # our --resize -> timm's crop_mode
-PRECISIONS: tuple[str, ...] = next(
-    f.metadata["choices"] for f in dataclasses.fields(RunConfig) if f.name == "precision"
-)
+_RUN_PRECISIONS = next(f.metadata["choices"] for f in dataclasses.fields(RunConfig) if f.name == "precision")
+PRECISIONS: tuple[str, ...] = tuple(p for p in _RUN_PRECISIONS if p != "auto")  # auto is resolved before a run
 MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
 
 

@@ -325,4 +325,4 @@ async def _invalid(request: Request, error: Exception) -> JSONResponse:
     return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid')}"}, status_code=400)
 
 
-__all__ = ["Batcher", "Front", "RequestError", "ServeOptions", "create_app", "demo_page", "metadata"]
+__all__ = ["Batcher", "Front", "Predict", "ServeOptions", "create_app", "demo_page", "metadata"]

@@ -47,6 +47,7 @@ from gmlp_vision.loop import train_one_epoch
 from gmlp_vision.metrics import epoch_row, format_epoch, result_lines, shows_top5, split_label
 from gmlp_vision.model import GMLP
 from gmlp_vision.optim import build_optimizer
+from gmlp_vision.precision import choose_precision
 from gmlp_vision.pretrained import read_pretrained
 from gmlp_vision.resume_check import training_images
 from gmlp_vision.rundir import RunLock, open_run_dir, write_history, write_holdout, write_json
@@ -170,8 +171,9 @@ def _start(
     Returns:
         The state, the training batches, the stepper, the validation images and labels, and a part-done epoch.
     """
-    # Class count and channels are facts of the data, not choices.
-    cfg = cfg.replace(num_classes=ds.num_classes, in_chans=ds.in_chans)
+    # Class count and channels are facts of the data, not choices; the run records the precision ``auto`` chose.
+    precision = choose_precision(cfg.run.precision, device)
+    cfg = cfg.replace(num_classes=ds.num_classes, in_chans=ds.in_chans, precision=precision.name)
     images, labels = ds.train.images[: cfg.data.train_limit or None], ds.train.labels[: cfg.data.train_limit or None]
     n_train = training_images(cfg.data, len(ds.train.labels), ds.val is not None)  # Keras validation_split
     if n_train < 1:
@@ -203,9 +205,10 @@ def _start(
     preset = cfg.preset or "custom config"
     _say(ctx, message, preset, ds.name, n_train, len(val[1]), state.steps_per_epoch, device, run_dir)
     _say(ctx, "%s", _splits_line(cfg, ds))
-    warning = state.schedule.warning()
-    if warning and ctx.main:
-        log.warning("warning: %s", warning)
+    _say(ctx, "%s", precision.line)
+    for warning in (state.schedule.warning(), precision.warning):
+        if warning and ctx.main:
+            log.warning("warning: %s", warning)
     _say(ctx, "%s", recipe_line(cfg))
     return state, source, stepper, val, part
 

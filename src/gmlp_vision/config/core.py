@@ -180,7 +180,8 @@ def resolve_config(
     values = {**preset_overrides(preset), **from_file, **given, "preset": preset}
     chosen = {**from_file, **given}
     if fine_tunes(values.get("recipe", OptimConfig.recipe), values.get("init")):
-        recipe = {**finetune_values(values), **(fit_of(values["init"]) if fit_of and values.get("init") else {})}
+        init = values.get("init")
+        recipe = {**finetune_values(values), **(fit_of(init) if fit_of and isinstance(init, str) and init else {})}
         applied = {k: v for k, v in recipe.items() if k not in chosen}  # unless set
         values.update(applied)
         if applied:  # the run's config says which recipe its values came from

@@ -299,10 +299,11 @@ class RunConfig:
     seed: int = option(0, "random seed (weights, shuffling, augmentation, dropout)")
     device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
     precision: str = option(
-        "fp32",
-        "fp32, or bf16 or fp16 activations and matrix products with fp32 master weights and loss; fp16 (with a "
-        "gradient scaler) is for GPUs without fast bf16, such as T4 and V100",
-        ("fp32", "bf16", "fp16"),
+        "auto",
+        "auto: bf16 where the device computes it natively (CPUs with AMX or AVX-512 bf16, GPUs of compute capability "
+        "8.0+), else fp32; fp32; or bf16 or fp16 activations and matrix products with fp32 master weights and loss; "
+        "fp16 (with a gradient scaler) is for GPUs without fast bf16, such as T4 and V100",
+        ("auto", "fp32", "bf16", "fp16"),
     )
     compile: bool = option(False, "torch.compile the model (slower start; faster steps where the backend pays off)")
     cuda_graphs: bool = option(True, "replay each CUDA training step as a captured graph where the run allows it")
