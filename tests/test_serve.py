@@ -270,7 +270,7 @@ def test_cors_is_off_unless_an_origin_is_given(server, tiny_run):
 class FailingOnce:
     """A classifier whose first model run fails (out of memory, say) and whose later runs answer 50 / 50."""
 
-    classes, image_size, in_chans, resize, crop_pct, precision = ("a", "b"), 4, 3, "crop", 1.0, "fp32"
+    classes, image_size, in_chans, resize, crop_pct, precision, tta = ("a", "b"), 4, 3, "crop", 1.0, "fp32", "none"
 
     def __init__(self) -> None:
         self.failed = False

@@ -28,7 +28,7 @@ from torch import Tensor
 from gmlp_vision.artifacts import OnnxModel, load_export
 from gmlp_vision.checkpoint import load_checkpoint, resolve_checkpoint
 from gmlp_vision.errors import CheckpointError, ConfigError, ImageError
-from gmlp_vision.evaluate import infer
+from gmlp_vision.evaluate import check_tta, infer, tta_views
 from gmlp_vision.fetch import fetch, hub_id
 from gmlp_vision.images import (
     MAX_IMAGE_PIXELS,
@@ -105,6 +105,8 @@ class Classifier:
         max_pixels: the largest image file accepted, in pixels.
         resize: how images of another size are fitted to the input: ``crop`` or ``squash`` (`images.resize`).
         crop_pct: the share of the resized image the centre crop keeps (timm's ``crop_pct``).
+        tta: test-time augmentation, ``none``, ``flip`` or ``flip-shift`` (`evaluate.tta_views`): each image's
+            probabilities come from the mean logits of its views.
     """
 
     def __init__(
@@ -117,6 +119,7 @@ class Classifier:
         max_pixels: int = MAX_IMAGE_PIXELS,
         resize: str = "crop",
         crop_pct: float = 1.0,
+        tta: str = "none",
     ) -> None:
         outputs = len(model.classes) if isinstance(model, OnnxModel) else model.cfg.num_classes
         if len(classes) != outputs:
@@ -124,6 +127,7 @@ class Classifier:
         if batch_size < 1:
             raise ConfigError(f"--batch-size must be a positive integer, got {batch_size}")
         check_resize(resize, crop_pct)
+        check_tta(tta)
         try:
             precision_named(precision)
         except ValueError as e:
@@ -135,11 +139,17 @@ class Classifier:
         self.precision = precision
         self.batch_size = batch_size
         self.max_pixels = max_pixels
-        self.resize, self.crop_pct = resize, crop_pct
+        self.resize, self.crop_pct, self.tta = resize, crop_pct, tta
 
     @classmethod
     def load(
-        cls, path: str | Path, device: str | torch.device = "cpu", *, precision: str | None = None, batch_size: int = 64
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        *,
+        precision: str | None = None,
+        batch_size: int = 64,
+        tta: str = "none",
     ) -> Classifier:
         """Load what training or ``gmlp export`` wrote (see the module docstring); ONNX graphs run on the CPU.
 
@@ -162,18 +172,26 @@ class Classifier:
                 batch_size=batch_size,
                 resize=config.resize,
                 crop_pct=config.crop_pct,
+                tta=tta,
             )
         onnx = p / "model.onnx" if p.is_dir() and not _is_run_dir(p) else p
+        fit = dict(batch_size=batch_size, tta=tta)
         if onnx.suffix == ".onnx":
             graph = OnnxModel(onnx)  # a missing file: "not found"; anything but a regular file: refused
-            return cls(graph, graph.classes, batch_size=batch_size, resize=graph.resize, crop_pct=graph.crop_pct)
+            return cls(graph, graph.classes, resize=graph.resize, crop_pct=graph.crop_pct, **fit)
         if p.suffix == ".safetensors":
-            return cls.load(p.parent, device, precision=precision, batch_size=batch_size)
-        return cls.from_checkpoint(p, device, precision=precision, batch_size=batch_size)
+            return cls.load(p.parent, device, precision=precision, **fit)
+        return cls.from_checkpoint(p, device, precision=precision, **fit)
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str | torch.device = "cpu", *, precision: str | None = None, batch_size: int = 64
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        *,
+        precision: str | None = None,
+        batch_size: int = 64,
+        tta: str = "none",
     ) -> Classifier:
         """Load a checkpoint file, or a run directory's final checkpoint (results.json), onto ``device``.
 
@@ -189,6 +207,7 @@ class Classifier:
             batch_size=batch_size,
             resize=cfg.data.resize,
             crop_pct=cfg.data.crop_pct,
+            tta=tta,
         )
 
     @property
@@ -251,8 +270,9 @@ class Classifier:
 
     def _run(self, pixels: Tensor) -> Tensor:
         if isinstance(self.model, OnnxModel):
-            return self.model(pixels)
-        return infer(self.model, pixels, self.precision)
+            views = tta_views(pixels.float(), self.tta)
+            return torch.stack([self.model(v) for v in views]).mean(dim=0) if len(views) > 1 else self.model(pixels)
+        return infer(self.model, pixels, self.precision, self.tta)
 
     def predict(
         self, images: ImageInput | Sequence[ImageInput], top_k: int = 5, skip_bad: bool = False

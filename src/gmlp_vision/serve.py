@@ -57,6 +57,7 @@ class Classifier(Protocol):
     resize: str
     crop_pct: float
     precision: str
+    tta: str
 
     def preprocess(self, images: Sequence[Any]) -> Tensor: ...
 
@@ -176,6 +177,7 @@ def metadata(classifier: Classifier, source: str, options: ServeOptions) -> dict
         "resize": classifier.resize,
         "crop_pct": classifier.crop_pct,
         "precision": classifier.precision,
+        "tta": classifier.tta,
         "gmlp_vision": __version__,
         "max_batch": options.max_batch,
         "max_wait_ms": options.max_wait_ms,

@@ -36,3 +36,17 @@ def cpu_threads_for(device: Any) -> None:
     choice = use_cpu_threads(0)
     if choice.warning:
         print(f"gmlp: warning: {choice.warning}", file=sys.stderr)  # stderr: stdout may be --json lines
+
+
+TTA_CHOICES = ("none", "flip", "flip-shift")  # evaluate.TTA_MODES, without importing torch for --help
+
+
+def add_tta(p: argparse.ArgumentParser) -> None:
+    """``--tta``: test-time augmentation for the commands that run a trained model."""
+    p.add_argument(
+        "--tta",
+        choices=TTA_CHOICES,
+        default="none",
+        help="test-time augmentation: the mean logits of each image and its mirror (flip), and of both moved 2 px "
+        "up-left and down-right (flip-shift: 6 runs); for photos, not text or digits (default: none)",
+    )

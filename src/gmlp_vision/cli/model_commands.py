@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gmlp_vision.cli.common import cpu_threads_for, device_flag, positive_int
+from gmlp_vision.cli.common import add_tta, cpu_threads_for, device_flag, positive_int
 from gmlp_vision.errors import ConfigError, printable
 
 CHECK_IMAGES = 64  # random images the export check compares on
@@ -93,15 +93,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             ckpt.config.run.precision,
         )
     dataset = ds.name
-    metrics = evaluate(model, ds.test.images, ds.test.labels, batch_size=args.batch_size, precision=precision)
+    test = (ds.test.images, ds.test.labels)
+    metrics = evaluate(model, *test, batch_size=args.batch_size, precision=precision, tta=args.tta)
     if args.json:
         print(
             json.dumps(
-                {"checkpoint": str(args.checkpoint), "dataset": dataset, "images": len(ds.test.labels), **metrics}
+                {"checkpoint": str(args.checkpoint), "dataset": dataset, "images": len(ds.test.labels), "tta": args.tta}
+                | metrics
             )
         )
     else:
-        print(f"{dataset} {ds.test_split} split, {len(ds.test.labels)} images: loss {metrics['loss']:.4f}")
+        tta = "" if args.tta == "none" else f", test-time augmentation {args.tta}"
+        print(f"{dataset} {ds.test_split} split, {len(ds.test.labels)} images{tta}: loss {metrics['loss']:.4f}")
         print_accuracy(split_name(ds.test_split), metrics, shows_top5(ds.num_classes))
     return 0
 
@@ -323,6 +326,7 @@ def add_evaluate(sub: Any, dataset_names: Sequence[str]) -> None:
         "Face Hub id ORG/NAME) with --dataset",
     )
     _add_test_data_arguments(p, dataset_names)
+    add_tta(p)
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=_cmd_evaluate)
 

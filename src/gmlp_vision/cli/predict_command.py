@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gmlp_vision.cli.common import cpu_threads_for, device_flag, positive_int
+from gmlp_vision.cli.common import add_tta, cpu_threads_for, device_flag, positive_int
 from gmlp_vision.errors import ImageError, printable
 
 
@@ -23,7 +23,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         output_format(args.output)  # an unknown suffix is refused before any model or image is read
     device = resolve_device(args.device)
     cpu_threads_for(device)
-    classifier = Classifier.load(args.checkpoint, device, batch_size=args.batch_size)
+    classifier = Classifier.load(args.checkpoint, device, batch_size=args.batch_size, tta=args.tta)
     files = expand_inputs(args.images)
     top_k = min(args.top_k, len(classifier.classes))
     try:
@@ -91,4 +91,5 @@ def add_predict(sub: Any) -> None:
     )
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default: 64)")
     p.add_argument("--device", type=device_flag, default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    add_tta(p)
     p.set_defaults(func=_cmd_predict)

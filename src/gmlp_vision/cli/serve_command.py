@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from gmlp_vision.cli.common import cpu_threads_for, device_flag, positive_int
+from gmlp_vision.cli.common import add_tta, cpu_threads_for, device_flag, positive_int
 from gmlp_vision.errors import ConfigError, printable
 
 
@@ -30,7 +30,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     device = resolve_device(args.device)
     cpu_threads_for(device)
-    classifier = Classifier.load(args.model, device, batch_size=options.max_batch)
+    classifier = Classifier.load(args.model, device, batch_size=options.max_batch, tta=args.tta)
     app = create_app(classifier, args.model, options)
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
@@ -78,4 +78,5 @@ def add_serve(sub: Any) -> None:
         help="allow browser pages from ORIGIN to call the server (repeatable; default: none)",
     )
     p.add_argument("--device", type=device_flag, default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    add_tta(p)
     p.set_defaults(func=_cmd_serve)
