@@ -108,8 +108,8 @@ def arm(name: str, target: Dataset, args: argparse.Namespace, init: Path | None)
     t0 = time.perf_counter()
     result = train(cfg, target)
     seconds = time.perf_counter() - t0
-    model, _ = load_model(result.run_dir / result.final_checkpoint)
-    test = evaluate(model, target.test.images, target.test.labels, precision=cfg.run.precision)
+    model, ckpt = load_model(result.run_dir / result.final_checkpoint)
+    test = evaluate(model, target.test.images, target.test.labels, precision=ckpt.config.run.precision)  # auto's
     return {"arm": name, "seconds": seconds, "acc": test["acc"], "shipped": result.final_checkpoint,
             "lr": cfg.optim.lr, "schedule": cfg.optim.schedule, "layer_decay": cfg.optim.layer_decay}  # fmt: skip
 

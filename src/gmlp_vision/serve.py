@@ -1,18 +1,21 @@
 """``gmlp serve``: a trained model behind HTTP, with dynamic batching and a demo page.
 
-Built on FastAPI and uvicorn (the ``serve`` extra) rather than a server of our own: uvicorn parses HTTP (h11),
-limits header sizes, shuts down gracefully on SIGTERM (requests in flight finish, then exit 0), and FastAPI gives
-the OpenAPI schema and docs (``/docs``). LitServe would bring its own process model and queue on top of the same
-FastAPI; the batching here is a few lines of asyncio in front of one model, where its cost can be measured.
+Built on FastAPI and uvicorn (the ``serve`` extra) rather than a server of our own: uvicorn parses HTTP (httptools),
+limits header sizes (`serve_run` adds a deadline for them), shuts down gracefully on SIGTERM (requests in flight
+finish, then exit 0), and FastAPI gives the OpenAPI schema and docs (``/docs``). LitServe would bring its own process
+model and queue on top of the same FastAPI; the batching here is a few lines of asyncio in front of one model, where
+its cost can be measured.
 
 - ``POST /predict``: an image as the raw body, or multipart with the field ``image``; ``?top_k=N``. The top-k classes
   and probabilities as JSON. Concurrent requests are gathered (`Batcher`) into one batch of up to ``max_batch``
-  images, waiting at most ``max_wait_ms`` after the first, and run once.
+  images, waiting at most ``max_wait_ms`` after the first, and run once. It is answered by `Predict`, a plain ASGI
+  application in front of FastAPI (`Front`), which serves the rest and documents it.
 - ``GET /health``, ``GET /metadata`` (classes, input size and channels, resize rule, precision, version), ``GET /``
   the demo page (no external scripts or fonts), ``GET /docs`` and ``/openapi.json``.
 - Hardening: a body cap (``max_body``, checked on the declared length and while reading), the image-format allow-list,
-  pixel and bomb limits of `images.open_image`, a per-request timeout, no path or URL is ever read on a request's
-  word, CORS off unless origins are given. A bad request gets a 4xx JSON ``{"error": ...}`` and the server goes on.
+  pixel and bomb limits of `images.open_image`, a per-request timeout (and one for the headers), no path or URL is
+  ever read on a request's word, CORS off unless origins are given. A bad request gets a 4xx JSON ``{"error": ...}``
+  and the server goes on.
 """
 
 from __future__ import annotations
@@ -212,7 +215,7 @@ class Predict:
             response = await self.respond(request)
         except RequestError as e:
             response = JSONResponse({"error": str(e)}, status_code=e.status, headers=e.headers)
-            e.__traceback__ = None  # its frames hold the body; dropped now, not by a later collection (see below)
+            e.__traceback__ = None  # its frames hold the body: dropped now, not by a later collection (docstring)
         except Exception as e:  # the model or a library failed: this request is told, the server goes on
             log.exception("POST /predict failed")
             response = JSONResponse({"error": f"the server failed: {first_line(e, 200)}"}, status_code=500)
