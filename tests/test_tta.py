@@ -31,6 +31,8 @@ def test_the_views_are_the_image_its_mirror_and_both_moved_2px_each_way():
     assert torch.equal(six[3], down_right.flip(-1)) and torch.equal(six[5], up_left.flip(-1))
     with pytest.raises(ConfigError, match="--tta must be one of none, flip, flip-shift, got 'mirror'"):
         tta_views(x, "mirror")
+    with pytest.raises(ConfigError, match="--tta flip-shift moves images by 2 px: they must be larger, got 2 px"):
+        tta_views(torch.zeros(1, 1, 2, 2), "flip-shift")
 
 
 def test_tta_averages_the_logits_of_the_views(tiny_run):

@@ -38,6 +38,8 @@ def tta_views(x: Tensor, mode: str = "none") -> list[Tensor]:
     views = [x] if mode == "none" else [x, x.flip(-1)]
     if mode == "flip-shift":
         size, s = x.shape[-1], TTA_SHIFT
+        if min(x.shape[-2:]) <= s:
+            raise ConfigError(f"--tta flip-shift moves images by {s} px: they must be larger, got {size} px")
         padded = F.pad(x, (s, s, s, s), mode="reflect")
         for start in (0, 2 * s):  # the content moves down-right, then up-left
             moved = padded[..., start : start + size, start : start + size]
