@@ -73,17 +73,21 @@ class ThreadChoice:
 
 
 @functools.cache
+def cpu_flags_line() -> str:
+    """The line of ``/proc/cpuinfo`` that lists the CPU's features (x86 ``flags``, Arm ``Features``); "" elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
 def cpu_features() -> frozenset[str]:
-    """The CPU's feature flags as Linux names them (``/proc/cpuinfo``: avx2, avx512_bf16, amx_bf16, ...).
+    """The CPU's feature flags as Linux names them (avx2, avx512_bf16, amx_bf16, ...).
 
     Empty where they cannot be read (another system): nothing is assumed then.
     """
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return frozenset()
-    return frozenset(line.partition(":")[2].split())
+    return frozenset(cpu_flags_line().partition(":")[2].split())
 
 
 def _cores(count: int, kind: str = "") -> str:

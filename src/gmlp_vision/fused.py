@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gmlp_vision.cpu import cpu_flags_line
 from gmlp_vision.kernel_cache import (
     DamagedLibrary,
     KernelUnavailable,
@@ -69,14 +70,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gmlp-vision" / "kernels"
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return os.uname().machine
-
-
 def build(compiler: str | None = None, *, again: bool = False) -> Path:
     """Compile `fused.c` unless a build of this source, compiler and CPU is cached (or ``again``); its path.
 
@@ -88,7 +81,7 @@ def build(compiler: str | None = None, *, again: bool = False) -> Path:
         KernelUnavailable: no compiler, or it failed.
     """
     command = compiler_command(compiler)
-    key = "\0".join([compiler_version(command), *FLAGS, _cpu_flags()]).encode()
+    key = "\0".join([compiler_version(command), *FLAGS, cpu_flags_line() or os.uname().machine]).encode()
     directory, reason = trusted_dir(cache_dir())
     if reason is not None and directory not in _WARNED:
         _WARNED.add(directory)

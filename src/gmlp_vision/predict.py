@@ -175,13 +175,13 @@ class Classifier:
                 tta=tta,
             )
         onnx = p / "model.onnx" if p.is_dir() and not _is_run_dir(p) else p
-        fit = dict(batch_size=batch_size, tta=tta)
+        options = dict(batch_size=batch_size, tta=tta)
         if onnx.suffix == ".onnx":
             graph = OnnxModel(onnx)  # a missing file: "not found"; anything but a regular file: refused
-            return cls(graph, graph.classes, resize=graph.resize, crop_pct=graph.crop_pct, **fit)
+            return cls(graph, graph.classes, resize=graph.resize, crop_pct=graph.crop_pct, **options)
         if p.suffix == ".safetensors":
-            return cls.load(p.parent, device, precision=precision, **fit)
-        return cls.from_checkpoint(p, device, precision=precision, **fit)
+            return cls.load(p.parent, device, precision=precision, **options)
+        return cls.from_checkpoint(p, device, precision=precision, **options)
 
     @classmethod
     def from_checkpoint(

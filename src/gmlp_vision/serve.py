@@ -90,7 +90,7 @@ class ServeOptions:
 
 
 class Batcher:
-    """Gathers concurrent requests' preprocessed images into batches and runs each batch once, in one thread.
+    """Gathers concurrent requests' decoded images into batches and runs each batch once, in one thread.
 
     A batch waits for more images (up to ``max_wait_ms`` after its first) only while other requests are on their way
     (``coming``: counted by `arriving`), so a lone request runs at once. ``batches`` and ``images`` count what ran
