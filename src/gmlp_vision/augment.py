@@ -23,8 +23,38 @@ from gmlp_vision.policy_timm import rand_augment_timm
 
 def flip_lr(images: Tensor, generator: torch.Generator | None = None, p: float = 0.5) -> Tensor:
     """Mirror each image left-right with probability ``p``."""
-    mask = torch.rand(images.shape[0], device=images.device, generator=generator) < p
-    return torch.where(mask[:, None, None, None], images.flip(-1), images)
+    return mirror(images, torch.rand(images.shape[0], device=images.device, generator=generator) < p)
+
+
+def flip_halves(n: int, seed: int) -> Tensor:
+    """`--flip-mode alternate`'s random half of ``n`` training images (those mirrored in even epochs), from ``seed``."""
+    return torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed)).bool()
+
+
+def alternating_flips(halves: Tensor, index: Tensor, epoch: int) -> Tensor:
+    """Which images of ``index`` (training-set indices) `--flip-mode alternate` mirrors in ``epoch`` (0-based).
+
+    Each image is mirrored in every other epoch: the first epoch mirrors a random half of the set (``halves``, from
+    `flip_halves`), the next the other half, and so on (airbench's alternating flip), so any two epochs in a row show
+    every image both ways. Stateless: a resumed run, another number of ranks or a balanced sampler that draws an image
+    twice mirrors exactly as an uninterrupted run would.
+    """
+    return halves[index] ^ bool(epoch % 2)
+
+
+def mirror(images: Tensor, which: Tensor) -> Tensor:
+    """``images`` (B, C, H, W), with those where ``which`` (B,) is true mirrored left-right."""
+    return torch.where(which[:, None, None, None], images.flip(-1), images)
+
+
+def flips_at_random(aug: AugmentConfig) -> bool:
+    """Whether the step mirrors images at random; with ``--flip-mode alternate`` the batch source mirrors them."""
+    return aug.flip and aug.flip_mode == "random"
+
+
+def alternates_flips(aug: AugmentConfig) -> bool:
+    """Whether the batch source mirrors the images it hands out (`alternating_flips`)."""
+    return aug.flip and aug.flip_mode == "alternate"
 
 
 def zoom(images: Tensor, factors: Tensor) -> Tensor:
@@ -182,13 +212,13 @@ def augment_for_training(x: Tensor, aug: AugmentConfig, generator: torch.Generat
     """The configured per-image augmentation of a float batch at the input size.
 
     In timm's order: crop, flip, the tutorial's zoom, the automatic policy, random erasing. Mixup and cutmix work on
-    the whole batch and come after (`mix_for_training`).
+    the whole batch and come after (`mix_for_training`). Alternating flips come mirrored from the batch source.
     """
     if streams_crop(aug) and not cropped:
         x = random_resized_crop(x, aug.crop_scale, generator)
     elif aug.crop == "pad":
         x = random_crop_padded(x, aug.crop_padding, generator)
-    x = augment_batch(x, flip=aug.flip, zoom_amount=aug.zoom, generator=generator)
+    x = augment_batch(x, flip=flips_at_random(aug), zoom_amount=aug.zoom, generator=generator)
     if aug.policy == "trivial":
         x = trivial_augment(x, generator)
     elif aug.policy == "randaugment":

@@ -5,8 +5,9 @@ the run's order generator) and a batch an index slice of it. Under torchrun ever
 on its contiguous share of each global batch (`runtime.Dist.share`); a rank left without an image in a small last
 batch takes part with one image of weight 0. `BatchSource.batches` hands each step its `Batch`: the indices, the weight
 of each image in the gradient, and the uint8 pixels and labels, gathered from the device-resident set by
-`BatchSource.gather` or decoded from streamed files by worker processes. A captured CUDA step (`graphs.GraphStep`)
-takes the indices alone and calls the same `BatchSource.gather` inside its graph.
+`BatchSource.gather` or decoded from streamed files by worker processes, and mirrored there under
+``--flip-mode alternate`` (each image's mirror follows its index and the epoch: `augment.alternating_flips`). A
+captured CUDA step (`graphs.GraphStep`) takes the indices alone and calls `BatchSource.gather` inside its graph.
 
 Streamed files are decoded ahead, as random-resized crops when ``--crop`` asks for them, each crop keyed to (seed,
 step, image index) so that resuming, or another number of workers, draws the same crops. `EpochProgress` is where an
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gmlp_vision.augment import alternating_flips, flip_halves, mirror
 from gmlp_vision.data.stream import ImageFiles
 from gmlp_vision.runtime import SINGLE, Dist
 
@@ -83,6 +85,8 @@ class BatchSource:
         ctx: this process's place under torchrun (default: a single process).
         crop_seed: streamed files are decoded as random-resized crops keyed to this seed (`augment.streams_crop`
             says when); None: whole images. Images in memory ignore it (the step crops them).
+        flip_seed: the batches come mirrored as `augment.alternating_flips` says for this seed
+            (`augment.alternates_flips` says when); None: as they are (the step flips them at random, or not at all).
         class_weights: ``balanced``: each image's loss counts n / (classes x images of its class) (`class_weights`).
         sampler: ``balanced``: an epoch draws as many images, with replacement, each class equally likely.
     """
@@ -95,6 +99,7 @@ class BatchSource:
         *,
         ctx: Dist = SINGLE,
         crop_seed: int | None = None,
+        flip_seed: int | None = None,
         class_weights: str = "none",
         sampler: str = "shuffle",
     ) -> None:
@@ -105,6 +110,7 @@ class BatchSource:
         self.draw_weights = (1.0 / counts.clamp_min(1))[labels.cpu()] if sampler == "balanced" else None
         self.streamed = isinstance(images, ImageFiles)
         self.seed = crop_seed
+        self.halves = None if flip_seed is None else flip_halves(len(labels), flip_seed).to(labels.device)
         self.crops = self.streamed and crop_seed is not None  # decoded as crops: the step does not crop them again
 
     def __len__(self) -> int:
@@ -145,15 +151,25 @@ class BatchSource:
             DataError: an unreadable streamed file (without ``--skip-bad-images``).
         """
         plan = self._plan(progress)
+        epoch = (progress.step - progress.batch) // self.steps_per_epoch
         if not gather:
+            assert self.halves is None, "a captured step gathers unmirrored images (`graphs.unsupported`)"
             yield from (Batch(number, mine, weight, class_weights=self.class_weights) for number, mine, weight in plan)
         elif not self.streamed:
             for number, mine, weight in plan:
-                yield Batch(number, mine, weight, *self.gather(mine), class_weights=self.class_weights)
+                x, y = self.gather(mine)
+                yield Batch(number, mine, weight, self._mirrored(x, mine, epoch), y, class_weights=self.class_weights)
         else:
             decoded = self._decode([mine for _, mine, _ in plan], progress.step)
             for (number, mine, weight), (x, readable) in zip(plan, decoded, strict=True):
+                x = self._mirrored(x, mine, epoch)
                 yield Batch(number, mine, weight, x, self.labels[mine], readable, self.crops, self.class_weights)
+
+    def _mirrored(self, images: Tensor, index: Tensor, epoch: int) -> Tensor:
+        """``images`` (at ``index``) as ``epoch`` shows them: mirrored as `augment.alternating_flips` says."""
+        if self.halves is None:
+            return images
+        return mirror(images, alternating_flips(self.halves, index, epoch))
 
     def _plan(self, progress: EpochProgress) -> list[tuple[int, Tensor, float]]:
         """The epoch's steps from batch ``progress.batch`` on: (number, this rank's share, each image's weight)."""

@@ -238,7 +238,10 @@ def _schedule(cfg: Any) -> str:
 def _training_section(ckpt: Checkpoint) -> list[str]:
     cfg = ckpt.config
     o, a, m = cfg.optim, cfg.augment, cfg.model
-    augment = [f"crop {a.crop}" if a.crop != "none" else "", "flip" if a.flip else ""]
+    augment = [
+        f"crop {a.crop}" if a.crop != "none" else "",
+        ("flip" if a.flip_mode == "random" else "alternating flip") if a.flip else "",
+    ]
     augment += [f"zoom {a.zoom:g}" if a.zoom else ""]
     augment += [f"{a.policy} {a.policy_ops}/{a.policy_magnitude:g}" if a.policy != "none" else ""]
     augment += [f"mixup {a.mixup:g}" if a.mixup else "", f"cutmix {a.cutmix:g}" if a.cutmix else ""]

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gmlp_vision.augment import alternates_flips
 from gmlp_vision.batches import Batch, BatchSource
 from gmlp_vision.config.core import Config
 from gmlp_vision.errors import ConfigError, first_line
@@ -47,6 +48,7 @@ def unsupported(cfg: Config, device: torch.device, *, distributed: bool, streame
         (bool(not_capturable), not_capturable),
         (bool(aug.mixup or aug.cutmix), "mixup/cutmix (each batch's mixing share is drawn on the host)"),
         (aug.policy != "none", f"--policy {aug.policy} (each op picks its images on the host)"),
+        (alternates_flips(aug), "--flip-mode alternate (the batch source mirrors the images as it gathers them)"),
         (cfg.optim.optimizer not in ("keras-adamw", "adamw"), f"--optimizer {cfg.optim.optimizer}"),
         (not captures_generators(), f"torch {torch.__version__} cannot capture the augmentation's own generator"),
     )

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from gmlp_vision.augment import streams_crop
+from gmlp_vision.augment import alternates_flips, streams_crop
 from gmlp_vision.batches import BatchSource, EpochProgress
 from gmlp_vision.callbacks import Callback, RunInfo
 from gmlp_vision.checkpoint import after_nonfinite
@@ -188,7 +188,8 @@ def _start(
     if ds.holdout:  # the test files the loader held out, for a resumed run and `gmlp evaluate` to test on again
         ctx.on_main(partial(write_holdout, run_dir, ds.holdout, cfg.data.holdout))
     crop_seed = cfg.run.seed if streams_crop(cfg.augment) else None
-    balance = dict(class_weights=cfg.optim.class_weights, sampler=cfg.data.sampler)
+    flips = cfg.run.seed if alternates_flips(cfg.augment) else None
+    balance = dict(class_weights=cfg.optim.class_weights, sampler=cfg.data.sampler, flip_seed=flips)
     train_set = (images[:n_train].to(device), labels[:n_train].to(device), cfg.optim.batch_size)
     source = BatchSource(*train_set, ctx=ctx, crop_seed=crop_seed, **balance)
     model = _new_model(cfg, images, pretrained if saved is None else None, device)

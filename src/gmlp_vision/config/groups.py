@@ -151,6 +151,12 @@ class AugmentConfig:
     """Training-time augmentation, batched on the training device (`augment.py` builds the pipeline from it)."""
 
     flip: bool = option(True, "random horizontal flip, p=0.5 per image")
+    flip_mode: str = option(
+        "random",
+        "how --flip picks the mirrored images: random (each time an image is drawn, p=0.5) or alternate (each image "
+        "mirrored in every other epoch, a random half in the first: airbench's alternating flip)",
+        ("random", "alternate"),
+    )
     zoom: float = option(0.2, "random zoom: per image and axis a factor from U(1-zoom, 1+zoom); 0 turns it off")
     crop: str = option(
         "none",
