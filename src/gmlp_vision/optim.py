@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from gmlp_vision.config.groups import OptimConfig
+from gmlp_vision.optim_muon import MuonAdamW, hidden_matrices
 
 
 class KerasAdamW(torch.optim.Optimizer):
@@ -340,23 +341,24 @@ def build_optimizer(optim: OptimConfig, model: nn.Module) -> torch.optim.Optimiz
 
     With ``optim.layer_decay`` below 1, each layer gets a parameter group whose ``lr_scale`` is the decay to the
     power of its depth below the top (`layer_groups`); `LrSchedule` and the optimiser apply it to every lr.
+    ``muon``: `optim_muon.MuonAdamW`, which splits each group into Muon's matrices and AdamW's rest.
     """
+    groups: list[dict[str, Any]] = [{"params": list(model.parameters())}]
     if optim.layer_decay != 1.0:
         groups = layer_groups(model, optim.layer_decay, optim.decay_norms_biases)
         for group in groups:
             group["lr"] = optim.lr * group["lr_scale"]
-        if optim.optimizer == "keras-adamw":
-            return KerasAdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
-        return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
-    params: list[Any] = list(model.parameters())
-    if not optim.decay_norms_biases:
-        params = [
+    elif not optim.decay_norms_biases:
+        params = groups[0]["params"]
+        groups = [
             {"params": [p for p in params if p.ndim > 1]},
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
         ]
     if optim.optimizer == "keras-adamw":
-        return KerasAdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
-    return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+        return KerasAdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+    if optim.optimizer == "muon":
+        return MuonAdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay, hidden=hidden_matrices(model))
+    return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
 
 
 def base_lr(optimizer: torch.optim.Optimizer) -> float:

@@ -23,6 +23,7 @@ from gmlp_vision.errors import CheckpointError, shown
 from gmlp_vision.metrics import EMA_FIELDS, HISTORY_FIELDS, ROW_NEEDS
 from gmlp_vision.model import GMLP
 from gmlp_vision.optim import KerasAdamW, build_optimizer
+from gmlp_vision.optim_muon import MUON_KEY
 from gmlp_vision.precision import precision_named
 
 # The columns of a history row (history.csv's, in this order): every row has the first ones, and the same set.
@@ -256,17 +257,27 @@ def _optimizer(saved: Any, optimizer: torch.optim.Optimizer, step: int) -> None:
         _require(_real(group["lr"]) and group["lr"] >= 0, f"{where}.lr", "a finite number >= 0", group["lr"])
         for key in group.keys() - {"params", "lr"}:
             _require(_same(group[key], want[key]), f"{where}.{key}", f"{shown(want[key])} (the run's)", group[key])
-    _moments(s["state"], [p for g in optimizer.param_groups for p in g["params"]], optimizer, step)
+    _moments(
+        s["state"], [(p, bool(g.get(MUON_KEY))) for g in optimizer.param_groups for p in g["params"]], optimizer, step
+    )
 
 
-def _moments(states: Any, params: list[Tensor], optimizer: torch.optim.Optimizer, step: int) -> None:
-    """Per parameter (by index): its count of updates and its two moments, finite, shaped like the parameter."""
+def _moments(states: Any, params: list[tuple[Tensor, bool]], optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Per parameter (by index): its count of updates and its two moments, finite, shaped like the parameter.
+
+    A matrix in one of Muon's groups (``params``' flag) has one momentum instead, and no count.
+    """
     _require(isinstance(states, dict), "optimizer.state", "a dict of parameter states", states)
     unknown = [k for k in states if not (type(k) is int and 0 <= k < len(params))]
     if unknown:
         _fail(f"optimizer.state holds an entry {shown(unknown[0])}; the model has parameters 0..{len(params) - 1}")
     for index, state in states.items():
-        where, p = f"optimizer.state[{index}]", params[index]
+        where, (p, muon) = f"optimizer.state[{index}]", params[index]
+        if muon:
+            _entries(state, where, ("momentum_buffer",))
+            buffer = _tensor(state["momentum_buffer"], f"{where}.momentum_buffer", p.dtype, tuple(p.shape))
+            _finite(buffer, f"{where}.momentum_buffer")
+            continue
         _entries(state, where, ("step", *_MOMENTS))
         count = state["step"]
         if not isinstance(optimizer, KerasAdamW):  # torch's AdamW counts in a float32 scalar tensor
