@@ -1,4 +1,4 @@
-"""--optimizer muon: PyTorch's Muon on the blocks' weight matrices, AdamW on the rest, as one optimiser."""
+"""--optimizer muon: Muon on the blocks' weight matrices, AdamW on the rest, as one optimiser."""
 
 import copy
 from dataclasses import replace
@@ -10,7 +10,7 @@ from gmlp_vision.config import from_preset
 from gmlp_vision.graphs import unsupported
 from gmlp_vision.model import GMLP
 from gmlp_vision.optim import LrSchedule, build_optimizer
-from gmlp_vision.optim_muon import MuonAdamW, hidden_matrices
+from gmlp_vision.optim_muon import MuonAdamW, hidden_matrices, orthogonalised
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,7 +69,7 @@ def test_its_state_resumes_exactly_and_the_schedule_reaches_both_sides():
     _, again, fresh = model_and_optimizer()
     again.load_state_dict(saved_model)
     fresh.load_state_dict(saved_state)
-    assert fresh._muon.state is fresh.state and fresh._muon.param_groups[0] is fresh.param_groups[0]
+    assert fresh._adamw.state is fresh.state and fresh._adamw.param_groups[0] is fresh.param_groups[-1]
     one_step(again, fresh, 1)
     assert all(torch.equal(again.state_dict()[k], straight[k]) for k in straight)
     LrSchedule.from_config(replace(cfg.optim, schedule="cosine", plateau_patience=0), 10).apply(fresh, 5)
@@ -90,3 +90,32 @@ def test_a_model_without_hidden_matrices_is_refused_and_cuda_graphs_fall_back():
     assert hidden_matrices(GMLP(from_preset("tiny", num_classes=3).model))
     cfg = from_preset("tiny", optimizer="muon")
     assert unsupported(cfg, torch.device("cuda"), distributed=False, streamed=False) == "--optimizer muon"
+
+
+@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float32])
+def test_the_update_is_pytorchs_muon_in_either_dtype(ns_dtype):
+    torch.manual_seed(0)
+    theirs_w, ours_w = (torch.nn.Parameter(torch.randn(48, 24)) for _ in range(2))
+    ours_w.data.copy_(theirs_w.data)
+    theirs = torch.optim.Muon([theirs_w], lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    ours = MuonAdamW([{"params": [ours_w]}], lr=0.01, weight_decay=0.1, hidden={ours_w})
+    ours.ns_dtype = ns_dtype  # bf16 where the CPU computes it natively (as --precision auto), else float32
+    for seed in range(3):  # the momentum and its Nesterov look-ahead too
+        grad = torch.randn(48, 24, generator=torch.Generator().manual_seed(seed))
+        theirs_w.grad, ours_w.grad = grad.clone(), grad.clone()
+        theirs.step()
+        ours.step()
+    atol = 1e-6 if ns_dtype == torch.bfloat16 else 2e-3  # PyTorch orthogonalises in bf16
+    torch.testing.assert_close(ours_w.data, theirs_w.data, rtol=0, atol=atol)
+    torch.testing.assert_close(ours.state[ours_w]["momentum_buffer"], theirs.state[theirs_w]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("shape", [(64, 16), (16, 64), (32, 32)])
+def test_newton_schulz_brings_every_singular_value_near_one_and_keeps_the_dtype(shape):
+    m = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * torch.logspace(-1, 0, shape[1])  # spread out
+    for dtype in (torch.float32, torch.bfloat16):
+        out = orthogonalised(m, dtype)
+        singular = torch.linalg.svdvals(out.double())
+        assert out.shape == m.shape and out.dtype == torch.float32 and 0.6 < singular.min() and singular.max() < 1.3
+    assert orthogonalised(m.bfloat16()).dtype == torch.bfloat16
+    assert torch.count_nonzero(orthogonalised(torch.zeros(shape))) == 0  # a zero gradient stays zero

@@ -1,11 +1,13 @@
-"""``--optimizer muon``: PyTorch's Muon on the blocks' weight matrices, its AdamW on everything else, as one optimiser.
+"""``--optimizer muon``: Muon on the blocks' weight matrices, PyTorch's AdamW on everything else, as one optimiser.
 
-Muon (Keller Jordan, 2024) replaces each hidden weight matrix's update with its momentum orthogonalised by five
-Newton-Schulz steps; the stem (patch embedding), the head and every vector (norms, biases) stay with AdamW, as its
-authors advise. PyTorch's ``torch.optim.Muon`` runs with Moonshot's lr adjustment (``match_rms_adamw``: the update's
-RMS matched to AdamW's), so both take the run's ``--lr``, ``--weight-decay`` and schedule unchanged. Its
-Newton-Schulz steps run in bfloat16, which costs little where the CPU computes bf16 natively and much where it does
-not (an AVX2-only CPU emulates it).
+Muon (Keller Jordan, 2024) replaces each hidden weight matrix's update with its Nesterov momentum orthogonalised by
+five Newton-Schulz steps; the stem (patch embedding), the head and every vector (norms, biases) stay with AdamW, as
+its authors advise. The update's RMS is matched to AdamW's (Moonshot's adjustment: the lr times 0.2 sqrt(max(rows,
+cols))), so both sides take the run's ``--lr``, ``--weight-decay`` and schedule unchanged. The update is
+``torch.optim.Muon``'s with ``adjust_lr_fn="match_rms_adamw"``, written here for one reason: PyTorch orthogonalises
+in bfloat16, which CPUs without AVX-512 bf16 or AMX emulate about 20x slower than float32, so here the Newton-Schulz
+steps run in bfloat16 where the device computes it natively (`precision.native_bf16`, the rule of ``--precision
+auto``) and in float32 elsewhere.
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gmlp_vision.precision import native_bf16
+
 MUON_KEY = "muon"  # a parameter group's flag: True for Muon's groups, False for AdamW's
+MOMENTUM = 0.95
+NS_STEPS = 5
+# The quintic's coefficients (Jordan's): the steepest slope at 0 for which the iteration still lands every singular
+# value in about 0.7..1.2, which trains as well as the exact U V^T.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 def hidden_matrices(model: nn.Module) -> set[Tensor]:
@@ -24,11 +33,27 @@ def hidden_matrices(model: nn.Module) -> set[Tensor]:
     return {p for name, p in model.named_parameters() if p.ndim == 2 and not name.startswith(("patch_embed.", "head."))}
 
 
+def orthogonalised(m: Tensor, dtype: torch.dtype = torch.float32, eps: float = 1e-7) -> Tensor:
+    """``m`` (2-D) with its singular values brought near 1 by `NS_STEPS` Newton-Schulz steps in ``dtype``.
+
+    Returned in ``m``'s dtype.
+    """
+    a, b, c = NS_COEFFICIENTS
+    x = m.to(dtype)
+    wide = x.shape[0] <= x.shape[1]
+    x = x if wide else x.T  # iterate on the wide side: the Gram matrix is the smaller one
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(NS_STEPS):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x if wide else x.T).to(m.dtype)
+
+
 class MuonAdamW(torch.optim.Optimizer):
-    """``torch.optim.Muon`` on the ``hidden`` matrices and ``torch.optim.AdamW`` on the rest, behind one optimiser.
+    """Muon on the ``hidden`` matrices and ``torch.optim.AdamW`` on the rest, behind one optimiser.
 
     Each of ``groups`` (dicts with ``params`` and any per-group settings: ``lr_scale``, ``weight_decay``) is split
-    into its hidden matrices (a Muon group) and the rest (an AdamW group). The two inner optimisers share this one's
+    into its hidden matrices (a Muon group) and the rest (an AdamW group). The inner AdamW shares this optimiser's
     parameter groups and state, so `optim.LrSchedule` sets every group's lr and a checkpoint holds one state dict.
 
     Raises:
@@ -36,32 +61,28 @@ class MuonAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, groups: Iterable[dict[str, Any]], *, lr: float, weight_decay: float, hidden: set[Tensor]):
-        muon_groups, adamw_groups = [], []
+        split: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
         for group in groups:
             settings = {k: v for k, v in group.items() if k != "params"}
             params = list(group["params"])
-            for side, mine in ((muon_groups, True), (adamw_groups, False)):
-                chosen = [p for p in params if (p in hidden) is mine]
+            for muon in (True, False):
+                chosen = [p for p in params if (p in hidden) is muon]
                 if chosen:
-                    side.append({**settings, "params": chosen})
-        if not muon_groups:
+                    split[muon].append({**settings, "params": chosen, MUON_KEY: muon})
+        if not split[True]:
             raise ValueError("--optimizer muon: the model has no hidden weight matrix for Muon")
-        self._muon = torch.optim.Muon(muon_groups, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
-        inner = [self._muon]
-        if adamw_groups:
-            inner.append(torch.optim.AdamW(adamw_groups, lr=lr, weight_decay=weight_decay))
-        for optimizer, flag in zip(inner, (True, False), strict=False):
-            for group in optimizer.param_groups:
-                group[MUON_KEY] = flag
-        self._inner = inner
-        super().__init__([g for optimizer in inner for g in optimizer.param_groups], {"lr": lr})
+        self._adamw = torch.optim.AdamW(split[False], lr=lr, weight_decay=weight_decay) if split[False] else None
+        native = native_bf16(split[True][0]["params"][0].device)[0]
+        self.ns_dtype = torch.bfloat16 if native else torch.float32  # of the Newton-Schulz steps
+        adamw_groups = self._adamw.param_groups if self._adamw is not None else []
+        super().__init__(split[True] + adamw_groups, {"lr": lr, "weight_decay": weight_decay, "momentum": MOMENTUM})
         self._link()
 
     def _link(self) -> None:
-        """Point the inner optimisers at this one's groups and state (again after `load_state_dict` replaced them)."""
-        for optimizer, flag in zip(self._inner, (True, False), strict=False):
-            optimizer.param_groups = [g for g in self.param_groups if g[MUON_KEY] is flag]
-            optimizer.state = self.state
+        """Point the inner AdamW at this optimiser's groups and state (again after `load_state_dict` replaced them)."""
+        if self._adamw is not None:
+            self._adamw.param_groups = [g for g in self.param_groups if not g[MUON_KEY]]
+            self._adamw.state = self.state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102 (torch's, then relinked)
         super().load_state_dict(state_dict)
@@ -73,9 +94,27 @@ class MuonAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for optimizer in self._inner:
-            optimizer.step()
+        for group in self.param_groups:
+            if group[MUON_KEY]:
+                self._muon_step(group)
+        if self._adamw is not None:
+            self._adamw.step()
         return loss
 
+    def _muon_step(self, group: dict[str, Any]) -> None:
+        """Decoupled weight decay, then the orthogonalised Nesterov momentum at AdamW's RMS, for each matrix."""
+        lr, decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buffer = state["momentum_buffer"]
+            buffer.lerp_(p.grad, 1 - momentum)
+            update = orthogonalised(p.grad.lerp(buffer, momentum), self.ns_dtype)
+            p.mul_(1 - lr * decay)
+            p.add_(update, alpha=-lr * 0.2 * max(p.shape) ** 0.5)
 
-__all__ = ["MUON_KEY", "MuonAdamW", "hidden_matrices"]
+
+__all__ = ["MUON_KEY", "MuonAdamW", "hidden_matrices", "orthogonalised"]
