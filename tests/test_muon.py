@@ -92,6 +92,7 @@ def test_a_model_without_hidden_matrices_is_refused_and_cuda_graphs_fall_back():
     assert unsupported(cfg, torch.device("cuda"), distributed=False, streamed=False) == "--optimizer muon"
 
 
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon came with torch 2.9")
 @pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float32])
 def test_the_update_is_pytorchs_muon_in_either_dtype(ns_dtype):
     torch.manual_seed(0)
@@ -105,7 +106,7 @@ def test_the_update_is_pytorchs_muon_in_either_dtype(ns_dtype):
         theirs_w.grad, ours_w.grad = grad.clone(), grad.clone()
         theirs.step()
         ours.step()
-    atol = 1e-6 if ns_dtype == torch.bfloat16 else 2e-3  # PyTorch orthogonalises in bf16
+    atol = 1e-6 if ns_dtype == torch.bfloat16 else 5e-4  # PyTorch orthogonalises in bf16; a step moves ~2e-3
     torch.testing.assert_close(ours_w.data, theirs_w.data, rtol=0, atol=atol)
     torch.testing.assert_close(ours.state[ours_w]["momentum_buffer"], theirs.state[theirs_w]["momentum_buffer"])
 

@@ -28,7 +28,8 @@ def flip_lr(images: Tensor, generator: torch.Generator | None = None, p: float =
 
 def flip_halves(n: int, seed: int) -> Tensor:
     """`--flip-mode alternate`'s random half of ``n`` training images (those mirrored in even epochs), from ``seed``."""
-    return torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed)).bool()
+    own = (seed * 1_000_003 + 0x5EED_F11B) % 2**63  # not the seed of the epochs' order: an independent draw
+    return torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(own)).bool()
 
 
 def alternating_flips(halves: Tensor, index: Tensor, epoch: int) -> Tensor:
@@ -36,8 +37,8 @@ def alternating_flips(halves: Tensor, index: Tensor, epoch: int) -> Tensor:
 
     Each image is mirrored in every other epoch: the first epoch mirrors a random half of the set (``halves``, from
     `flip_halves`), the next the other half, and so on (airbench's alternating flip), so any two epochs in a row show
-    every image both ways. Stateless: a resumed run, another number of ranks or a balanced sampler that draws an image
-    twice mirrors exactly as an uninterrupted run would.
+    every image both ways. Stateless: a resumed run, or another number of ranks, mirrors exactly as an uninterrupted
+    run would. A balanced sampler that draws an image twice in an epoch shows it mirrored the same way both times.
     """
     return halves[index] ^ bool(epoch % 2)
 

@@ -153,7 +153,8 @@ class BatchSource:
         plan = self._plan(progress)
         epoch = (progress.step - progress.batch) // self.steps_per_epoch
         if not gather:
-            assert self.halves is None, "a captured step gathers unmirrored images (`graphs.unsupported`)"
+            if self.halves is not None:
+                raise ValueError("a captured step would gather unmirrored images (`graphs.unsupported` says so)")
             yield from (Batch(number, mine, weight, class_weights=self.class_weights) for number, mine, weight in plan)
         elif not self.streamed:
             for number, mine, weight in plan:

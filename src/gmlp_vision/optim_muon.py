@@ -80,9 +80,9 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _link(self) -> None:
         """Point the inner AdamW at this optimiser's groups and state (again after `load_state_dict` replaced them)."""
-        if self._adamw is not None:
-            self._adamw.param_groups = [g for g in self.param_groups if not g[MUON_KEY]]
-            self._adamw.state = self.state
+        if self._adamw is not None:  # AdamW's own __setstate__ fills in what a file from another torch version lacks
+            groups = [g for g in self.param_groups if not g[MUON_KEY]]
+            torch.optim.AdamW.__setstate__(self._adamw, {"state": self.state, "param_groups": groups})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102 (torch's, then relinked)
         super().load_state_dict(state_dict)

@@ -251,7 +251,7 @@ def _optimizer(saved: Any, optimizer: torch.optim.Optimizer, step: int) -> None:
     for i, (group, want) in enumerate(zip(groups, expected, strict=True)):
         where = f"optimizer.param_groups[{i}]"
         # torch fills in the flags a file from another torch version lacks; these it cannot do without.
-        needed = ("params", "lr", "lr_scale", *_HYPER)  # lr_scale: a run with --layer-decay
+        needed = ("params", "lr", "lr_scale", MUON_KEY, "momentum", *_HYPER)  # lr_scale: --layer-decay; muon
         _entries(group, where, tuple(k for k in want if k in needed), optional=tuple(want))
         _require(_same(group["params"], want["params"]), f"{where}.params", shown(want["params"]), group["params"])
         _require(_real(group["lr"]) and group["lr"] >= 0, f"{where}.lr", "a finite number >= 0", group["lr"])

@@ -228,8 +228,8 @@ class OptimConfig:
     optimizer: str = option(
         "keras-adamw",
         "keras-adamw: the tutorial's add-on AdamW (decay w*=(1-wd) per step, independent of the lr; Keras epsilon); "
-        "adamw: torch.optim.AdamW (decay scaled by the lr); muon: torch.optim.Muon on the blocks' weight matrices "
-        "(its update's RMS matched to AdamW's, so the same --lr and --weight-decay), AdamW on the rest",
+        "adamw: torch.optim.AdamW (decay scaled by the lr); muon: Muon on the blocks' weight matrices (its update's "
+        "RMS matched to AdamW's, so the same --lr and --weight-decay; torch.optim.Muon's update), AdamW on the rest",
         ("keras-adamw", "adamw", "muon"),
     )
     schedule: str = option(
