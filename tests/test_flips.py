@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from gmlp_vision.augment import alternating_flips, augment_for_training, flip_halves
-from gmlp_vision.batches import BatchSource
+from gmlp_vision.augment import augment_for_training
+from gmlp_vision.batches import BatchSource, alternating_flips, flip_halves
 from gmlp_vision.config import from_preset
 from gmlp_vision.errors import ConfigError
 from gmlp_vision.graphs import unsupported

@@ -26,23 +26,6 @@ def flip_lr(images: Tensor, generator: torch.Generator | None = None, p: float =
     return mirror(images, torch.rand(images.shape[0], device=images.device, generator=generator) < p)
 
 
-def flip_halves(n: int, seed: int) -> Tensor:
-    """`--flip-mode alternate`'s random half of ``n`` training images (those mirrored in even epochs), from ``seed``."""
-    own = (seed * 1_000_003 + 0x5EED_F11B) % 2**63  # not the seed of the epochs' order: an independent draw
-    return torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(own)).bool()
-
-
-def alternating_flips(halves: Tensor, index: Tensor, epoch: int) -> Tensor:
-    """Which images of ``index`` (training-set indices) `--flip-mode alternate` mirrors in ``epoch`` (0-based).
-
-    Each image is mirrored in every other epoch: the first epoch mirrors a random half of the set (``halves``, from
-    `flip_halves`), the next the other half, and so on (airbench's alternating flip), so any two epochs in a row show
-    every image both ways. Stateless: a resumed run, or another number of ranks, mirrors exactly as an uninterrupted
-    run would. A balanced sampler that draws an image twice in an epoch shows it mirrored the same way both times.
-    """
-    return halves[index] ^ bool(epoch % 2)
-
-
 def mirror(images: Tensor, which: Tensor) -> Tensor:
     """``images`` (B, C, H, W), with those where ``which`` (B,) is true mirrored left-right."""
     return torch.where(which[:, None, None, None], images.flip(-1), images)

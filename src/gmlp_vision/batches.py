@@ -6,7 +6,7 @@ on its contiguous share of each global batch (`runtime.Dist.share`); a rank left
 batch takes part with one image of weight 0. `BatchSource.batches` hands each step its `Batch`: the indices, the weight
 of each image in the gradient, and the uint8 pixels and labels, gathered from the device-resident set by
 `BatchSource.gather` or decoded from streamed files by worker processes, and mirrored there under
-``--flip-mode alternate`` (each image's mirror follows its index and the epoch: `augment.alternating_flips`). A
+``--flip-mode alternate`` (each image's mirror follows its index and the epoch: `alternating_flips`). A
 captured CUDA step (`graphs.GraphStep`) takes the indices alone and calls `BatchSource.gather` inside its graph.
 
 Streamed files are decoded ahead, as random-resized crops when ``--crop`` asks for them, each crop keyed to (seed,
@@ -24,11 +24,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gmlp_vision.augment import alternating_flips, flip_halves, mirror
 from gmlp_vision.data.stream import ImageFiles
 from gmlp_vision.runtime import SINGLE, Dist
 
 CROP_KEY_STRIDE = 1_000_003  # a streamed crop's key: (seed * stride + step) << 32 | image index
+
+
+def flip_halves(n: int, seed: int) -> Tensor:
+    """`--flip-mode alternate`'s random half of ``n`` training images (those mirrored in even epochs), from ``seed``."""
+    own = (seed * 1_000_003 + 0x5EED_F11B) % 2**63  # not the seed of the epochs' order: an independent draw
+    return torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(own)).bool()
+
+
+def alternating_flips(halves: Tensor, index: Tensor, epoch: int) -> Tensor:
+    """Which images of ``index`` (training-set indices) `--flip-mode alternate` mirrors in ``epoch`` (0-based).
+
+    Each image is mirrored in every other epoch: the first epoch mirrors a random half of the set (``halves``, from
+    `flip_halves`), the next the other half, and so on (airbench's alternating flip), so any two epochs in a row show
+    every image both ways. Stateless: a resumed run, or another number of ranks, mirrors exactly as an uninterrupted
+    run would. A balanced sampler that draws an image twice in an epoch shows it mirrored the same way both times.
+    """
+    return halves[index] ^ bool(epoch % 2)
 
 
 @dataclass
@@ -85,7 +101,7 @@ class BatchSource:
         ctx: this process's place under torchrun (default: a single process).
         crop_seed: streamed files are decoded as random-resized crops keyed to this seed (`augment.streams_crop`
             says when); None: whole images. Images in memory ignore it (the step crops them).
-        flip_seed: the batches come mirrored as `augment.alternating_flips` says for this seed
+        flip_seed: the batches come mirrored as `alternating_flips` says for this seed
             (`augment.alternates_flips` says when); None: as they are (the step flips them at random, or not at all).
         class_weights: ``balanced``: each image's loss counts n / (classes x images of its class) (`class_weights`).
         sampler: ``balanced``: an epoch draws as many images, with replacement, each class equally likely.
@@ -167,10 +183,11 @@ class BatchSource:
                 yield Batch(number, mine, weight, x, self.labels[mine], readable, self.crops, self.class_weights)
 
     def _mirrored(self, images: Tensor, index: Tensor, epoch: int) -> Tensor:
-        """``images`` (at ``index``) as ``epoch`` shows them: mirrored as `augment.alternating_flips` says."""
+        """``images`` (at ``index``) as ``epoch`` shows them: mirrored as `alternating_flips` says."""
         if self.halves is None:
             return images
-        return mirror(images, alternating_flips(self.halves, index, epoch))
+        flips = alternating_flips(self.halves, index, epoch)
+        return torch.where(flips[:, None, None, None], images.flip(-1), images)
 
     def _plan(self, progress: EpochProgress) -> list[tuple[int, Tensor, float]]:
         """The epoch's steps from batch ``progress.batch`` on: (number, this rank's share, each image's weight)."""

@@ -153,8 +153,7 @@ class AugmentConfig:
     flip: bool = option(True, "random horizontal flip, p=0.5 per image")
     flip_mode: str = option(
         "random",
-        "how --flip picks the mirrored images: random (each time an image is drawn, p=0.5) or alternate (each image "
-        "mirrored in every other epoch, a random half in the first: airbench's alternating flip)",
+        "random: p=0.5 per drawn image; alternate: each image mirrored every other epoch",
         ("random", "alternate"),
     )
     zoom: float = option(0.2, "random zoom: per image and axis a factor from U(1-zoom, 1+zoom); 0 turns it off")
@@ -228,8 +227,7 @@ class OptimConfig:
     optimizer: str = option(
         "keras-adamw",
         "keras-adamw: the tutorial's add-on AdamW (decay w*=(1-wd) per step, independent of the lr; Keras epsilon); "
-        "adamw: torch.optim.AdamW (decay scaled by the lr); muon: Muon on the blocks' weight matrices (its update's "
-        "RMS matched to AdamW's, so the same --lr and --weight-decay; torch.optim.Muon's update), AdamW on the rest",
+        "adamw: torch.optim.AdamW (decay scaled by the lr); muon: Muon on the blocks' matrices, AdamW-sized",
         ("keras-adamw", "adamw", "muon"),
     )
     schedule: str = option(
