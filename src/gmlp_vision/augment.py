@@ -23,12 +23,8 @@ from gmlp_vision.policy_timm import rand_augment_timm
 
 def flip_lr(images: Tensor, generator: torch.Generator | None = None, p: float = 0.5) -> Tensor:
     """Mirror each image left-right with probability ``p``."""
-    return mirror(images, torch.rand(images.shape[0], device=images.device, generator=generator) < p)
-
-
-def mirror(images: Tensor, which: Tensor) -> Tensor:
-    """``images`` (B, C, H, W), with those where ``which`` (B,) is true mirrored left-right."""
-    return torch.where(which[:, None, None, None], images.flip(-1), images)
+    mask = torch.rand(images.shape[0], device=images.device, generator=generator) < p
+    return torch.where(mask[:, None, None, None], images.flip(-1), images)
 
 
 def flips_at_random(aug: AugmentConfig) -> bool:
@@ -37,7 +33,7 @@ def flips_at_random(aug: AugmentConfig) -> bool:
 
 
 def alternates_flips(aug: AugmentConfig) -> bool:
-    """Whether the batch source mirrors the images it hands out (`alternating_flips`)."""
+    """Whether the batch source mirrors the images it hands out (`batches.alternating_flips`)."""
     return aug.flip and aug.flip_mode == "alternate"
 
 
