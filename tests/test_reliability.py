@@ -54,8 +54,11 @@ MODERN = dict(ema=0.9, policy="trivial", erase=0.5, crop="pad", mixup=0.2, label
 COSINE = dict(schedule="cosine", plateau_patience=0, warmup_epochs=0.5)
 
 
-# Muon beside AdamW (one state dict for both) and alternating flips (by image index and epoch), mid epoch 2.
-MUON = dict(optimizer="muon", weight_decay=0.05, decay_norms_biases=False, flip_mode="alternate", crop="pad")
+# Muon beside AdamW (one state dict for both), alternating flips (by image index and epoch) and a whitened, frozen
+# patch embedding (no optimiser state), mid epoch 2.
+MUON = dict(
+    optimizer="muon", weight_decay=0.05, decay_norms_biases=False, flip_mode="alternate", crop="pad", patch_init="whiten"
+)
 
 
 @pytest.mark.parametrize(("stop_step", "recipe"), [(3, {}), (8, {}), (13, {}), (5, MODERN), (11, COSINE), (10, MUON)])

@@ -48,11 +48,15 @@ class PatchEmbed(nn.Module):
         self.patch_size = cfg.patch_size
         self.proj = nn.Linear(cfg.patch_dim, cfg.embed_dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def patches(self, x: Tensor) -> Tensor:
+        """Images (B, C, H, W) to flattened patches (N, B, p * p * C), token-major."""
         B, C, H, W = x.shape
         p = self.patch_size
         x = x.reshape(B, C, H // p, p, W // p, p).permute(2, 4, 0, 3, 5, 1)  # (gh, gw, B, p, p, C)
-        return linear(x.reshape((H // p) * (W // p), B, p * p * C), self.proj)  # (N, B, D)
+        return x.reshape((H // p) * (W // p), B, p * p * C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(self.patches(x), self.proj)  # (N, B, D)
 
 
 class SpatialGatingUnit(nn.Module):
@@ -216,6 +220,8 @@ class GMLP(nn.Module):
         self.head_dropout = cfg.head_dropout
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
         self.reset_parameters()
+        # A whitened embedding is not trained (`whiten`; training from scratch sets its weights from the data).
+        self.patch_embed.proj.weight.requires_grad_(cfg.patch_init != "whiten")
 
     def reset_parameters(self) -> None:
         """Glorot-uniform weights and zero biases for every channel projection (Keras Dense), then the gates' init."""

@@ -36,13 +36,13 @@ from gmlp_vision.config import Config, recipe_line, train_command
 from gmlp_vision.console import run_lines
 from gmlp_vision.cpu import use_cpu_threads
 from gmlp_vision.data import Dataset, load_dataset
-from gmlp_vision.data.base import channel_stats
 from gmlp_vision.data.layout import read_holdout
-from gmlp_vision.data.stream import ImageFiles, stats_sample
+from gmlp_vision.data.stream import ImageFiles
 from gmlp_vision.distributed import distributed, maybe_compile
 from gmlp_vision.errors import ConfigError, NonFiniteLossError
 from gmlp_vision.evaluate import evaluate
 from gmlp_vision.graphs import GraphStep, unsupported
+from gmlp_vision.initial import new_model
 from gmlp_vision.loop import train_one_epoch
 from gmlp_vision.metrics import epoch_row, format_epoch, result_lines, shows_top5, split_label
 from gmlp_vision.model import GMLP
@@ -54,7 +54,6 @@ from gmlp_vision.rundir import RunLock, open_run_dir, write_history, write_holdo
 from gmlp_vision.runtime import Dist
 from gmlp_vision.state import TrainState, rank_seed
 from gmlp_vision.step import EagerStep, Stepper
-from gmlp_vision.transfer import apply_pretrained
 
 log = logging.getLogger("gmlp_vision")
 
@@ -192,7 +191,9 @@ def _start(
     balance = dict(class_weights=cfg.optim.class_weights, sampler=cfg.data.sampler, flip_seed=flips)
     train_set = (images[:n_train].to(device), labels[:n_train].to(device), cfg.optim.batch_size)
     source = BatchSource(*train_set, ctx=ctx, crop_seed=crop_seed, **balance)
-    model = _new_model(cfg, images, pretrained if saved is None else None, device)
+    fresh = images[:n_train] if saved is None and pretrained is None else None  # from scratch: may be whitened
+    model, started = new_model(cfg, images, pretrained if saved is None else None, fresh)
+    model = model.to(device)
     state = _new_state(cfg, run_dir, ds, ctx, model, source.steps_per_epoch)
     part = state.load(saved) if saved is not None else None
     if saved is not None:
@@ -207,6 +208,8 @@ def _start(
     _say(ctx, message, preset, ds.name, n_train, len(val[1]), state.steps_per_epoch, device, run_dir)
     _say(ctx, "%s", _splits_line(cfg, ds))
     _say(ctx, "%s", precision.line)
+    if started:
+        _say(ctx, "%s", started)
     for warning in (state.schedule.warning(), precision.warning):
         if warning and ctx.main:
             log.warning("warning: %s", warning)
@@ -219,16 +222,6 @@ def _splits_line(cfg: Config, ds: Dataset) -> str:
     own = "the data's own val split" if ds.val is not None else f"the last {cfg.data.val_split:.0%} of training"
     test = f"{split_label(ds.test_split)}, {len(ds.test.labels)} images"
     return f"data: {ds.layout + '; ' if ds.layout else ''}validation (val_*): {own}; final evaluation: {test}"
-
-
-def _new_model(cfg: Config, images: Tensor | ImageFiles, pretrained: Any, device: torch.device) -> GMLP:
-    """The model, seeded, with the training images' normalisation (or ``pretrained`` weights), on ``device``."""
-    torch.manual_seed(cfg.run.seed)
-    model = GMLP(cfg.model)
-    model.set_normalization(*channel_stats(stats_sample(images, cfg.run.seed)))  # validation included (Keras adapt)
-    if pretrained is not None:  # pretrained weights bring their own normalisation
-        apply_pretrained(model, pretrained)
-    return model.to(device)
 
 
 def _new_state(cfg: Config, run_dir: Path, ds: Dataset, ctx: Dist, model: GMLP, steps: int) -> TrainState:

@@ -32,7 +32,7 @@ class ModelConfig:
     image_size: int = option(224, "input height and width in pixels (images of another size are resized)")
     patch_size: int = option(16, "side of the square non-overlapping patches")
     in_chans: int = option(3, "image channels: image folders are read as RGB (3) or grayscale (1); others set it")
-    num_classes: int = option(1000, "classifier outputs (set from the dataset when training)")
+    num_classes: int = option(1000, "classifier outputs")
     embed_dim: int = option(256, "token width d")
     ffn_dim: int = option(1536, "hidden width of each block (split in two halves by the gate)")
     depth: int = option(30, "number of gMLP blocks")
@@ -52,6 +52,9 @@ class ModelConfig:
         ("near-zero", "glorot"),
     )
     final_norm: bool = option(True, "LayerNorm on the tokens before pooling (paper and timm: on; tutorial: off)")
+    patch_init: str = option(
+        "glorot", "patch embedding: glorot, or whiten (PCA whitening of training patches, frozen)", ("glorot", "whiten")
+    )
     attn_dim: int = option(0, "aMLP: width of a tiny single-head attention added to every gate (paper: 64; 0: gMLP)")
 
     def __post_init__(self) -> None:
@@ -172,7 +175,7 @@ class AugmentConfig:
         "(DeiT's: timm's rand-m9-mstd0.5-inc1)",
         ("none", "trivial", "randaugment", "randaugment-timm"),
     )
-    policy_ops: int = option(2, "randaugment, randaugment-timm: ops drawn in a row for each image (N)")
+    policy_ops: int = option(2, "randaugment(-timm): ops per image")
     policy_magnitude: float = option(
         9.0, "randaugment, randaugment-timm: strength of every op, 0..10 (M; 10 is the strongest)"
     )
@@ -237,7 +240,7 @@ class OptimConfig:
         ("constant", "cosine", "onecycle"),
     )
     warmup_epochs: float = option(0.0, "epochs of learning-rate warm-up (fractions allowed)")
-    min_lr: float = option(0.0, "learning rate at the end of a cosine or onecycle schedule")
+    min_lr: float = option(0.0, "final lr of cosine and onecycle")
     ema: float = option(
         0.0,
         "an exponential moving average of the weights with this decay (e.g. 0.999; warm-up min(decay, "
