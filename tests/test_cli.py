@@ -27,6 +27,10 @@ def test_presets_and_info(capsys):
     assert "trainable parameters: 236,004" in out and "torch" in out and "CPU threads" in out
     assert main(["info", "--preset", "seed", "--dataset", "cifar10"]) == 0
     assert "trainable parameters: 224,394" in capsys.readouterr().out  # head 128 -> 10
+    assert main(["info", "--preset", "cifar10-fast", "--dataset", "cifar10"]) == 0
+    out = capsys.readouterr().out
+    assert "patch init whiten" in out and "trainable parameters: 326,922" in out
+    assert "frozen parameters: 6,144 (the whitened patch embedding" in out
 
 
 @pytest.mark.parametrize(

@@ -119,11 +119,12 @@ STREAM = ["train", "--dataset", "folder", "--preset", "tiny", "--epochs", "2", "
           "--threads", "1", "--folder-mode", "stream"]  # fmt: skip
 
 
-def test_streamed_folder_trains_exactly_like_the_decoded_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [[], ["--patch-init", "whiten"]])  # the whitening reads the files too
+def test_streamed_folder_trains_exactly_like_the_decoded_one(tmp_path, monkeypatch, extra):
     """Without crops, streaming decodes each file exactly as the in-memory path: the same run, to the bit."""
     monkeypatch.setenv("GMLP_DATA", str(tmp_path / "cache"))
     root = make_folder(tmp_path / "data", per_class=8)
-    common = [*STREAM[:-2], "--data", str(root)]
+    common = [*STREAM[:-2], "--data", str(root), *extra]
     assert main([*common, "--folder-mode", "memory", "--out", str(tmp_path / "memory")]) == 0
     assert main([*common, "--folder-mode", "stream", "--workers", "2", "--out", str(tmp_path / "stream")]) == 0
     a, b = (load_checkpoint(tmp_path / run / "last.pt").model_state for run in ("memory", "stream"))

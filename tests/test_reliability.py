@@ -57,7 +57,12 @@ COSINE = dict(schedule="cosine", plateau_patience=0, warmup_epochs=0.5)
 # Muon beside AdamW (one state dict for both), alternating flips (by image index and epoch) and a whitened, frozen
 # patch embedding (no optimiser state), mid epoch 2.
 MUON = dict(
-    optimizer="muon", weight_decay=0.05, decay_norms_biases=False, flip_mode="alternate", crop="pad", patch_init="whiten"
+    optimizer="muon",
+    weight_decay=0.05,
+    decay_norms_biases=False,
+    flip_mode="alternate",
+    crop="pad",
+    patch_init="whiten",
 )
 
 

@@ -107,6 +107,7 @@ def test_fine_tuning_keeps_the_given_embedding_frozen(tmp_path, caplog):
     first = train(from_preset("tiny", epochs=1, out=str(tmp_path / "a"), **common), ds)
     given = load_checkpoint(first.run_dir / "last.pt").model_state["patch_embed.proj.weight"]
     cfg = from_preset("tiny", epochs=1, out=str(tmp_path / "b"), init=str(first.run_dir / "last.pt"), **common)
+    caplog.clear()  # the first run's lines
     with caplog.at_level(logging.INFO, logger="gmlp_vision"):
         tuned = train(cfg, ds)
     assert "PCA whitening" not in caplog.text

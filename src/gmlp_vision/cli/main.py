@@ -88,6 +88,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"  input {mc.in_chans}x{mc.image_size}x{mc.image_size}, patch {mc.patch_size} -> {mc.num_patches} tokens")
     print(f"  width {mc.embed_dim}, hidden {mc.ffn_dim}, {mc.depth} blocks, {mc.num_classes} classes")
     print(f"  shortcut {mc.shortcut}, gelu {mc.gelu}, spatial init {mc.spatial_init}, final norm {mc.final_norm}")
+    print(f"  patch init {mc.patch_init}, attention width {mc.attn_dim}")
     print(f"  dropout {mc.dropout}, head dropout {mc.head_dropout}, drop path {mc.drop_path}")
     print(f"\n  {'parameter':34s} {'shape':>14s} {'count':>10s}")
     for name, p in model.named_parameters():
@@ -97,6 +98,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if mc.depth > 1:
         print(f"  (blocks 1..{mc.depth - 1} repeat block 0)")
     print(f"\n  trainable parameters: {count_parameters(model):,d}")
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    if frozen:
+        print(f"  frozen parameters: {frozen:,d} (the whitened patch embedding: --patch-init whiten)")
     print(f"  normalisation statistics (buffers): {2 * mc.in_chans}")
     print(f"  forward cost: {flops_per_image(mc) / 1e6:.2f} MFLOP per image (matrix products)")
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
