@@ -44,10 +44,12 @@ def test_the_embedding_whitens_the_training_patches_at_the_glorot_scale(patch_si
     assert line.startswith("patch embedding: the PCA whitening of 200 training images' patches, frozen")
     weight, bias = model.patch_embed.proj.weight.double(), model.patch_embed.proj.bias
     p, d = model.cfg.patch_dim, embed_dim
-    cov = patch_covariance(model, images)
-    tokens_cov = weight @ cov @ weight.T  # the covariance of the embedded tokens
+    # the tokens as the forward pass makes them, from the raw pixels: their covariance over the training images
+    with torch.no_grad():
+        tokens = (model.patch_embed(model.normalize(images.float())) - bias).reshape(-1, d).double()
+    tokens_cov = tokens.T @ tokens / len(tokens) - torch.outer(tokens.mean(0), tokens.mean(0))
     eig = torch.linalg.eigvalsh(tokens_cov)
-    scale2 = 2 * p * d / ((p + d) * min(p, d))
+    scale2 = 2 * p / (p + d) * d / min(p, d)
     strong = eig > 0.1 * scale2
     # min(P, D) directions at the chosen scale (less the few with variance near eps), the rest exactly zero
     assert min(p, d) - 8 <= int(strong.sum()) <= min(p, d)
@@ -56,6 +58,10 @@ def test_the_embedding_whitens_the_training_patches_at_the_glorot_scale(patch_si
     # the tokens vary as much as under the Glorot init: mean variance per coordinate 2P / (P + D), here a bit under
     assert 0.8 * 2 * p / (p + d) < tokens_cov.diagonal().mean() <= 2 * p / (p + d) * 1.0001
     assert torch.equal(bias, torch.zeros_like(bias)) and not weight.requires_grad
+    if d < p:  # narrower tokens keep the D strongest directions: the weakest ones are not mixed in at all
+        directions = torch.linalg.eigh(patch_covariance(model, images))[1]  # columns, weakest first
+        assert (weight @ directions[:, : p - d]).abs().max() < 1e-4 * weight.abs().max()
+        assert (weight @ directions[:, p - d :]).abs().max() > 0.1 * weight.abs().max()
 
 
 def test_the_draw_is_seeded_and_a_sample_is_used_for_large_sets(monkeypatch):
@@ -65,7 +71,7 @@ def test_the_draw_is_seeded_and_a_sample_is_used_for_large_sets(monkeypatch):
     a, b, c = (normalised_model(images) for _ in range(3))
     whiten_patch_embedding(a, images, seed=1)
     whiten_patch_embedding(b, images, seed=1)
-    monkeypatch.setattr(initial, "WHITEN_SAMPLE", 50)
+    monkeypatch.setattr(initial, "WHITEN_PATCHES", 50 * a.cfg.num_patches)  # 50 images' patches
     assert "of 50 training images" in whiten_patch_embedding(c, images, seed=2)
     wa, wb, wc = (m.patch_embed.proj.weight for m in (a, b, c))
     assert torch.equal(wa, wb) and not torch.allclose(wa, wc)
@@ -111,4 +117,13 @@ def test_fine_tuning_keeps_the_given_embedding_frozen(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="gmlp_vision"):
         tuned = train(cfg, ds)
     assert "PCA whitening" not in caplog.text
+    assert "patch embedding: --init's, frozen (--patch-init whiten)" in caplog.text
     assert torch.equal(load_checkpoint(tuned.run_dir / "last.pt").model_state["patch_embed.proj.weight"], given)
+
+
+def test_exports_name_the_patch_init_only_when_it_is_whiten():
+    from gmlp_vision.hub import _model_args
+
+    plain = from_preset("tiny", num_classes=4).model
+    assert "patch_init" not in _model_args(plain)  # as 0.2 wrote it: its strict reader still reads the export
+    assert _model_args(from_preset("tiny", num_classes=4, patch_init="whiten").model)["patch_init"] == "whiten"

@@ -100,17 +100,29 @@ def hub_config(
         **(source or {}),
     }
     if isinstance(timm, tuple):
-        ours.update(model=dataclasses.asdict(mc), weights="timm")
+        ours.update(model=_model_args(mc), weights="timm")
     return {
         "architecture": timm[0] if isinstance(timm, tuple) else ARCHITECTURE,
         "num_classes": mc.num_classes,
         "num_features": mc.embed_dim,
         "global_pool": "avg",
         "label_names": list(export.classes),
-        "model_args": timm[1] if isinstance(timm, tuple) else dataclasses.asdict(mc),
+        "model_args": timm[1] if isinstance(timm, tuple) else _model_args(mc),
         "pretrained_cfg": pretrained_cfg,
         "gmlp_vision": ours,
     }
+
+
+def _model_args(mc: ModelConfig) -> dict[str, Any]:
+    """``mc`` as an export writes it: every field, less ``patch_init`` at its default.
+
+    ``patch_init`` is a training choice the forward pass never reads; left out, exports of the models that do not
+    use it stay readable by 0.2, whose reader refuses unknown fields.
+    """
+    args = dataclasses.asdict(mc)
+    if args["patch_init"] == "glorot":
+        del args["patch_init"]
+    return args
 
 
 def parse_classes(value: Any, num_classes: int | None = None) -> tuple[str, ...]:

@@ -27,7 +27,7 @@ from gmlp_vision.model import GMLP
 from gmlp_vision.transfer import Pretrained, apply_pretrained
 
 WHITEN_EPS = 5e-4  # added to every eigenvalue: the directions with less variance than this are damped, not amplified
-WHITEN_SAMPLE = 5000  # training images whose patches are counted (all of them, when fewer)
+WHITEN_PATCHES = 320_000  # patches counted, at most: 5,000 CIFAR images at patch 4, 1,632 at 224 px and patch 16
 COVARIANCE_CHUNK = 1_536_000  # input values per step of `patch_covariance` (12 MB in float64)
 
 
@@ -43,25 +43,30 @@ def new_model(
     torch.manual_seed(cfg.run.seed)
     model = GMLP(cfg.model)
     model.set_normalization(*channel_stats(stats_sample(images, cfg.run.seed)))
+    whiten = cfg.model.patch_init == "whiten"
     if pretrained is not None:
         apply_pretrained(model, pretrained)
-    elif fresh is not None and cfg.model.patch_init == "whiten":
+        return model, "patch embedding: --init's, frozen (--patch-init whiten)" if whiten else None
+    if fresh is not None and whiten:
         return model, whiten_patch_embedding(model, fresh, cfg.run.seed)
     return model, None
 
 
 @torch.no_grad()
-def patch_covariance(model: GMLP, images: Tensor | ImageFiles) -> Tensor:
+def patch_covariance(model: GMLP, images: Tensor | ImageFiles, pick: Tensor | None = None) -> Tensor:
     """The (P, P) float64 covariance of ``model``'s normalised input patches over raw ``images`` (N, C, H, W).
 
-    Works through `COVARIANCE_CHUNK` input values at a time (500 CIFAR images, 10 at 224 px): a few MB.
+    ``pick``: the indices of the images to count (default: all). Works through `COVARIANCE_CHUNK` input values at a
+    time (500 CIFAR images, 10 at 224 px), indexing each chunk alone: a few MB, whatever the sample.
     """
     cfg = model.cfg
     dim = cfg.patch_dim
     total = torch.zeros(dim, dtype=torch.float64)
     outer = torch.zeros(dim, dim, dtype=torch.float64)
     n = 0
-    for part in images.split(max(1, COVARIANCE_CHUNK // (cfg.in_chans * cfg.image_size**2))):
+    pick = torch.arange(len(images)) if pick is None else pick
+    for index in pick.split(max(1, COVARIANCE_CHUNK // (cfg.in_chans * cfg.image_size**2))):
+        part = images[index] if isinstance(images, Tensor) else torch.cat(list(images.subset(index).split(len(index))))
         x = model.normalize(resize(part.float(), cfg.image_size))
         patches = model.patch_embed.patches(x).reshape(-1, dim).double()
         total += patches.sum(dim=0)
@@ -83,25 +88,27 @@ def whitening(cov: Tensor, eps: float = WHITEN_EPS) -> Tensor:
 def whiten_patch_embedding(model: GMLP, images: Tensor | ImageFiles, seed: int) -> str:
     """Set ``model``'s patch embedding to a whitening of ``images``' patches (a seeded sample); return a log line.
 
-    The weight is ``Q @ W``: ``W`` the `whitening` of the patches' covariance, ``Q`` a random (D, P) matrix with
-    orthonormal columns (rows, when D < P), scaled so that the tokens vary as much as under the Glorot init (the
-    embedding's output variance at unit-variance inputs, ``2 P / (P + D)``). The bias is zeroed. ``model`` must
-    already hold its pixel normalisation (`GMLP.set_normalization`).
+    The weight is ``Q @ W``. ``W`` is the `whitening` of the patches' covariance, over a random sample of at most
+    `WHITEN_PATCHES` patches (whole images). ``Q`` is a random (D, P) matrix with orthonormal columns; when the
+    tokens are narrower than a patch (D < P), a random rotation of the D principal directions with the most
+    variance instead, so that no token is mostly the whitened noise of the weakest ones. Scaled so that the tokens
+    vary as much as under the Glorot init (the embedding's output variance at unit-variance inputs, ``2 P / (P + D)``).
+    The bias is zeroed. ``model`` must already hold its pixel normalisation (`GMLP.set_normalization`).
     """
     if len(images) < 1:
         raise ValueError("whitening the patch embedding needs training images")
     generator = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(len(images), generator=generator)[:WHITEN_SAMPLE]
-    sample = images.subset(pick) if isinstance(images, ImageFiles) else images[pick]
-    white = whitening(patch_covariance(model, sample))
+    count = max(1, WHITEN_PATCHES // model.cfg.num_patches)
+    pick = torch.randperm(len(images), generator=generator)[:count]
+    white = whitening(patch_covariance(model, images, pick))  # rows: principal directions, weakest first
     proj = model.patch_embed.proj
     d, p = proj.out_features, white.shape[0]
-    q, _ = torch.linalg.qr(torch.randn(max(d, p), min(d, p), generator=generator, dtype=torch.float64))
-    q = q if d >= p else q.T  # (D, P): orthonormal columns, or rows when the tokens are narrower than a patch
-    scale = math.sqrt(2 * p * d / ((p + d) * min(d, p)))
+    q, _ = torch.linalg.qr(torch.randn(d, min(d, p), generator=generator, dtype=torch.float64))
+    white = white[p - min(d, p) :]  # all P directions, or the D strongest
+    scale = math.sqrt(2 * p / (p + d) * d / min(d, p))
     proj.weight.copy_(scale * q @ white)
     proj.bias.zero_()
     return f"patch embedding: the PCA whitening of {len(pick):,} training images' patches, frozen (--patch-init whiten)"
 
 
-__all__ = ["WHITEN_EPS", "WHITEN_SAMPLE", "new_model", "patch_covariance", "whiten_patch_embedding", "whitening"]
+__all__ = ["WHITEN_EPS", "WHITEN_PATCHES", "new_model", "patch_covariance", "whiten_patch_embedding", "whitening"]

@@ -158,7 +158,7 @@ _CIFAR = dict(
 # The CPU record: the tutorial's width (128 / 256) with 6 blocks instead of 4 (333k parameters), no dropout,
 # 16 epochs of one-cycle with Muon on the blocks' matrices (docs/experiments.md, run R6: 1.2-1.9 points above AdamW
 # at every epoch) and a frozen whitened patch embedding (run R9: a point ahead of R7, the same without it, at every
-# epoch from the 2nd; 85 % with TTA from epoch 14): about 14 minutes of training on 2 cores, a weight average beside
+# epoch from the 2nd; 85 % with TTA from epoch 14): about 14.5 minutes of training on 2 cores, a weight average beside
 # it. Like every preset but seed, --precision auto: bf16 where the machine computes it natively, fp32 elsewhere
 # (20x faster there).
 _CIFAR10_FAST = dict(
@@ -214,7 +214,7 @@ PRESET_HELP: dict[str, str] = {
     "gmlp-ti": "the paper's gMLP-Ti: 224 px, patch 16, 30 blocks, width 128 (5.9M params at 1000 classes)",
     "gmlp-s": "the paper's gMLP-S: 224 px, patch 16, 30 blocks, width 256 (19.4M params at 1000 classes)",
     "gmlp-b": "the paper's gMLP-B: 224 px, patch 16, 30 blocks, width 512 (73.1M params at 1000 classes)",
-    "cifar10-fast": "CPU time-to-accuracy on CIFAR: 333k params, Muon, one-cycle, 85 % CIFAR-10 (with --tta) in 14 min",
+    "cifar10-fast": "CPU time-to-accuracy on CIFAR: 333k params, Muon, one-cycle, 85 % CIFAR-10 (with --tta) in 15 min",
     "general": "your own images (the --dataset folder default): the paper's block, 6 blocks, one-cycle, 20 epochs",
     "cifar100-strong": "accuracy on CIFAR with a GPU: 4.1M params, 12 blocks, 300 epochs of a modern recipe",
 }
