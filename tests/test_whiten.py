@@ -127,3 +127,18 @@ def test_exports_name_the_patch_init_only_when_it_is_whiten():
     plain = from_preset("tiny", num_classes=4).model
     assert "patch_init" not in _model_args(plain)  # as 0.2 wrote it: its strict reader still reads the export
     assert _model_args(from_preset("tiny", num_classes=4, patch_init="whiten").model)["patch_init"] == "whiten"
+
+
+def test_a_whitened_model_exports_and_predicts_as_its_checkpoint(tmp_path):
+    from gmlp_vision.cli import main
+    from gmlp_vision.predict import Classifier
+
+    ds = make_dataset()
+    cfg = from_preset("tiny", epochs=1, progress=False, out=str(tmp_path / "run"), val_split=0.2, threads=1)
+    run = train(cfg.replace(patch_init="whiten"), ds).run_dir
+    assert main(["export", str(run), "--format", "safetensors", "--out", str(tmp_path / "st")]) == 0
+    config = (tmp_path / "st" / "config.json").read_text()
+    assert '"patch_init": "whiten"' in config
+    images = ds.test.images[:8]
+    expected = Classifier.load(run / "last.pt").logits(images)
+    assert torch.allclose(Classifier.load(tmp_path / "st").logits(images), expected, atol=1e-5)
