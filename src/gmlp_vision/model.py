@@ -220,7 +220,7 @@ class GMLP(nn.Module):
         self.head_dropout = cfg.head_dropout
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
         self.reset_parameters()
-        # A whitened embedding is not trained (`whiten`; training from scratch sets its weights from the data).
+        # A whitened embedding is not trained (`initial.whiten_patch_embedding` sets it from the data, from scratch).
         self.patch_embed.proj.weight.requires_grad_(cfg.patch_init != "whiten")
 
     def reset_parameters(self) -> None:
