@@ -1,10 +1,12 @@
 """Where the time of one training step goes (issue #3): torch.profiler over the CLI's real `train_step`.
 
-Runs the `seed` preset's step (batch 128, 32 px, dropout and augmentation on, CIFAR-100 head) for a few warm-up steps,
-then profiles ``--steps`` more and prints each kind of work's share of the step, then the top operators by self time.
+Runs a preset's step (default `seed`: batch 128, 32 px, dropout and augmentation on; a CIFAR-100 head) for a few
+warm-up steps, then profiles ``--steps`` more and prints each kind of work's share of the step, then the top
+operators by self time.
 
     .venv/bin/python benchmarks/profile_step.py                  # bf16, 2 threads
     .venv/bin/python benchmarks/profile_step.py --precision fp32 --no-dropout
+    .venv/bin/python benchmarks/profile_step.py --preset cifar10-fast --precision fp32
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import time
 from collections import defaultdict
 
 import torch
-from bench_ours import new_model, random_uint8, seed_config
+from bench_ours import new_model, random_uint8
 from torch.profiler import ProfilerActivity, profile
 
+from gmlp_vision.config import from_preset
 from gmlp_vision.cpu import keep_freed_memory
 from gmlp_vision.optim import build_optimizer
 from gmlp_vision.step import train_step
@@ -48,11 +51,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--no-dropout", action="store_true")
+    parser.add_argument("--preset", default="seed", help="the preset whose step is profiled (e.g. cifar10-fast)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as `gmlp train` runs: freed activations are reused, not faulted in again
     overrides = dict(dropout=0.0, head_dropout=0.0) if args.no_dropout else {}
-    cfg = seed_config(args.precision, False, args.threads, **overrides)
+    cfg = from_preset(args.preset, num_classes=100, precision=args.precision, threads=args.threads, **overrides)
     model = new_model(cfg)
     optimizer = build_optimizer(cfg.optim, model)
     generator = torch.Generator().manual_seed(0)
@@ -70,7 +74,7 @@ def main() -> None:
     for e in events:
         shares[kind(e.key)] += e.self_cpu_time_total / total
     dropout = "off" if args.no_dropout else "on"
-    print(f"seed step, batch 128, {args.precision}, dropout {dropout}, {args.threads} threads: "
+    print(f"{args.preset} step, batch 128, {args.precision}, dropout {dropout}, {args.threads} threads: "
           f"{1000 * wall:.1f} ms per step under the profiler ({128 / wall:,.0f} img/s)")  # fmt: skip
     for label, share in sorted(shares.items(), key=lambda kv: -kv[1]):
         print(f"  {100 * share:5.1f} %  {label}")

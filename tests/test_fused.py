@@ -1,5 +1,7 @@
-"""The fused CPU kernels (gmlp_vision.fused) against the PyTorch path they replace: GELU, dropout masks, gradients."""
+"""The fused CPU kernels (gmlp_vision.fused) against the PyTorch path they replace: bias + GELU, dropout
+masks, the gate's product, gradients."""
 
+import copy
 import logging
 import shutil
 
@@ -10,7 +12,7 @@ import torch.nn.functional as F
 from gmlp_vision import fused
 from gmlp_vision.config import from_preset
 from gmlp_vision.kernel_cache import KernelUnavailable
-from gmlp_vision.model import GMLP
+from gmlp_vision.model import GMLP, GMLPBlock
 from synthetic import perturbed_seed_block
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,12 +85,12 @@ def test_the_model_takes_the_fused_path_and_agrees_with_the_pytorch_one(monkeypa
     model = GMLP(cfg)
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     calls = []
-    real = fused.fused_gelu_dropout  # what the model calls once it has checked `applies`
-    monkeypatch.setattr(fused, "fused_gelu_dropout", lambda *a: calls.append(a[1:]) or real(*a))
+    real = fused.gelu_halves  # what the model calls once it has checked `applies`
+    monkeypatch.setattr(fused, "gelu_halves", lambda *a: calls.append(a[2:]) or real(*a))
     model.eval()
     with torch.no_grad():
         eval_fused = model(x)
-    assert calls == [("tanh", 0.0)] * (2 * cfg.depth)
+    assert calls == [("tanh", 0.0)] * cfg.depth
     model.train()
     model(x).sum().backward()
     assert calls[-1] == ("tanh", cfg.dropout)
@@ -96,6 +98,57 @@ def test_the_model_takes_the_fused_path_and_agrees_with_the_pytorch_one(monkeypa
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), eval_fused, rtol=1e-5, atol=1e-5)
+
+
+def block_and_gradients(block: GMLPBlock, x: torch.Tensor) -> list[torch.Tensor]:
+    """A block's output and the gradients of its input and parameters (of the mean square of the output)."""
+    x = x.clone().requires_grad_()
+    out = block(x)
+    return [out, *torch.autograd.grad(out.double().square().mean(), [x, *block.parameters()])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shortcut", ["input", "normed"])
+def test_without_dropout_the_fused_block_is_as_exact_as_the_pytorch_block(monkeypatch, dtype, shortcut):
+    """Forward and every gradient (input, weights, biases) of a block, each path against float64."""
+    cfg = from_preset("seed", num_classes=10, spatial_init="glorot", dropout=0.0, shortcut=shortcut).model
+    torch.manual_seed(0)
+    block = GMLPBlock(cfg).train()
+    for p in block.parameters():
+        p.data.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(cfg.num_patches, 5, cfg.embed_dim, generator=torch.Generator().manual_seed(1))
+    exact = block_and_gradients(copy.deepcopy(block).double(), x.double())  # float64: the PyTorch path
+    ours = block_and_gradients(block, x.to(dtype))
+    monkeypatch.setattr(fused, "applies", lambda t: False)
+    theirs = block_and_gradients(block, x.to(dtype))
+    for a, b, truth in zip(ours, theirs, exact, strict=True):
+        assert a.dtype == b.dtype
+        error, pytorch_error = ((t.double() - truth).norm() / truth.norm() for t in (a, b))
+        assert error <= (3e-6 if dtype == torch.float32 else 1.5 * pytorch_error + 1e-3)
+
+
+def test_the_gate_and_its_gradients_match_pytorch():
+    gen = torch.Generator().manual_seed(0)
+    u, z = (torch.randn(16, 3, 40, generator=gen).requires_grad_() for _ in range(2))
+    bias = torch.randn(16, generator=gen).requires_grad_()
+    grad = torch.randn(16, 3, 40, generator=gen)
+    ours = fused.gate(u, z, bias)
+    ref = u * (z + bias[:, None, None])
+    torch.testing.assert_close(ours, ref)
+    grads = torch.autograd.grad(ours, [u, z, bias], grad), torch.autograd.grad(ref, [u, z, bias], grad)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_halves_are_the_whole_split_with_the_mask_over_the_whole():
+    h = torch.randn(32, 4, 96, generator=torch.Generator().manual_seed(0))
+    bias = torch.randn(96, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(9)
+    u, v = fused.gelu_halves(h, bias, "none", 0.3)
+    torch.manual_seed(9)
+    whole = fused.gelu_dropout(h, "none", 0.3, bias)
+    assert u.is_contiguous() and v.is_contiguous()
+    assert torch.equal(torch.cat([u, v], -1), whole)
 
 
 def test_other_tensors_take_the_pytorch_path():
@@ -140,11 +193,11 @@ def test_a_training_block_equals_the_plain_computation_with_the_hashed_masks():
     torch.manual_seed(3)
     ours = block(x)
     torch.manual_seed(3)
-    seeds = [int(torch.randint(0, 1 << 32, (), dtype=torch.int64)) for _ in range(2)]
+    seed = int(torch.randint(0, 1 << 32, (), dtype=torch.int64))  # one draw: the mask spans both halves
     threshold, scale = fused.keep_threshold(cfg.dropout)
     y = block.norm(x)
-    u, v = F.gelu(block.fc1(y), approximate=block.approximate).chunk(2, dim=-1)
-    u, v = (t * fused.keep_mask(t.numel(), s, threshold).view_as(t) * scale for t, s in zip((u, v), seeds, strict=True))
+    h = F.gelu(block.fc1(y), approximate=block.approximate)
+    u, v = (h * fused.keep_mask(h.numel(), seed, threshold).view_as(h) * scale).chunk(2, dim=-1)
     v = block.sgu.proj(block.sgu.norm(v).permute(1, 2, 0)).permute(2, 0, 1)
     torch.testing.assert_close(ours, y + block.fc2(u * v), atol=2e-5, rtol=2e-5)
 
@@ -178,16 +231,17 @@ def test_compiled_models_call_the_fused_ops(monkeypatch):
     model = GMLP(from_preset("tiny", num_classes=3).model)
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     calls = []
-    real = fused._run
-    monkeypatch.setattr(fused, "_run", lambda which, *rest: calls.append(which) or real(which, *rest))
+    real = fused.call
+    monkeypatch.setattr(fused, "call", lambda name, *rest: calls.append(name) or real(name, *rest))
     model.train()
     eager_train = model(x)
     eager_train.sum().backward()
-    assert calls == [0, 0] * model.cfg.depth + [1, 1] * model.cfg.depth
+    depth = model.cfg.depth
+    assert calls == ["gelu_fwd", "gate_fwd"] * depth + ["gate_bwd", "gelu_bwd"] * depth
     calls.clear()
     compiled = maybe_compile(model, True)
     compiled(x).sum().backward()
-    assert calls.count(0) == 2 * model.cfg.depth and calls.count(1) == 2 * model.cfg.depth
+    assert sorted(calls) == sorted(["gelu_fwd", "gate_fwd", "gate_bwd", "gelu_bwd"] * depth)
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
@@ -209,7 +263,7 @@ def test_bfloat16_output_is_the_float32_result_rounded_to_nearest_even():
     h = torch.randn(1 << 16, generator=torch.Generator().manual_seed(0)) * 4
     for approximate in ("tanh", "none"):
         as_bf16 = fused.gelu_dropout(h.bfloat16(), approximate, 0.0)
-        rounded = fused.gelu_dropout(h.bfloat16().float(), approximate, 0.0).bfloat16()  # torch rounds to nearest even
+        rounded = fused.gelu_dropout(h.bfloat16().float(), approximate, 0.0).bfloat16()  # rounded to nearest even
         assert torch.equal(as_bf16, rounded)
 
 

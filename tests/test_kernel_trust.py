@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gmlp_vision import fused, kernel_cache
+from gmlp_vision import fused, fused_check, kernel_cache
 from gmlp_vision.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -216,7 +216,7 @@ def test_an_unterminated_cc_is_one_warning(monkeypatch, cache, caplog):
     assert 0.45 < (fused.gelu_dropout(h, "none", 0.5) == 0).float().mean() < 0.55  # the PyTorch path drops
 
 
-BROKEN_DROPOUT = ("kept(i, seed, threshold)) ? g * scale", "1) ? g * scale")
+BROKEN_DROPOUT = ("kept(base + c, seed, threshold)) ? g * scale", "1) ? g * scale")
 
 
 def never_drops(tmp_path: Path) -> Path:
@@ -235,7 +235,7 @@ def test_a_cached_build_that_never_drops_fails_the_check_and_is_rebuilt(monkeypa
     kernel_cache.compile_library(command, broken, fused.FLAGS, path, again=True)  # with its digest: loadable
     lib = fused._load(path)
     with pytest.raises(kernel_cache.DamagedLibrary, match="disagrees with PyTorch's GELU with dropout 0.5"):
-        fused._self_check(lib)
+        fused_check.self_check(lib)
     with caplog.at_level(logging.WARNING, logger="gmlp_vision.fused"):
         assert fused.library() is not None
     assert caplog.text == ""

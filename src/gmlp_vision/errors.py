@@ -45,6 +45,14 @@ class TrainingInterrupted(GmlpError):
         self.signum = signum
 
 
+class KernelUnavailable(RuntimeError):
+    """The fused CPU kernels cannot be built or loaded here (the model then takes the PyTorch path)."""
+
+
+class DamagedLibrary(KernelUnavailable):
+    """A built library that must not be loaded as it is (missing digest, wrong bytes, foreign owner): build again."""
+
+
 def one_line(error: BaseException | str) -> str:
     """``error``'s whole message on one line, for messages that quote one (tarfile's and torch's hold newlines)."""
     return " ".join(str(error).split())

@@ -1,14 +1,17 @@
 /* Fused CPU kernels of the gMLP block (gmlp_vision/fused.py builds and loads this file; see its docstring).
  *
- * gelu_fwd:  out[i] = keep(i) ? GELU(h[i]) * scale : 0
- * gelu_bwd:  gh[i]  = keep(i) ? grad[i] * scale * GELU'(h[i]) : 0
- * gelu_fwd_bf16, gelu_bwd_bf16: the same on bfloat16 tensors, computed in float32 and rounded once
+ * h is (rows, width), bias (width), both halves of width split into `parts` (1 or 2) outputs of width / parts each:
+ * gelu_fwd:  out_p[r, c] = keep(i) ? GELU(h[i] + bias[j]) * scale : 0    where j = p * width / parts + c, i = r width + j
+ * gelu_bwd:  gh[i]       = keep(i) ? grad_p[r, c] * scale * GELU'(h[i] + bias[j]) : 0
+ * gate_fwd:  out[r, c] = u[r, c] * (z[r, c] + bias[r])                   (the spatial gating unit's product)
+ * gate_bwd:  gu = g (z + bias[r]),  gz = g u,  gbias[r] = sum over c of g u
+ * The *_bf16 kernels take bfloat16 tensors (bias and gbias stay float32), compute in float32 and round once.
  *
  * keep(i) is recomputed from (seed, i) by a counter-based hash, so the backward needs no stored mask; without dropout
  * every element is kept and scale is 1. GELU is the exact one (x * Phi(x)) or the tanh approximation, which equals
  * x * sigmoid(2 * sqrt(2 / pi) * (x + 0.044715 x^3)). exp and erf are evaluated with polynomials that the compiler
- * vectorises (relative errors near 1e-7, a few float32 ulps from PyTorch's kernels). Each loop is split over
- * `threads` OpenMP threads (the process's libgomp: the one PyTorch loaded).
+ * vectorises (relative errors near 1e-7, a few float32 ulps from PyTorch's kernels). Rows are split over `threads`
+ * OpenMP threads (the process's libgomp: the one PyTorch loaded).
  */
 #include <stdint.h>
 #include <string.h>
@@ -94,49 +97,85 @@ static inline uint16_t store_bf16(float f) {
 }
 
 /* One loop per (exact, dropout) pair, so each is a straight vectorisable loop. */
-#define FORWARD(EXACT, DROP, LOAD, STORE)                                                                         \
-    _Pragma("omp parallel for simd schedule(static) num_threads(threads)") for (int64_t i = 0; i < n; i++) {      \
-        float g = gelu_value(LOAD(h[i]), EXACT);                                                                  \
-        out[i] = STORE((!(DROP) || kept(i, seed, threshold)) ? g * scale : 0.0f);                                 \
+#define FORWARD(EXACT, DROP, T, LOAD, STORE)                                                                      \
+    int64_t part_width = width / parts;                                                                           \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)") for (int64_t r = 0; r < rows; r++) {        \
+        for (int p = 0; p < parts; p++) {                                                                         \
+            const T *hp = (const T *)h + r * width + p * part_width;                                              \
+            const float *bp = bias + p * part_width;                                                              \
+            T *op = (T *)(p ? out1 : out0) + r * part_width;                                                      \
+            int64_t base = r * width + p * part_width;                                                            \
+            _Pragma("omp simd") for (int64_t c = 0; c < part_width; c++) {                                         \
+                float g = gelu_value(LOAD(hp[c]) + bp[c], EXACT);                                                 \
+                op[c] = STORE((!(DROP) || kept(base + c, seed, threshold)) ? g * scale : 0.0f);                   \
+            }                                                                                                     \
+        }                                                                                                         \
     }
 
-#define BACKWARD(EXACT, DROP, LOAD, STORE)                                                                        \
-    _Pragma("omp parallel for simd schedule(static) num_threads(threads)") for (int64_t i = 0; i < n; i++) {      \
-        float d = gelu_slope(LOAD(h[i]), EXACT);                                                                  \
-        gh[i] = STORE((!(DROP) || kept(i, seed, threshold)) ? LOAD(grad[i]) * scale * d : 0.0f);                  \
+#define BACKWARD(EXACT, DROP, T, LOAD, STORE)                                                                     \
+    int64_t part_width = width / parts;                                                                           \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)") for (int64_t r = 0; r < rows; r++) {        \
+        for (int p = 0; p < parts; p++) {                                                                         \
+            const T *hp = (const T *)h + r * width + p * part_width;                                              \
+            const T *gp = (const T *)(p ? grad1 : grad0) + r * part_width;                                        \
+            const float *bp = bias + p * part_width;                                                              \
+            T *ghp = (T *)gh + r * width + p * part_width;                                                        \
+            int64_t base = r * width + p * part_width;                                                            \
+            _Pragma("omp simd") for (int64_t c = 0; c < part_width; c++) {                                         \
+                float d = gelu_slope(LOAD(hp[c]) + bp[c], EXACT);                                                 \
+                ghp[c] = STORE((!(DROP) || kept(base + c, seed, threshold)) ? LOAD(gp[c]) * scale * d : 0.0f);    \
+            }                                                                                                     \
+        }                                                                                                         \
     }
 
 #define SAME(x) (x)
 
-void gelu_fwd(const float *h, float *out, int64_t n, int exact, int dropout, uint32_t seed, uint32_t threshold,
-              float scale, int threads) {
-    if (exact && dropout) { FORWARD(1, 1, SAME, SAME) }
-    else if (exact) { FORWARD(1, 0, SAME, SAME) }
-    else if (dropout) { FORWARD(0, 1, SAME, SAME) }
-    else { FORWARD(0, 0, SAME, SAME) }
-}
+#define GELU_KERNELS(SUFFIX, T, LOAD, STORE)                                                                      \
+    void gelu_fwd##SUFFIX(const void *h, const float *bias, void *out0, void *out1, int64_t rows, int64_t width,  \
+                          int parts, int exact, int dropout, uint32_t seed, uint32_t threshold, float scale,      \
+                          int threads) {                                                                          \
+        if (exact && dropout) { FORWARD(1, 1, T, LOAD, STORE) }                                                   \
+        else if (exact) { FORWARD(1, 0, T, LOAD, STORE) }                                                         \
+        else if (dropout) { FORWARD(0, 1, T, LOAD, STORE) }                                                       \
+        else { FORWARD(0, 0, T, LOAD, STORE) }                                                                    \
+    }                                                                                                             \
+    void gelu_bwd##SUFFIX(const void *grad0, const void *grad1, const void *h, const float *bias, void *gh,       \
+                          int64_t rows, int64_t width, int parts, int exact, int dropout, uint32_t seed,          \
+                          uint32_t threshold, float scale, int threads) {                                         \
+        if (exact && dropout) { BACKWARD(1, 1, T, LOAD, STORE) }                                                  \
+        else if (exact) { BACKWARD(1, 0, T, LOAD, STORE) }                                                        \
+        else if (dropout) { BACKWARD(0, 1, T, LOAD, STORE) }                                                      \
+        else { BACKWARD(0, 0, T, LOAD, STORE) }                                                                   \
+    }
 
-void gelu_bwd(const float *grad, const float *h, float *gh, int64_t n, int exact, int dropout, uint32_t seed,
-              uint32_t threshold, float scale, int threads) {
-    if (exact && dropout) { BACKWARD(1, 1, SAME, SAME) }
-    else if (exact) { BACKWARD(1, 0, SAME, SAME) }
-    else if (dropout) { BACKWARD(0, 1, SAME, SAME) }
-    else { BACKWARD(0, 0, SAME, SAME) }
-}
+/* The gate: rows are tokens, so bias[r] is one value per row, and the bias gradient is a row sum (in float32). */
+#define GATE_KERNELS(SUFFIX, T, LOAD, STORE)                                                                      \
+    void gate_fwd##SUFFIX(const void *u, const void *z, const float *bias, void *out, int64_t rows, int64_t cols,  \
+                          int threads) {                                                                          \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)") for (int64_t r = 0; r < rows; r++) {    \
+            const T *ur = (const T *)u + r * cols, *zr = (const T *)z + r * cols;                                 \
+            T *o = (T *)out + r * cols;                                                                           \
+            float b = bias[r];                                                                                    \
+            _Pragma("omp simd") for (int64_t c = 0; c < cols; c++) o[c] = STORE(LOAD(ur[c]) * (LOAD(zr[c]) + b)); \
+        }                                                                                                         \
+    }                                                                                                             \
+    void gate_bwd##SUFFIX(const void *grad, const void *u, const void *z, const float *bias, void *gu, void *gz,  \
+                          float *gbias, int64_t rows, int64_t cols, int threads) {                                \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)") for (int64_t r = 0; r < rows; r++) {    \
+            const T *g = (const T *)grad + r * cols, *ur = (const T *)u + r * cols, *zr = (const T *)z + r * cols; \
+            T *gur = (T *)gu + r * cols, *gzr = (T *)gz + r * cols;                                               \
+            float b = bias[r], sum = 0.0f;                                                                        \
+            _Pragma("omp simd reduction(+ : sum)") for (int64_t c = 0; c < cols; c++) {                           \
+                float gc = LOAD(g[c]), uc = LOAD(ur[c]);                                                          \
+                gur[c] = STORE(gc * (LOAD(zr[c]) + b));                                                           \
+                gzr[c] = STORE(gc * uc);                                                                          \
+                sum += gc * uc;                                                                                   \
+            }                                                                                                     \
+            gbias[r] = sum;                                                                                       \
+        }                                                                                                         \
+    }
 
-/* The same on bfloat16 tensors, computed in float32: one rounding, at the store. */
-void gelu_fwd_bf16(const uint16_t *h, uint16_t *out, int64_t n, int exact, int dropout, uint32_t seed,
-                   uint32_t threshold, float scale, int threads) {
-    if (exact && dropout) { FORWARD(1, 1, load_bf16, store_bf16) }
-    else if (exact) { FORWARD(1, 0, load_bf16, store_bf16) }
-    else if (dropout) { FORWARD(0, 1, load_bf16, store_bf16) }
-    else { FORWARD(0, 0, load_bf16, store_bf16) }
-}
-
-void gelu_bwd_bf16(const uint16_t *grad, const uint16_t *h, uint16_t *gh, int64_t n, int exact, int dropout,
-                   uint32_t seed, uint32_t threshold, float scale, int threads) {
-    if (exact && dropout) { BACKWARD(1, 1, load_bf16, store_bf16) }
-    else if (exact) { BACKWARD(1, 0, load_bf16, store_bf16) }
-    else if (dropout) { BACKWARD(0, 1, load_bf16, store_bf16) }
-    else { BACKWARD(0, 0, load_bf16, store_bf16) }
-}
+GELU_KERNELS(, float, SAME, SAME)
+GELU_KERNELS(_bf16, uint16_t, load_bf16, store_bf16)
+GATE_KERNELS(, float, SAME, SAME)
+GATE_KERNELS(_bf16, uint16_t, load_bf16, store_bf16)

@@ -1,30 +1,35 @@
-"""Fused CPU kernels for the gMLP block: GELU and dropout in one pass forward and one pass backward.
+"""Fused CPU kernels for the gMLP block (bias, GELU and dropout; the gate's product and bias), and their build.
 
-On the CPU PyTorch runs a block's GELU, the dropout mask (drawn by its single-threaded Mersenne Twister), the mask
-comparison and the multiplications as separate passes over the hidden activations, and the backward as two more. Here
-one C loop (`fused.c`: vectorised by the compiler, split over torch's threads with OpenMP) computes
-``keep(i) ? GELU(h) / P(keep) : 0`` and one computes its gradient. ``keep(i)`` comes from a counter-based hash of
-(seed, i), with the seed drawn from torch's default generator, so no mask is stored: the backward recomputes it, and
-a run resumes exactly as before (the generator's state is in ``last.pt``). On 2 cores of an Intel Xeon the forward
-of a block's GELU + dropout took 8.9x less time and the backward 2.5x less (`benchmarks/bench_fused.py`).
+On the CPU PyTorch runs a block's bias additions (broadcast copies before each matrix product), its GELU, the dropout
+mask (drawn by its single-threaded Mersenne Twister), the mask comparison and the multiplications as separate passes
+over the hidden activations, and the backward as more. Here one C loop (`fused.c`: vectorised by the compiler, split
+over torch's threads with OpenMP) computes ``keep(i) ? GELU(h + bias) / P(keep) : 0`` from a product made without
+its bias, writing the two halves ``u`` and ``v`` apart, and one computes its gradient into one buffer (so the input
+gradient is one matrix product). ``keep(i)`` comes from a counter-based hash of (seed, i), with the seed drawn from
+torch's default generator, so no mask is stored: the backward recomputes it, and a run resumes exactly as before (the
+generator's state is in ``last.pt``). The gate's loop computes ``u * (z + bias)`` from the token mixing made without
+its bias, and its backward both gradients and the bias's row sums in one pass. Below, they are PyTorch operators
+with gradients (``gmlp_vision::gelu_dropout``, ``gmlp_vision::gate`` and their backwards): `gelu_halves` and `gate`
+for callers that have checked `applies` (the model's block), `gelu_dropout` for any tensor.
+`benchmarks/bench_fused.py` times them against the ops they replace.
 
 The C file is compiled on first use with the system compiler (``$CC``, split like a shell command, else ``cc``;
 ``-O3 -march=native -fopenmp``) into ``$XDG_CACHE_HOME/gmlp-vision/kernels`` (default ``~/.cache/...``), named by a
 digest of the source, the compiler's version and the CPU's feature flags, and loaded with ctypes. Loading runs a
 library's code, so `kernel_cache` loads only from a directory no one else can write (else it builds in a private
 one, with a warning) and only bytes that match the SHA-256 recorded at build time. Before first use every kernel is
-checked against PyTorch's GELU and its gradient, without dropout and at a rate whose dropped elements must be those
-of `keep_mask`, on torch's thread count; a build that fails its digest, its load or its check is built again once.
-Where there is no compiler, the build or the check fails (a warning on stderr says why), or ``GMLP_FUSED=0`` is set,
-the model uses the PyTorch path (`model.keep_masks`), which is also the reference the tests hold the kernels to;
-that path draws different masks, so a run is reproducible on one machine either way, not across the two paths.
+checked against PyTorch's GELU, product and their gradients (`fused_check`), without dropout and at a rate whose
+dropped elements must be those of `keep_mask`, on torch's thread count; a build that fails its digest, its load or
+its check is built again once. Where there is no compiler, the build or the check fails (a warning on stderr says
+why), or ``GMLP_FUSED=0`` is set, the model uses the PyTorch path (`model.keep_masks`), which is also the reference
+the tests hold the kernels to; that path draws different masks, so a run is reproducible on one machine either way,
+not across the two paths.
 
 Used for float32 and bfloat16 CPU tensors (bfloat16 is computed in float32 and rounded once, as PyTorch does), in
-eager mode and under ``torch.compile`` (as the custom ops ``gmlp_vision::gelu_dropout`` and its backward, opaque to
-Inductor); not on GPUs, in fp16, or while tracing (ONNX export), where the PyTorch path runs. Gradients of
-gradients (``create_graph=True`` twice) are not supported on the fused path; ``GMLP_FUSED=0`` gives the PyTorch path.
-The OpenMP loops use the runtime torch loaded (libgomp.so.1 in torch's CPU wheels); where loading the kernels would
-add a second one, they are not used.
+eager mode and under ``torch.compile`` (as custom ops, opaque to Inductor); not on GPUs, in fp16, or
+while tracing (ONNX export), where the PyTorch path runs. Gradients of gradients (``create_graph=True`` twice) are
+not supported on the fused path; ``GMLP_FUSED=0`` gives the PyTorch path. The OpenMP loops use the runtime torch
+loaded (libgomp.so.1 in torch's CPU wheels); where loading the kernels would add a second one, they are not used.
 """
 
 from __future__ import annotations
@@ -44,9 +49,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gmlp_vision.cpu import cpu_flags_line
+from gmlp_vision.errors import DamagedLibrary, KernelUnavailable
+from gmlp_vision.fused_check import KERNELS, SUFFIX, call_kernel, keep_mask, keep_threshold, self_check
 from gmlp_vision.kernel_cache import (
-    DamagedLibrary,
-    KernelUnavailable,
     compile_library,
     compiler_command,
     compiler_version,
@@ -58,11 +63,8 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("fused.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
 DISABLE_ENV = "GMLP_FUSED"  # "0": always the PyTorch path
-_SPAN = 1 << 32  # values of the 32-bit hash that decides keep(i)
-_KERNELS = {torch.float32: ("gelu_fwd", "gelu_bwd"), torch.bfloat16: ("gelu_fwd_bf16", "gelu_bwd_bf16")}
 _LOADED: dict[str, ctypes.CDLL | None] = {"lib": None}  # what `library` loaded: read while compiling
 _WARNED: set[Path] = set()  # private build directories already announced
-_CHECK_SEED = 0x2545F491  # the dropout seed of the self-check (any value; fixed so that a failure repeats)
 
 
 def cache_dir() -> Path:
@@ -99,75 +101,20 @@ def _load(path: Path) -> ctypes.CDLL:
     """
     lib = load_verified(path)
     p, i64, i32, u32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_float
+    dropout = [i32, i32, u32, u32, f32, i32]  # exact, dropout, seed, threshold, scale, threads
+    signatures = {
+        "gelu_fwd": [p, p, p, p, i64, i64, i32, *dropout],  # h, bias, out0, out1, rows, width, parts
+        "gelu_bwd": [p, p, p, p, p, i64, i64, i32, *dropout],  # grad0, grad1, h, bias, gh, rows, width, parts
+        "gate_fwd": [p, p, p, p, i64, i64, i32],  # u, z, bias, out, rows, cols, threads
+        "gate_bwd": [p, p, p, p, p, p, p, i64, i64, i32],  # grad, u, z, bias, gu, gz, gbias, rows, cols, threads
+    }
     try:
-        for forward, backward in _KERNELS.values():
-            getattr(lib, forward).argtypes = [p, p, i64, i32, i32, u32, u32, f32, i32]
-            getattr(lib, backward).argtypes = [p, p, p, i64, i32, i32, u32, u32, f32, i32]
-            getattr(lib, forward).restype = getattr(lib, backward).restype = None
+        for name, suffix in itertools.product(KERNELS, SUFFIX.values()):
+            getattr(lib, name + suffix).argtypes = signatures[name]
+            getattr(lib, name + suffix).restype = None
     except AttributeError as e:
         raise DamagedLibrary(f"{path.name} lacks a kernel: {e}") from None
     return lib
-
-
-def _openmp_runtimes() -> set[str]:
-    """The OpenMP runtime files mapped into this process (Linux; empty elsewhere)."""
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if line.rstrip().endswith(".so") or ".so." in line}
-    except OSError:
-        return set()
-    return {p for p in paths if any(name in Path(p).name for name in ("libgomp", "libiomp", "libomp"))}
-
-
-def _mix32(x: Tensor) -> Tensor:
-    """The murmur3 finaliser of fused.c, on int64 tensors holding uint32 values."""
-    m = 0xFFFFFFFF
-    x = x ^ (x >> 16)
-    x = (x * 0x85EBCA6B) & m
-    x = x ^ (x >> 13)
-    x = (x * 0xC2B2AE35) & m
-    return x ^ (x >> 16)
-
-
-def keep_mask(n: int, seed: int, threshold: int) -> Tensor:
-    """``keep(i)`` of fused.c for ``i < n``, written with torch ops: the mask the kernels must draw for ``seed``."""
-    i = torch.arange(n, dtype=torch.int64)
-    key = (0x9E3779B9 * seed + (i >> 32)) & 0xFFFFFFFF
-    return _mix32(_mix32((i & 0xFFFFFFFF) ^ seed) ^ key) < threshold
-
-
-def _self_check(lib: ctypes.CDLL) -> None:
-    """Check every kernel before use: values against PyTorch's GELU and gradient, dropped elements against `keep_mask`.
-
-    Both GELUs, both dtypes, without dropout and at a rate that must drop, forward and backward, on torch's threads.
-
-    Raises:
-        DamagedLibrary: a kernel computes something else.
-        KernelUnavailable: loading it added a second OpenMP runtime.
-    """
-    if len(_openmp_runtimes()) > 1:  # ours would be a second thread pool beside torch's: cores oversubscribed
-        raise KernelUnavailable(f"a second OpenMP runtime was loaded: {', '.join(sorted(_openmp_runtimes()))}")
-    threads = torch.get_num_threads()
-    n = 4099  # odd: the vector loops' remainder runs too
-    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
-        x = torch.linspace(-12.0, 12.0, n, dtype=dtype)
-        grad = torch.linspace(-1.0, 1.0, n, dtype=dtype)
-        forward, backward = (getattr(lib, name) for name in _KERNELS[dtype])
-        for (exact, approximate), rate in itertools.product(((1, "none"), (0, "tanh")), (0.0, 0.5)):
-            threshold, scale = keep_threshold(rate) if rate else (0, 1.0)
-            kept = keep_mask(n, _CHECK_SEED, threshold) if rate else torch.ones(n, dtype=torch.bool)
-            out, gh = torch.empty_like(x), torch.empty_like(x)
-            forward(x.data_ptr(), out.data_ptr(), n, exact, rate > 0, _CHECK_SEED, threshold, scale, threads)
-            pointers = (grad.data_ptr(), x.data_ptr(), gh.data_ptr())
-            backward(*pointers, n, exact, rate > 0, _CHECK_SEED, threshold, scale, threads)
-            ref = F.gelu(x.float(), approximate=approximate) * scale * kept
-            ref_grad = torch.ops.aten.gelu_backward(grad.float(), x.float(), approximate=approximate) * scale * kept
-            for ours, theirs in ((out, ref), (gh, ref_grad)):
-                if not torch.allclose(ours.float(), theirs, rtol=tolerance, atol=1e-5):
-                    raise DamagedLibrary(
-                        f"the built {dtype} kernel disagrees with PyTorch's GELU"
-                        + (f" with dropout {rate}" if rate else "")
-                    )
 
 
 _LOCK = threading.Lock()
@@ -187,7 +134,7 @@ def library() -> ctypes.CDLL | None:
         for again in (False, True):
             try:
                 lib = _load(build(again=again))
-                _self_check(lib)
+                self_check(lib)
                 break
             except DamagedLibrary as e:
                 if again:
@@ -206,7 +153,7 @@ def applies(x: Tensor) -> bool:
     Under ``torch.compile`` the kernels run as the opaque custom ops below when `library` was loaded before the
     compile (`distributed.maybe_compile` loads it), so Inductor compiles the rest of the block around them.
     """
-    if x.device.type != "cpu" or x.dtype not in _KERNELS or not x.is_contiguous():
+    if x.device.type != "cpu" or x.dtype not in SUFFIX or not x.is_contiguous():
         return False
     if torch.compiler.is_compiling():
         return _LOADED["lib"] is not None
@@ -215,90 +162,163 @@ def applies(x: Tensor) -> bool:
     return library() is not None
 
 
-def keep_threshold(rate: float) -> tuple[int, float]:
-    """The hash threshold below which an element is kept, and the inverted-dropout scale ``1 / P(keep)``."""
-    threshold = min(_SPAN - 1, max(1, round((1.0 - rate) * _SPAN)))
-    return threshold, _SPAN / threshold
+def call(name: str, dtype: torch.dtype, *args: Any) -> None:
+    """Run kernel ``name`` (of `KERNELS`) for ``dtype`` on ``args``: tensors (passed as data pointers) and numbers.
 
-
-def _threads() -> int:
-    return torch.get_num_threads()
-
-
-def _run(which: int, tensors: list[Tensor], out: Tensor, seed: Tensor, exact: bool, dropout: bool, threshold: int,
-         scale: float) -> Tensor:  # fmt: skip
-    """Call kernel ``which`` (0 forward, 1 backward) of ``out``'s dtype on contiguous ``tensors``, writing ``out``."""
+    For tensors `applies` has taken (the operators below call it so); the signatures are `fused.c`'s.
+    """
     lib = _LOADED["lib"] or library()
     assert lib is not None  # `applies` was checked
-    kernel = getattr(lib, _KERNELS[out.dtype][which])
-    pointers = [t.data_ptr() for t in (*tensors, out)]
-    kernel(*pointers, out.numel(), exact, dropout, int(seed), threshold, scale, _threads())
-    return out
+    call_kernel(lib, name, dtype, *args)
+
+
+_SPAN = 1 << 32  # values of the 32-bit hash that decides keep(i)
+
+
+def _rows(h: Tensor) -> tuple[int, int]:
+    """(rows, width) of ``h`` seen as a matrix of its last dimension."""
+    width = h.shape[-1]
+    return (h.numel() // width if width else 0), width
 
 
 @torch.library.custom_op("gmlp_vision::gelu_dropout", mutates_args=(), device_types="cpu")
-def _forward(h: Tensor, seed: Tensor, exact: bool, dropout: bool, threshold: int, scale: float) -> Tensor:
+def _gelu(
+    h: Tensor, bias: Tensor, seed: Tensor, parts: int, exact: bool, dropout: bool, threshold: int, scale: float
+) -> list[Tensor]:
     h = h.contiguous()
-    return _run(0, [h], torch.empty_like(h), seed, exact, dropout, threshold, scale)
+    rows, width = _rows(h)
+    outs = [h.new_empty(*h.shape[:-1], width // parts) for _ in range(parts)]
+    if rows:
+        settings = (rows, width, parts, exact, dropout, int(seed), threshold, scale, torch.get_num_threads())
+        call("gelu_fwd", h.dtype, h, bias, outs[0], outs[-1], *settings)
+    return outs
 
 
 @torch.library.custom_op("gmlp_vision::gelu_dropout_backward", mutates_args=(), device_types="cpu")
-def _backward(
-    grad: Tensor, h: Tensor, seed: Tensor, exact: bool, dropout: bool, threshold: int, scale: float
-) -> Tensor:
+def _gelu_backward(
+    grads: list[Tensor], h: Tensor, bias: Tensor, seed: Tensor, parts: int, exact: bool, dropout: bool,
+    threshold: int, scale: float,
+) -> Tensor:  # fmt: skip
     h = h.contiguous()
-    grad = grad.to(h.dtype).contiguous()
-    return _run(1, [grad, h], torch.empty_like(h), seed, exact, dropout, threshold, scale)
+    grads = [g.to(h.dtype).contiguous() for g in grads]
+    rows, width = _rows(h)
+    gh = torch.empty_like(h)
+    if rows:
+        settings = (rows, width, parts, exact, dropout, int(seed), threshold, scale, torch.get_num_threads())
+        call("gelu_bwd", h.dtype, grads[0], grads[-1], h, bias, gh, *settings)
+    return gh
 
 
-@_forward.register_fake
-def _forward_shape(h: Tensor, seed: Tensor, exact: bool, dropout: bool, threshold: int, scale: float) -> Tensor:
+@_gelu.register_fake
+def _gelu_shape(h: Tensor, bias: Tensor, seed: Tensor, parts: int, *settings: Any) -> list[Tensor]:
+    return [h.new_empty(*h.shape[:-1], h.shape[-1] // parts) for _ in range(parts)]
+
+
+@_gelu_backward.register_fake
+def _gelu_backward_shape(grads: list[Tensor], h: Tensor, *settings: Any) -> Tensor:
     return torch.empty_like(h, memory_format=torch.contiguous_format)
 
 
-@_backward.register_fake
-def _backward_shape(
-    grad: Tensor, h: Tensor, seed: Tensor, exact: bool, dropout: bool, threshold: int, scale: float
-) -> Tensor:
-    return torch.empty_like(h, memory_format=torch.contiguous_format)
-
-
-def _save(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    h, seed, *params = inputs
-    ctx.save_for_backward(h, seed)
+def _gelu_save(ctx: Any, inputs: tuple[Any, ...], output: list[Tensor]) -> None:
+    h, bias, seed, *params = inputs
+    ctx.save_for_backward(h, bias, seed)
     ctx.params = params
 
 
-def _gradient(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-    h, seed = ctx.saved_tensors
-    return _backward(grad, h, seed, *ctx.params), None, None, None, None, None
+def _gelu_gradient(ctx: Any, grads: list[Tensor]) -> tuple[Tensor | None, ...]:
+    h, bias, seed = ctx.saved_tensors
+    gh = _gelu_backward(grads, h, bias, seed, *ctx.params)
+    # Summed in h's dtype (bfloat16 sums accumulate in float32): a float32 sum of bfloat16 would copy gh first.
+    gbias = gh.reshape(-1, gh.shape[-1]).sum(0).to(bias.dtype) if ctx.needs_input_grad[1] else None
+    return gh, gbias, None, None, None, None, None, None
 
 
-_forward.register_autograd(_gradient, setup_context=_save)
+_gelu.register_autograd(_gelu_gradient, setup_context=_gelu_save)
 
 
-def gelu_dropout(h: Tensor, approximate: str, rate: float) -> Tensor:
-    """``dropout(GELU(h), rate)`` in one fused pass (``rate`` 0: GELU alone), for any tensor.
-
-    A tensor `applies` refuses, and every tensor where the kernels are unavailable, takes the PyTorch path (with
-    PyTorch's own masks).
-    """
-    if rate < 1.0 and not applies(h):
-        return F.dropout(F.gelu(h, approximate=approximate), rate, training=rate > 0)
-    return fused_gelu_dropout(h, approximate, rate)
+@torch.library.custom_op("gmlp_vision::gate", mutates_args=(), device_types="cpu")
+def _gate(u: Tensor, z: Tensor, bias: Tensor) -> Tensor:
+    out = torch.empty_like(u)
+    if u.numel():
+        call("gate_fwd", u.dtype, u, z, bias, out, u.shape[0], u.numel() // u.shape[0], torch.get_num_threads())
+    return out
 
 
-def fused_gelu_dropout(h: Tensor, approximate: str, rate: float) -> Tensor:
-    """`gelu_dropout` for a tensor the caller has already checked with `applies` (the model's block, once per step).
+@torch.library.custom_op("gmlp_vision::gate_backward", mutates_args=(), device_types="cpu")
+def _gate_backward(grad: Tensor, u: Tensor, z: Tensor, bias: Tensor) -> list[Tensor]:
+    grad = grad.to(u.dtype).contiguous()
+    gu, gz, gbias = torch.empty_like(u), torch.empty_like(u), torch.empty_like(bias)
+    if u.numel():
+        sizes = (u.shape[0], u.numel() // u.shape[0], torch.get_num_threads())
+        call("gate_bwd", u.dtype, grad, u, z, bias, gu, gz, gbias, *sizes)
+    return [gu, gz, gbias]
+
+
+@_gate.register_fake
+def _gate_shape(u: Tensor, z: Tensor, bias: Tensor) -> Tensor:
+    return torch.empty_like(u)
+
+
+@_gate_backward.register_fake
+def _gate_backward_shape(grad: Tensor, u: Tensor, z: Tensor, bias: Tensor) -> list[Tensor]:
+    return [torch.empty_like(u), torch.empty_like(u), torch.empty_like(bias)]
+
+
+def _gate_save(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _gate_gradient(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    gu, gz, gbias = _gate_backward(grad, *ctx.saved_tensors)
+    return gu, gz, gbias
+
+
+_gate.register_autograd(_gate_gradient, setup_context=_gate_save)
+
+
+def _dropped(h: Tensor, approximate: str, rate: float, bias: Tensor, parts: int) -> list[Tensor]:
+    """``dropout(GELU(h + bias), rate)`` in ``parts`` pieces along the last dimension, by the fused kernel.
 
     The seed of the dropout hash is drawn from torch's default generator, as PyTorch's own dropout draws from it.
+    A rate of 1 drops everything, as ``nn.Dropout(1.0)``.
     """
     if rate >= 1.0:
-        return h * 0.0  # everything dropped, as nn.Dropout(1.0)
+        return [piece * 0.0 for piece in (h + bias.to(h.dtype)).chunk(parts, dim=-1)]
     exact, dropout = approximate != "tanh", rate > 0.0
     threshold, scale = keep_threshold(rate) if dropout else (0, 1.0)
     seed = torch.randint(0, _SPAN, (), dtype=torch.int64) if dropout else torch.zeros((), dtype=torch.int64)
-    return _forward(h, seed, exact, dropout, threshold, scale)
+    return _gelu(h, bias.float().contiguous(), seed, parts, exact, dropout, threshold, scale)
+
+
+def gelu_halves(h: Tensor, bias: Tensor, approximate: str, rate: float) -> tuple[Tensor, Tensor]:
+    """The halves ``u, v`` (each contiguous) of ``dropout(GELU(h + bias), rate)``, for (..., 2C) ``h``, (2C,) ``bias``.
+
+    For an ``h`` that `applies` takes. The dropout mask is `keep_mask` over ``h``'s elements.
+    """
+    u, v = _dropped(h, approximate, rate, bias, 2)
+    return u, v
+
+
+def gate(u: Tensor, z: Tensor, bias: Tensor) -> Tensor:
+    """``u * (z + bias)``, one bias value per row of ``u`` (its first dimension), for ``u`` and ``z`` of one shape.
+
+    For a ``u`` that `applies` takes and a contiguous ``z`` of its dtype.
+    """
+    return _gate(u, z, bias.float().contiguous())
+
+
+def gelu_dropout(h: Tensor, approximate: str, rate: float, bias: Tensor | None = None) -> Tensor:
+    """``dropout(GELU(h + bias), rate)`` (no bias: zero; ``rate`` 0: GELU alone), for any tensor.
+
+    A tensor `applies` refuses, and every tensor where the kernels are unavailable, takes the PyTorch path
+    (with PyTorch's own masks).
+    """
+    width = h.shape[-1] if h.dim() else 1
+    bias = torch.zeros(width) if bias is None else bias
+    if rate < 1.0 and not applies(h):
+        return F.dropout(F.gelu(h + bias.to(h.dtype), approximate=approximate), rate, training=rate > 0)
+    (out,) = _dropped(h.reshape(h.shape or (1,)), approximate, rate, bias, 1)
+    return out.view(h.shape)
 
 
 __all__ = [
@@ -307,8 +327,10 @@ __all__ = [
     "applies",
     "build",
     "cache_dir",
-    "fused_gelu_dropout",
+    "call",
+    "gate",
     "gelu_dropout",
+    "gelu_halves",
     "keep_mask",
     "keep_threshold",
     "library",

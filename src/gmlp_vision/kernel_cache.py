@@ -33,20 +33,13 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from gmlp_vision.errors import DamagedLibrary, KernelUnavailable
 from gmlp_vision.files import replacing
 
 DIGEST_SUFFIX = ".sha256"
 MAX_LIBRARY_BYTES = 64 << 20  # a kernel library is ~70 KB; anything this large is not one of ours
 _PRIVATE: dict[str, Path] = {}  # this process's private build directory, once made
 _DLOPENED: set[str] = set()  # the names libraries were loaded by in this process
-
-
-class KernelUnavailable(RuntimeError):
-    """The fused kernels cannot be built or loaded here."""
-
-
-class DamagedLibrary(KernelUnavailable):
-    """A built library that must not be loaded as it is (missing digest, wrong bytes, foreign owner): build again."""
 
 
 def _uid() -> int:

@@ -90,8 +90,11 @@ class SpatialGatingUnit(nn.Module):
         norm = self.norm
         v = F.layer_norm(v, norm.normalized_shape, norm.weight.to(v.dtype), norm.bias.to(v.dtype), norm.eps / scale**2)
         # Token-major, the token mixing of the whole batch is ONE (N, N) @ (N, B*C) product, no transposes.
-        weight, bias = self.proj.weight.to(v.dtype), self.proj.bias.to(v.dtype)
-        v = torch.addmm(bias[:, None], weight, v.reshape(N, B * C), beta=scale, alpha=scale).view(N, B, C)
+        weight, bias = self.proj.weight.to(v.dtype), self.proj.bias
+        if scale == 1.0 and fused.applies(u):  # the product without its bias; bias and gate in one pass (`fused`)
+            z = torch.mm(weight, v.reshape(N, B * C)).view(N, B, C)
+            return fused.gate(u, z if attn is None else z + attn, bias)
+        v = torch.addmm(bias.to(v.dtype)[:, None], weight, v.reshape(N, B * C), beta=scale, alpha=scale).view(N, B, C)
         if attn is not None:
             v = torch.add(v, attn, alpha=scale)
         return u * v
@@ -138,25 +141,37 @@ class GMLPBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = layer_norm(x, self.norm)
         shortcut = y if self.normed_shortcut else x
+        if fused.applies(y):  # float32 or bfloat16 on the CPU: the fused kernels (`fused`)
+            return self._fused_forward(y, shortcut)
         half = self.fc1.out_features // 2
         w, b = self.fc1.weight.to(y.dtype), self.fc1.bias.to(y.dtype)
         u, v = F.linear(y, w[:half], b[:half]), F.linear(y, w[half:], b[half:])
+        u, v = F.gelu(u, approximate=self.approximate), F.gelu(v, approximate=self.approximate)
         scale = 1.0
-        if fused.applies(u):  # float32 on the CPU: GELU and dropout in one pass each way (`fused`)
-            rate = self.dropout if self.training else 0.0
-            u, v = (
-                fused.fused_gelu_dropout(u, self.approximate, rate),
-                fused.fused_gelu_dropout(v, self.approximate, rate),
-            )
-        else:
-            u, v = F.gelu(u, approximate=self.approximate), F.gelu(v, approximate=self.approximate)
-            if self.training and self.dropout > 0:
-                # Mask only; the 1 / keep rescaling is folded into the gate (see SpatialGatingUnit.forward).
-                (mask_u, mask_v), scale = keep_masks(u, self.dropout, 2)
-                u, v = u * mask_u, v * mask_v
+        if self.training and self.dropout > 0:
+            # Mask only; the 1 / keep rescaling is folded into the gate (see SpatialGatingUnit.forward).
+            (mask_u, mask_v), scale = keep_masks(u, self.dropout, 2)
+            u, v = u * mask_u, v * mask_v
         attn = self.attn(y) if self.attn is not None else None
         y = linear(self.sgu(u, v, scale, attn), self.fc2)
         return shortcut + drop_path(y, self.drop_path, self.training)
+
+    def _fused_forward(self, y: Tensor, shortcut: Tensor) -> Tensor:
+        """`forward` with the CPU kernels: every bias is added inside a pass that runs anyway.
+
+        ``fc1`` is one product without its bias; one kernel adds the bias, applies GELU and dropout and writes the
+        halves apart (its backward: one gradient buffer, so one product for ``y``'s gradient). The gate adds the
+        spatial bias (`SpatialGatingUnit.forward`). Without drop path, ``fc2``'s product accumulates onto
+        ``shortcut + bias`` in place of a broadcast copy of its bias and a separate residual sum.
+        """
+        rate = self.dropout if self.training else 0.0
+        u, v = fused.gelu_halves(F.linear(y, self.fc1.weight.to(y.dtype)), self.fc1.bias, self.approximate, rate)
+        gated = self.sgu(u, v, 1.0, self.attn(y) if self.attn is not None else None)
+        if self.training and self.drop_path > 0:
+            return shortcut + drop_path(linear(gated, self.fc2), self.drop_path, self.training)
+        out = torch.add(shortcut.reshape(-1, shortcut.shape[-1]), self.fc2.bias.to(y.dtype))  # a new tensor, not a view
+        out.addmm_(gated.view(-1, gated.shape[-1]), self.fc2.weight.to(y.dtype).t())
+        return out.view(shortcut.shape)
 
 
 # Values one random int16 lane takes (see `dropout`).
