@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gmlp_vision import fused
+from gmlp_vision import fused, fused_check
 from gmlp_vision.config import from_preset
-from gmlp_vision.kernel_cache import KernelUnavailable
+from gmlp_vision.errors import KernelUnavailable
 from gmlp_vision.model import GMLP, GMLPBlock
 from synthetic import perturbed_seed_block
 
@@ -47,12 +47,12 @@ def test_dropout_keeps_the_hashed_elements_scaled(approximate):
     h = torch.randn(32, 16, 128, generator=torch.Generator().manual_seed(0)).requires_grad_()
     grad = torch.randn(32, 16, 128, generator=torch.Generator().manual_seed(1))
     rate = 0.2
-    threshold, scale = fused.keep_threshold(rate)
+    threshold, scale = fused_check.keep_threshold(rate)
     torch.manual_seed(7)
     seed = int(torch.randint(0, 1 << 32, (), dtype=torch.int64))
     torch.manual_seed(7)  # gelu_dropout draws its seed from the default generator the same way
     ours = fused.gelu_dropout(h, approximate, rate)
-    mask = fused.keep_mask(h.numel(), seed, threshold).view_as(h)
+    mask = fused_check.keep_mask(h.numel(), seed, threshold).view_as(h)
     assert torch.equal(ours != 0, mask & (F.gelu(h.double(), approximate=approximate) != 0))
     assert abs(mask.float().mean().item() - (1 - rate)) < 0.005 and scale == pytest.approx(1 / (1 - rate), rel=1e-6)
     ref = F.gelu(h.double(), approximate=approximate) * mask * scale
@@ -194,10 +194,10 @@ def test_a_training_block_equals_the_plain_computation_with_the_hashed_masks():
     ours = block(x)
     torch.manual_seed(3)
     seed = int(torch.randint(0, 1 << 32, (), dtype=torch.int64))  # one draw: the mask spans both halves
-    threshold, scale = fused.keep_threshold(cfg.dropout)
+    threshold, scale = fused_check.keep_threshold(cfg.dropout)
     y = block.norm(x)
     h = F.gelu(block.fc1(y), approximate=block.approximate)
-    u, v = (h * fused.keep_mask(h.numel(), seed, threshold).view_as(h) * scale).chunk(2, dim=-1)
+    u, v = (h * fused_check.keep_mask(h.numel(), seed, threshold).view_as(h) * scale).chunk(2, dim=-1)
     v = block.sgu.proj(block.sgu.norm(v).permute(1, 2, 0)).permute(2, 0, 1)
     torch.testing.assert_close(ours, y + block.fc2(u * v), atol=2e-5, rtol=2e-5)
 
@@ -212,8 +212,8 @@ def test_bfloat16_is_computed_in_float32_and_rounded_once(approximate):
     torch.manual_seed(5)
     ours = fused.gelu_dropout(h, approximate, 0.1)
     assert ours.dtype == torch.bfloat16
-    threshold, scale = fused.keep_threshold(0.1)
-    mask = fused.keep_mask(h.numel(), seed, threshold).view_as(h)
+    threshold, scale = fused_check.keep_threshold(0.1)
+    mask = fused_check.keep_mask(h.numel(), seed, threshold).view_as(h)
     exact = F.gelu(h.detach().double(), approximate=approximate) * mask * scale
     torch.testing.assert_close(ours.double(), exact.bfloat16().double(), rtol=8e-3, atol=1e-6)  # one bf16 rounding
     (g_ours,) = torch.autograd.grad(ours, h, grad)

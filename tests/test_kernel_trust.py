@@ -18,6 +18,7 @@ import torch
 
 from gmlp_vision import fused, fused_check, kernel_cache
 from gmlp_vision.cli import main
+from gmlp_vision.errors import DamagedLibrary
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -234,7 +235,7 @@ def test_a_cached_build_that_never_drops_fails_the_check_and_is_rebuilt(monkeypa
     command = kernel_cache.compiler_command(None)
     kernel_cache.compile_library(command, broken, fused.FLAGS, path, again=True)  # with its digest: loadable
     lib = fused._load(path)
-    with pytest.raises(kernel_cache.DamagedLibrary, match="disagrees with PyTorch's GELU with dropout 0.5"):
+    with pytest.raises(DamagedLibrary, match="disagrees with PyTorch's GELU with dropout 0.5"):
         fused_check.self_check(lib)
     with caplog.at_level(logging.WARNING, logger="gmlp_vision.fused"):
         assert fused.library() is not None

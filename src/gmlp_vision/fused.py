@@ -18,9 +18,9 @@ The C file is compiled on first use with the system compiler (``$CC``, split lik
 digest of the source, the compiler's version and the CPU's feature flags, and loaded with ctypes. Loading runs a
 library's code, so `kernel_cache` loads only from a directory no one else can write (else it builds in a private
 one, with a warning) and only bytes that match the SHA-256 recorded at build time. Before first use every kernel is
-checked against PyTorch's GELU, product and their gradients (`fused_check`), without dropout and at a rate whose
-dropped elements must be those of `keep_mask`, on torch's thread count; a build that fails its digest, its load or
-its check is built again once. Where there is no compiler, the build or the check fails (a warning on stderr says
+checked against PyTorch's GELU, product and their gradients, without dropout and at a rate whose dropped elements
+must be those of `fused_check.keep_mask`, on torch's thread count; a build that fails its digest, its load or its
+check is built again once. Where there is no compiler, the build or the check fails (a warning on stderr says
 why), or ``GMLP_FUSED=0`` is set, the model uses the PyTorch path (`model.keep_masks`), which is also the reference
 the tests hold the kernels to; that path draws different masks, so a run is reproducible on one machine either way,
 not across the two paths.
@@ -50,7 +50,7 @@ from torch import Tensor
 
 from gmlp_vision.cpu import cpu_flags_line
 from gmlp_vision.errors import DamagedLibrary, KernelUnavailable
-from gmlp_vision.fused_check import KERNELS, SUFFIX, call_kernel, keep_mask, keep_threshold, self_check
+from gmlp_vision.fused_check import KERNELS, SUFFIX, call_kernel, keep_threshold, self_check
 from gmlp_vision.kernel_cache import (
     compile_library,
     compiler_command,
@@ -293,7 +293,7 @@ def _dropped(h: Tensor, approximate: str, rate: float, bias: Tensor, parts: int)
 def gelu_halves(h: Tensor, bias: Tensor, approximate: str, rate: float) -> tuple[Tensor, Tensor]:
     """The halves ``u, v`` (each contiguous) of ``dropout(GELU(h + bias), rate)``, for (..., 2C) ``h``, (2C,) ``bias``.
 
-    For an ``h`` that `applies` takes. The dropout mask is `keep_mask` over ``h``'s elements.
+    For an ``h`` that `applies` takes. The dropout mask is `fused_check.keep_mask` over ``h``'s elements.
     """
     u, v = _dropped(h, approximate, rate, bias, 2)
     return u, v
@@ -331,7 +331,5 @@ __all__ = [
     "gate",
     "gelu_dropout",
     "gelu_halves",
-    "keep_mask",
-    "keep_threshold",
     "library",
 ]

@@ -289,8 +289,6 @@ def compile_library(command: Sequence[str], source: Path, flags: Sequence[str], 
 
 __all__ = [
     "DIGEST_SUFFIX",
-    "DamagedLibrary",
-    "KernelUnavailable",
     "compile_library",
     "compiler_command",
     "compiler_version",
