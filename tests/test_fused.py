@@ -108,10 +108,10 @@ def block_and_gradients(block: GMLPBlock, x: torch.Tensor) -> list[torch.Tensor]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shortcut", ["input", "normed"])
-def test_without_dropout_the_fused_block_is_as_exact_as_the_pytorch_block(monkeypatch, dtype, shortcut):
+@pytest.mark.parametrize("variant", [{"shortcut": "input"}, {"shortcut": "normed"}, {"attn_dim": 16}])
+def test_without_dropout_the_fused_block_is_as_exact_as_the_pytorch_block(monkeypatch, dtype, variant):
     """Forward and every gradient (input, weights, biases) of a block, each path against float64."""
-    cfg = from_preset("seed", num_classes=10, spatial_init="glorot", dropout=0.0, shortcut=shortcut).model
+    cfg = from_preset("seed", num_classes=10, spatial_init="glorot", dropout=0.0, **variant).model
     torch.manual_seed(0)
     block = GMLPBlock(cfg).train()
     for p in block.parameters():
@@ -138,6 +138,19 @@ def test_the_gate_and_its_gradients_match_pytorch():
     grads = torch.autograd.grad(ours, [u, z, bias], grad), torch.autograd.grad(ref, [u, z, bias], grad)
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_shapes_the_kernels_would_read_past_are_refused():
+    u = torch.randn(4, 3, 8)
+    with pytest.raises(ValueError, match="the gate of u"):
+        fused.gate(u, torch.randn(4, 3, 9), torch.randn(4))
+    with pytest.raises(ValueError, match="the gate of u"):
+        fused.gate(u, torch.randn(4, 3, 8), torch.randn(3))
+    with pytest.raises(ValueError, match="a bias of shape"):
+        fused.gelu_halves(u, torch.randn(7), "tanh", 0.0)
+    with pytest.raises(ValueError, match="in 2 parts"):
+        fused.gelu_halves(torch.randn(4, 3, 7), torch.randn(7), "tanh", 0.0)
+    torch.testing.assert_close(fused.gate(u, u.mT.contiguous().mT, torch.ones(4)), u * (u + 1))  # any layout of z
 
 
 def test_the_halves_are_the_whole_split_with_the_mask_over_the_whole():

@@ -281,7 +281,13 @@ def _dropped(h: Tensor, approximate: str, rate: float, bias: Tensor, parts: int)
 
     The seed of the dropout hash is drawn from torch's default generator, as PyTorch's own dropout draws from it.
     A rate of 1 drops everything, as ``nn.Dropout(1.0)``.
+
+    Raises:
+        ValueError: ``bias`` is not one value per column of ``h``, or the columns do not split into ``parts``.
     """
+    width = h.shape[-1]
+    if bias.shape != (width,) or width % parts:
+        raise ValueError(f"a bias of shape {tuple(bias.shape)} for {width} columns in {parts} parts")
     if rate >= 1.0:
         return [piece * 0.0 for piece in (h + bias.to(h.dtype)).chunk(parts, dim=-1)]
     exact, dropout = approximate != "tanh", rate > 0.0
@@ -302,9 +308,14 @@ def gelu_halves(h: Tensor, bias: Tensor, approximate: str, rate: float) -> tuple
 def gate(u: Tensor, z: Tensor, bias: Tensor) -> Tensor:
     """``u * (z + bias)``, one bias value per row of ``u`` (its first dimension), for ``u`` and ``z`` of one shape.
 
-    For a ``u`` that `applies` takes and a contiguous ``z`` of its dtype.
+    For a ``u`` that `applies` takes.
+
+    Raises:
+        ValueError: ``z`` is not shaped like ``u``, or ``bias`` is not one value per row.
     """
-    return _gate(u, z, bias.float().contiguous())
+    if z.shape != u.shape or bias.shape != u.shape[:1]:
+        raise ValueError(f"the gate of u {tuple(u.shape)}, z {tuple(z.shape)} and a bias of {tuple(bias.shape)}")
+    return _gate(u, z.to(u.dtype).contiguous(), bias.float().contiguous())
 
 
 def gelu_dropout(h: Tensor, approximate: str, rate: float, bias: Tensor | None = None) -> Tensor:
