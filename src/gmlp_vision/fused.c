@@ -1,6 +1,6 @@
 /* Fused CPU kernels of the gMLP block (gmlp_vision/fused.py builds and loads this file; see its docstring).
  *
- * h is (rows, width), bias (width), both halves of width split into `parts` (1 or 2) outputs of width / parts each:
+ * h is (rows, width) and bias (width); the columns go to `parts` (1 or 2) outputs of width / parts columns each:
  * gelu_fwd:  out_p[r, c] = keep(i) ? GELU(h[i] + bias[j]) * scale : 0    where j = p * width / parts + c, i = r width + j
  * gelu_bwd:  gh[i]       = keep(i) ? grad_p[r, c] * scale * GELU'(h[i] + bias[j]) : 0
  * gate_fwd:  out[r, c] = u[r, c] * (z[r, c] + bias[r])                   (the spatial gating unit's product)
