@@ -50,7 +50,7 @@ from torch import Tensor
 
 from gmlp_vision.cpu import cpu_flags_line
 from gmlp_vision.errors import DamagedLibrary, KernelUnavailable
-from gmlp_vision.fused_check import KERNELS, SUFFIX, call_kernel, keep_threshold, self_check
+from gmlp_vision.fused_check import HASH_SPAN, KERNELS, SUFFIX, call_kernel, keep_threshold, self_check
 from gmlp_vision.kernel_cache import (
     compile_library,
     compiler_command,
@@ -172,9 +172,6 @@ def call(name: str, dtype: torch.dtype, *args: Any) -> None:
     call_kernel(lib, name, dtype, *args)
 
 
-_SPAN = 1 << 32  # values of the 32-bit hash that decides keep(i)
-
-
 def _rows(h: Tensor) -> tuple[int, int]:
     """(rows, width) of ``h`` seen as a matrix of its last dimension."""
     width = h.shape[-1]
@@ -292,7 +289,7 @@ def _dropped(h: Tensor, approximate: str, rate: float, bias: Tensor, parts: int)
         return [piece * 0.0 for piece in (h + bias.to(h.dtype)).chunk(parts, dim=-1)]
     exact, dropout = approximate != "tanh", rate > 0.0
     threshold, scale = keep_threshold(rate) if dropout else (0, 1.0)
-    seed = torch.randint(0, _SPAN, (), dtype=torch.int64) if dropout else torch.zeros((), dtype=torch.int64)
+    seed = torch.randint(0, HASH_SPAN, (), dtype=torch.int64) if dropout else torch.zeros((), dtype=torch.int64)
     return _gelu(h, bias.float().contiguous(), seed, parts, exact, dropout, threshold, scale)
 
 

@@ -21,7 +21,7 @@ from gmlp_vision.errors import DamagedLibrary, KernelUnavailable
 
 KERNELS = ("gelu_fwd", "gelu_bwd", "gate_fwd", "gate_bwd")  # each in float32 and, with _bf16, bfloat16
 SUFFIX = {torch.float32: "", torch.bfloat16: "_bf16"}  # the dtypes the kernels take, and their names' suffixes
-_SPAN = 1 << 32  # values of the 32-bit hash that decides keep(i)
+HASH_SPAN = 1 << 32  # values of the 32-bit hash that decides keep(i)
 _CHECK_SEED = 0x2545F491  # the dropout seed of the self-check (any value; fixed so that a failure repeats)
 
 
@@ -108,8 +108,17 @@ def call_kernel(lib: ctypes.CDLL, name: str, dtype: torch.dtype, *args: Any) -> 
 
 def keep_threshold(rate: float) -> tuple[int, float]:
     """The hash threshold below which an element is kept, and the inverted-dropout scale ``1 / P(keep)``."""
-    threshold = min(_SPAN - 1, max(1, round((1.0 - rate) * _SPAN)))
-    return threshold, _SPAN / threshold
+    threshold = min(HASH_SPAN - 1, max(1, round((1.0 - rate) * HASH_SPAN)))
+    return threshold, HASH_SPAN / threshold
 
 
-__all__ = ["KERNELS", "SUFFIX", "call_kernel", "keep_mask", "keep_threshold", "openmp_runtimes", "self_check"]
+__all__ = [
+    "HASH_SPAN",
+    "KERNELS",
+    "SUFFIX",
+    "call_kernel",
+    "keep_mask",
+    "keep_threshold",
+    "openmp_runtimes",
+    "self_check",
+]
